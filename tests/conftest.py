@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny models and data files built in code (no downloads), threads pinned for determinism."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def pc_file(tmp_path):
+    """Prompt/completion rows of the copy task."""
+    from tuneforge.tasks import make_examples
+
+    return write_jsonl(tmp_path / "train.jsonl", make_examples("copy", 64, seed=1))
+
+
+def base_config(tmp_path, data, **train):
+    """A minimal run config dict on the tiny llama: fp32, no progress bar, small batches."""
+    t = {"output_dir": str(tmp_path / "run"), "max_steps": 4, "batch_size": 4, "learning_rate": 1e-3,
+         "precision": "fp32", "progress": False, "tensorboard": False, "log_every": 1000}
+    t.update(train)
+    return {"model": {"path": "tiny:llama"}, "data": {"train": data, "max_len": 64},
+            "method": [{"name": "lora", "rank": 4}], "train": t}

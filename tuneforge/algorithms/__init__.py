@@ -1,0 +1,11 @@
+"""Algorithms: what the training signal is. One module per algorithm, registered in ``ALGORITHMS``.
+
+Each provides ``Config`` (pydantic, ``name`` literal), pure loss functions, ``row_weight(dataset, i)`` (how much a row
+weighs in the step's normaliser) and ``step(model, batch, cfg, ctx) -> (loss, metrics)``. The training loop calls
+``step`` per micro-batch; it knows nothing about any particular algorithm.
+"""
+
+from tuneforge.algorithms import sft
+
+ALGORITHMS = {"sft": sft}
+ALGORITHM_CONFIGS = {name: mod.Config for name, mod in ALGORITHMS.items()}

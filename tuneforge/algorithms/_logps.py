@@ -1,0 +1,65 @@
+"""Shared log-probability helpers: every algorithm scores tokens the same way.
+
+Labels are unshifted (Hugging Face convention): position t's logits predict token t+1, and label -100 marks a token
+that carries no loss (prompt, padding). Computing the output head only on supervised positions (``lm_head_on``)
+skips the largest matmul for every masked token — prompts are often most of an SFT row.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100
+
+
+def shift(labels: torch.Tensor) -> torch.Tensor:
+    """labels (B, T) -> targets (B, T-1) for logits[:, :-1]."""
+    return labels[:, 1:]
+
+
+def _head(model: nn.Module) -> nn.Module | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    cfg = getattr(model, "config", None)
+    if head is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return None  # logits need more than the head: use the model's own forward
+    return head
+
+
+def supervised_logits(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, V) at the N positions whose next token is supervised, and those N target ids.
+
+    Runs the decoder once, then the output head only where it is needed.
+    """
+    targets = shift(batch["labels"])  # (B, T-1)
+    keep = targets != IGNORE  # (B, T-1)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    head = _head(model)
+    if head is None:
+        logits = model(**inputs, use_cache=False).logits[:, :-1]  # (B, T-1, V)
+        return logits[keep], targets[keep]
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
+    return head(hidden[keep]), targets[keep]  # (N, V), (N,)
+
+
+def token_cross_entropy_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross entropy over supervised tokens, and their count."""
+    logits, targets = supervised_logits(model, batch)
+    if targets.numel() == 0:
+        return logits.sum() * 0.0, 0  # keeps the graph (and DDP) intact; contributes nothing
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token log p(label) from full logits (B, T, V) and unshifted labels (B, T) -> (B, T-1), 0 where masked."""
+    targets = shift(labels)
+    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    mask = targets != IGNORE
+    picked = lp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return picked * mask
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of supervised token log-probs per row -> (B,)."""
+    return token_logps(logits, labels).sum(-1)

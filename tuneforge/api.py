@@ -1,0 +1,202 @@
+"""The library entry points: ``train(cfg)`` and ``validate(cfg)``; the CLI and the demo are thin layers over them.
+
+Order matters for users: configuration, data and targets are checked before the model's weights load (a typo costs
+seconds, not a model load), and the output directory is written only once everything is known to be valid, so a
+failed start leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from tuneforge import __version__
+from tuneforge.algorithms import ALGORITHMS
+from tuneforge.config import ConfigError, RunConfig
+from tuneforge.data import build_dataset, collate, collate_packed, pack_rows
+from tuneforge.eval.metrics import eval_loss
+from tuneforge.methods import apply_methods, count_parameters, save_adapter
+from tuneforge.methods._inject import TargetError
+from tuneforge.models.load import load_model, load_tokenizer, meta_model
+from tuneforge.train import checkpoint as ckpt
+from tuneforge.train import dist as D
+from tuneforge.train.loop import Loop, LoopResult
+
+WHOLE_MODEL_METHODS = {"full", "freeze"}
+
+
+@dataclass
+class TrainOutput:
+    out_dir: Path
+    saved: Path | None  # adapter or model directory
+    result: LoopResult
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_targets(cfg: RunConfig) -> None:
+    """Apply the methods to a weightless (meta-device) copy of the model: a wrong target fails in milliseconds."""
+    model = meta_model(cfg.model)
+    try:
+        apply_methods(model, cfg.method)
+    except (TargetError, ValueError) as e:
+        raise ConfigError([("method", str(e))], "config") from None
+
+
+def validate(cfg: RunConfig) -> None:
+    """Everything but training: targets against the real architecture, and every data row."""
+    check_targets(cfg)
+    tok = load_tokenizer(cfg.model)
+    _datasets(cfg, tok)
+
+
+class PackedView:
+    """Bins of rows packed to ``max_len`` behave as dataset items; weights add up over the bin."""
+
+    def __init__(self, ds, max_len: int):
+        self.bins = pack_rows(ds.rows, max_len)
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.bins)
+
+    def __getitem__(self, i):
+        return self.bins[i]
+
+    def n_supervised(self, i) -> int:
+        return sum(sum(1 for x in r["labels"][1:] if x != -100) for r in self.bins[i])
+
+
+def _datasets(cfg: RunConfig, tok):
+    d = cfg.data
+    kw = dict(format=d.format, max_len=d.max_len, truncation=d.truncation, skip_bad_rows=d.skip_bad_rows)
+    train_ds = build_dataset(d.train, tok, **kw)
+    eval_ds = build_dataset(d.eval, tok, **kw) if d.eval else None
+    if eval_ds is None and d.eval_fraction > 0:
+        train_ds, eval_ds = train_ds.split(d.eval_fraction, seed=cfg.train.seed)
+    return train_ds, eval_ds
+
+
+def _collate_fn(cfg: RunConfig, tok):
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if cfg.data.packing:
+        return lambda bins: collate_packed(bins, pad)
+    return lambda rows: collate(rows, pad)
+
+
+def train(cfg: RunConfig, resume: str | None = None, allow_config_change: bool = False, hooks: dict | None = None,
+          extra_eval=None) -> TrainOutput:
+    """Fine-tune ``cfg.model`` on ``cfg.data`` with ``cfg.method`` and ``cfg.algorithm``; returns where it saved."""
+    d = D.init()
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    check_targets(cfg)
+    tok = load_tokenizer(cfg.model)
+    train_ds, eval_ds = _datasets(cfg, tok)
+    if d.main:
+        print(train_ds.report.summary(), flush=True)
+    seed_everything(cfg.train.seed)
+    model, tok = load_model(cfg.model)
+    apply_methods(model, cfg.method)
+    model.to(d.device)
+    out = Path(cfg.train.output_dir)
+    resume_path = _resume_path(resume, out / "checkpoints")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    data = PackedView(train_ds, cfg.data.max_len) if cfg.data.packing else train_ds
+    coll = _collate_fn(cfg, tok)
+
+    def eval_fn(m):
+        res = {}
+        if eval_ds is not None:
+            r = eval_loss(m, eval_ds, lambda rows: collate(rows, pad), cfg.train.batch_size, d.device)
+            res.update(loss=r["loss"], ppl=r["ppl"])
+        if extra_eval is not None:
+            res.update(extra_eval(m, tok))
+        return res
+
+    has_eval = eval_ds is not None or extra_eval is not None
+    if d.main:
+        _write_run_files(out, cfg, model)
+    loop = Loop(model, ALGORITHMS[cfg.algorithm.name], cfg.algorithm, data, cfg.train, out, coll, dist=d,
+                eval_fn=eval_fn if has_eval else None, meta={"config_hash": cfg.hash(), "tuneforge": __version__},
+                hooks=hooks)
+    result = loop.run(resume_path, allow_config_change)
+    saved = _save_final(model, tok, cfg, out) if d.main else None
+    if d.main:
+        _plot_loss(result.history, out / "loss.png")
+    D.barrier(d)
+    return TrainOutput(out, saved, result)
+
+
+def _resume_path(resume: str | None, root: Path) -> Path | None:
+    if resume in (None, "", "none"):
+        return None
+    if resume == "auto":
+        return ckpt.latest_checkpoint(root)
+    path = Path(resume)
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
+    return path
+
+
+def _write_run_files(out: Path, cfg: RunConfig, model) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    trainable, total = count_parameters(model)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    (out / "run.json").write_text(json.dumps({"tuneforge": __version__, "torch": torch.__version__,
+                                              "trainable_params": trainable, "total_params": total,
+                                              "config_hash": cfg.hash()}, indent=2))
+
+
+def _save_final(model, tok, cfg: RunConfig, out: Path) -> Path:
+    """Adapter methods -> ``adapter/`` (PEFT layout where PEFT has the method); full/freeze -> ``model/``."""
+    whole = all(m.name in WHOLE_MODEL_METHODS for m in cfg.method)
+    final = out / ("model" if whole else "adapter")
+    tmp = out / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if whole:
+        model.save_pretrained(tmp, safe_serialization=True)
+    else:
+        base = None if cfg.model.path.startswith("tiny:") else os.path.abspath(cfg.model.path)
+        save_adapter(model, cfg.method, tmp, base_path=base or cfg.model.path)
+    tok.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.replace(final)
+    return final
+
+
+def _plot_loss(history: list[dict], path: Path) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss", lw=1)
+    ev = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

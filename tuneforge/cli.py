@@ -1,0 +1,248 @@
+"""``tuneforge`` command line: thin wrappers over the library; every error a user can fix exits 2 with its message."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from tuneforge.config import ConfigError
+    from tuneforge.data import DataError
+    from tuneforge.methods._inject import TargetError
+    from tuneforge.models.load import ModelLoadError
+    from tuneforge.safeio import UnsafeFileError
+    from tuneforge.train.checkpoint import CheckpointError
+    from tuneforge.train.loop import TrainingAborted
+
+    return (ConfigError, DataError, TargetError, ModelLoadError, UnsafeFileError, CheckpointError, TrainingAborted,
+            FileNotFoundError)
+
+
+# ------------------------------------------------------------------------------------------------------ commands
+def cmd_train(a) -> int:
+    from tuneforge.api import train
+    from tuneforge.config import load_config
+
+    cfg = load_config(a.config, a.overrides)
+    out = train(cfg, resume=a.resume, allow_config_change=a.allow_config_change)
+    print(f"saved {out.saved}\nlogs {out.out_dir / 'metrics.jsonl'} (TensorBoard: {out.out_dir / 'tensorboard'})")
+    return 0
+
+
+def cmd_validate(a) -> int:
+    from tuneforge.api import validate
+    from tuneforge.config import load_config
+
+    cfg = load_config(a.config, a.overrides)
+    if not a.no_data:
+        validate(cfg)
+    print(f"{a.config}: OK (methods: {', '.join(m.name for m in cfg.method)}; algorithm: {cfg.algorithm.name})")
+    return 0
+
+
+def _model_and_adapter(a):
+    from types import SimpleNamespace
+
+    from tuneforge.methods import load_adapter
+    from tuneforge.models.load import load_model
+
+    mcfg = SimpleNamespace(path=a.model, dtype=a.dtype, trust_remote_code=False, revision=None,
+                           attn_implementation="sdpa")
+    model, tok = load_model(mcfg)
+    if a.adapter:
+        load_adapter(model, a.adapter)
+    model.eval()
+    return model, tok
+
+
+def cmd_generate(a) -> int:
+    from tuneforge.train.rollout import generate
+
+    model, tok = _model_and_adapter(a)
+    prompts = [a.prompt] if a.prompt is not None else [_prompt_of(ln) for ln in Path(a.file).read_text().splitlines()
+                                                      if ln.strip()]
+    outs = generate(model, tok, prompts, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                    top_p=a.top_p, top_k=a.top_k, seed=a.seed, stop=a.stop)
+    for p, o in zip(prompts, outs):
+        print(json.dumps({"prompt": p, "completion": o}) if a.file else o)
+    return 0
+
+
+def _prompt_of(line: str):
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return line
+    return row.get("prompt", row.get("messages", line)) if isinstance(row, dict) else line
+
+
+def cmd_eval(a) -> int:
+    from tuneforge.data import build_dataset, collate, read_rows
+    from tuneforge.eval.metrics import eval_loss, exact_match
+
+    model, tok = _model_and_adapter(a)
+    ds = build_dataset(a.data, tok, max_len=a.max_len)
+    pad = tok.pad_token_id
+    res = {"file": a.data, **eval_loss(model, ds, lambda r: collate(r, pad), a.batch_size)}
+    if a.exact_match:
+        rows = [r for r in read_rows(a.data) if "prompt" in r and "completion" in r]
+        res.update(exact_match(model, tok, rows, max_new_tokens=a.max_new_tokens))
+    print(json.dumps(res))
+    return 0
+
+
+def cmd_merge(a) -> int:
+    from tuneforge.methods import merge_methods, read_adapter_config
+
+    model, tok = _model_and_adapter(a)
+    merge_methods(model, read_adapter_config(a.adapter))
+    model.save_pretrained(a.out, safe_serialization=True)
+    tok.save_pretrained(a.out)
+    print(f"merged model written to {a.out}")
+    return 0
+
+
+def cmd_ls(a) -> int:
+    from tuneforge.algorithms import ALGORITHMS
+    from tuneforge.methods import METHODS
+
+    def first_line(mod):
+        return (mod.__doc__ or "").strip().splitlines()[0]
+
+    print("methods:")
+    for name, mod in METHODS.items():
+        print(f"  {name:12s} {first_line(mod)}")
+    print("algorithms:")
+    for name, mod in ALGORITHMS.items():
+        print(f"  {name:12s} {first_line(mod)}")
+    print(f"recipes ({RECIPES}):")
+    for p in sorted(RECIPES.glob("*.yaml")):
+        print(f"  {p.stem}")
+    if a.model:
+        _ls_model(a.model)
+    return 0
+
+
+def _ls_model(path: str) -> None:
+    from tuneforge.methods import METHODS, apply_methods, count_parameters
+    from tuneforge.models.tiny import PRESETS  # noqa: F401  (validates the import path early)
+    from types import SimpleNamespace
+
+    from tuneforge.models.load import meta_model
+
+    mcfg = SimpleNamespace(path=path, dtype="float32", trust_remote_code=False, revision=None,
+                           attn_implementation="sdpa")
+    print(f"trainable parameters on {path}:")
+    for name, mod in METHODS.items():
+        if name == "freeze":
+            cfg = mod.Config(top_k=1)
+        else:
+            cfg = mod.Config()
+        model = meta_model(mcfg)
+        apply_methods(model, [cfg])
+        t, n = count_parameters(model)
+        print(f"  {name:12s} {t:>14,d} of {n:,d} ({100 * t / n:.3f}%)  {cfg.model_dump(exclude={'name'})}")
+
+
+def cmd_data_check(a) -> int:
+    from tuneforge.data import check_file
+    from tuneforge.models.load import load_tokenizer
+    from types import SimpleNamespace
+
+    tok = load_tokenizer(SimpleNamespace(path=a.model, trust_remote_code=False, revision=None)) if a.model else None
+    report = check_file(a.file, tok, format=a.format, max_len=a.max_len, truncation=a.truncation,
+                        report_path=a.report)
+    print(report.summary())
+    return 1 if report.bad_rows else 0
+
+
+def cmd_demo(a) -> int:
+    from tuneforge.demo import run_demo
+
+    run_demo(out_dir=a.out, quick=a.quick)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------- parser
+def _model_args(p, adapter=True):
+    p.add_argument("--model", required=True, help="local HF model directory or tiny:<preset>")
+    if adapter:
+        p.add_argument("--adapter", help="adapter directory written by tuneforge (or PEFT)")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tuneforge", description="Adapt pretrained language models.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="fine-tune from a YAML recipe")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    t.add_argument("--resume", default=None, help="auto (latest complete checkpoint) or a checkpoint directory")
+    t.add_argument("--allow-config-change", action="store_true")
+    t.set_defaults(fn=cmd_train)
+    v = sub.add_parser("validate", help="check a recipe (all errors at once), its targets and its data")
+    v.add_argument("config")
+    v.add_argument("overrides", nargs="*")
+    v.add_argument("--no-data", action="store_true", help="skip reading the data files")
+    v.set_defaults(fn=cmd_validate)
+    g = sub.add_parser("generate", help="complete a prompt or a file of prompts")
+    _model_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt")
+    src.add_argument("--file", help="text file (one prompt per line) or JSONL with prompt/messages")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=None)
+    g.set_defaults(fn=cmd_generate)
+    e = sub.add_parser("eval", help="loss, perplexity and exact match on a dataset")
+    _model_args(e)
+    e.add_argument("--data", required=True)
+    e.add_argument("--max-len", type=int, default=512)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--exact-match", action="store_true", help="greedy-generate and compare to `completion`")
+    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.set_defaults(fn=cmd_eval)
+    m = sub.add_parser("merge", help="fold an adapter into the base and save a plain HF model")
+    _model_args(m)
+    m.add_argument("--out", required=True)
+    m.set_defaults(fn=cmd_merge)
+    ls = sub.add_parser("ls", help="list methods, algorithms and recipes")
+    ls.add_argument("--model", help="also print each method's trainable parameters on this model")
+    ls.set_defaults(fn=cmd_ls)
+    dm = sub.add_parser("demo", help="pretrain a tiny model in code, LoRA-tune it, show accuracy before/after")
+    dm.add_argument("--out", default="runs/demo")
+    dm.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
+    dm.set_defaults(fn=cmd_demo)
+    d = sub.add_parser("data", help="data tools")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    dc = dsub.add_parser("check", help="validate every row of a data file; writes nothing but --report")
+    dc.add_argument("file")
+    dc.add_argument("--model", help="tokenizer to check lengths and templates with")
+    dc.add_argument("--format", default="auto")
+    dc.add_argument("--max-len", type=int, default=512)
+    dc.add_argument("--truncation", default="right")
+    dc.add_argument("--report", help="write the full report (every bad row) as JSON here")
+    dc.set_defaults(fn=cmd_data_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.fn(args)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

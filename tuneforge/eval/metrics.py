@@ -1,0 +1,38 @@
+"""Evaluation: token loss / perplexity on a dataset, and exact match of greedy generations.
+
+Loss is the token-weighted mean over the whole dataset (not a mean of batch means), so it does not depend on the
+batch size and equals the training loss definition.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tuneforge.algorithms._logps import token_cross_entropy_sum
+from tuneforge.tasks import exact_match as _match
+from tuneforge.train.rollout import generate
+
+
+@torch.no_grad()
+def eval_loss(model, dataset, collate, batch_size: int = 8, device=None) -> dict:
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        ce, k = token_cross_entropy_sum(model, {k: v.to(device) for k, v in batch.items()})
+        total, n = total + float(ce), n + k
+    model.train(was_training)
+    loss = total / max(n, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": n}
+
+
+def exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int = 16, batch_size: int = 64) -> dict:
+    """Share of ``{"prompt", "completion"}`` examples whose greedy completion matches exactly."""
+    preds = generate(model, tokenizer, [e["prompt"] for e in examples], max_new_tokens=max_new_tokens,
+                     batch_size=batch_size)
+    hits = sum(_match(p, e["completion"]) for p, e in zip(preds, examples))
+    return {"exact_match": hits / max(len(examples), 1), "n": len(examples)}

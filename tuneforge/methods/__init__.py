@@ -1,0 +1,130 @@
+"""Methods: what is trained and how the model is changed. One module per method, registered in ``METHODS``.
+
+Each method module provides ``Config`` (pydantic, ``name`` literal), ``apply(model, cfg, adapter)``,
+``merge(model, adapter)`` and ``state_dict(model, cfg, adapter)``; methods that PEFT also has add ``PEFT_TYPE``,
+``peft_config(...)``, ``from_peft_config(...)`` and ``load_state_dict(...)`` so their files use PEFT's layout.
+
+This package composes them: ``apply_methods`` freezes the base once and applies a list of configs in order (so
+``[freeze(top_k=1), lora]`` trains the top block plus LoRA everywhere); ``save_adapter``/``load_adapter`` write and
+read ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's layout when the run is one PEFT-native method,
+tuneforge's ``"tuneforge_method"`` list otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tuneforge.methods import freeze, full, lora
+from tuneforge.methods._inject import count_parameters, freeze_all
+from tuneforge.methods._scope import adapter_scope, set_active
+
+METHODS = {"full": full, "freeze": freeze, "lora": lora}
+METHOD_CONFIGS = {name: mod.Config for name, mod in METHODS.items()}
+PEFT_TYPES = {mod.PEFT_TYPE: name for name, mod in METHODS.items() if hasattr(mod, "PEFT_TYPE")}
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+__all__ = ["METHODS", "METHOD_CONFIGS", "apply_methods", "adapter_scope", "set_active", "merge_methods",
+           "save_adapter", "load_adapter", "method_state_dict", "count_parameters"]
+
+
+class NothingToTrainError(ValueError):
+    pass
+
+
+def apply_methods(model: nn.Module, cfgs: list, adapter: str = "default") -> None:
+    """Freeze the base model, then apply each method config in order; refuse a result with nothing to train."""
+    freeze_all(model)
+    for cfg in cfgs:
+        METHODS[cfg.name].apply(model, cfg, adapter)
+    trainable, total = count_parameters(model)
+    if trainable == 0:
+        raise NothingToTrainError(f"methods {[c.name for c in cfgs]} leave no trainable parameter in this model")
+
+
+def merge_methods(model: nn.Module, cfgs: list, adapter: str = "default", unload: bool = True) -> nn.Module:
+    """Fold every method that can be folded into the base weights; with ``unload`` restore plain HF modules."""
+    for cfg in cfgs:
+        METHODS[cfg.name].merge(model, adapter)
+        if unload and hasattr(METHODS[cfg.name], "unload"):
+            METHODS[cfg.name].unload(model)
+    return model
+
+
+def method_state_dict(model: nn.Module, cfgs: list, adapter: str = "default") -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for cfg in cfgs:
+        out.update(METHODS[cfg.name].state_dict(model, cfg, adapter))
+    return out
+
+
+def _is_peft_native(cfgs: list) -> bool:
+    return len(cfgs) == 1 and hasattr(METHODS[cfgs[0].name], "PEFT_TYPE")
+
+
+def save_adapter(model: nn.Module, cfgs: list, out_dir: str | Path, adapter: str = "default",
+                 base_path: str | None = None) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically, file by file)."""
+    from tuneforge.safeio import atomic_write_text, save_safetensors
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if _is_peft_native(cfgs):
+        config = METHODS[cfgs[0].name].peft_config(model, cfgs[0], base_path)
+    else:
+        config = {"tuneforge_method": [c.model_dump(mode="json") for c in cfgs],
+                  "base_model_name_or_path": base_path}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in method_state_dict(model, cfgs, adapter).items()}
+    save_safetensors(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})
+    atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def read_adapter_config(path: str | Path) -> list:
+    """The method configs an adapter directory was saved with (PEFT's or tuneforge's config file)."""
+    file = Path(path) / CONFIG_FILE
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: no adapter config (is {path} an adapter directory?)")
+    d = json.loads(file.read_text())
+    if "tuneforge_method" in d:
+        return [METHOD_CONFIGS[c["name"]].model_validate(c) for c in d["tuneforge_method"]]
+    ptype = d.get("peft_type")
+    if ptype not in PEFT_TYPES:
+        raise ValueError(f"{file}: peft_type {ptype!r} is not supported (supported: {', '.join(PEFT_TYPES)})")
+    return [METHODS[PEFT_TYPES[ptype]].from_peft_config(d)]
+
+
+def load_adapter(model: nn.Module, path: str | Path, adapter: str = "default", apply: bool = True) -> list:
+    """Apply the saved methods to ``model`` under ``adapter`` and load their weights; returns the configs."""
+    from tuneforge.safeio import load_safetensors
+
+    cfgs = read_adapter_config(path)
+    tensors = load_safetensors(Path(path) / WEIGHTS_FILE)
+    if apply:
+        for cfg in cfgs:
+            METHODS[cfg.name].apply(model, cfg, adapter)
+    for cfg in cfgs:
+        mod = METHODS[cfg.name]
+        keys = set(mod.state_dict(model, cfg, adapter))
+        part = {k: v for k, v in tensors.items() if k in keys}
+        if hasattr(mod, "load_state_dict"):
+            mod.load_state_dict(model, cfg, {k: tensors[k] for k in keys if k in tensors}, adapter)
+        else:
+            _copy_parameters(model, part, keys, path)
+    return cfgs
+
+
+def _copy_parameters(model: nn.Module, tensors: dict[str, torch.Tensor], keys: set[str], path) -> None:
+    missing = keys - set(tensors)
+    if missing:
+        raise KeyError(f"{path}: adapter file lacks {len(missing)} tensor(s), e.g. {sorted(missing)[:3]}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k in keys:
+            if params[k].shape != tensors[k].shape:
+                raise ValueError(f"{path}: {k} has shape {tuple(tensors[k].shape)}, model has {tuple(params[k].shape)}")
+            params[k].copy_(tensors[k])

@@ -1,0 +1,241 @@
+"""The training loop: the one place for accumulation, normalisation, clipping, precision, logging, checkpointing,
+the non-finite guard and data parallelism. It knows nothing about any algorithm: it asks the algorithm module for
+``row_weight`` (to build the step's normaliser) and ``step`` (the loss of one micro-batch).
+
+One optimizer step = one global batch of ``batch_size x grad_accum x world`` rows. The normaliser (e.g. supervised
+tokens) is summed over the whole global batch *before* the first forward, so every micro-batch loss is already
+divided by the step total; summing gradients over micro-batches and ranks then gives exactly the full-batch mean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tuneforge.train import checkpoint as ckpt
+from tuneforge.train import dist as D
+from tuneforge.train.log import RunLogger
+from tuneforge.train.optim import lr_factor, make_optimizer, set_lr, warmup_steps
+from tuneforge.train.sampler import GlobalOrder, Position, micro_batches
+
+
+class TrainingAborted(RuntimeError):
+    """Training stopped on purpose (non-finite values); the message says where and what was kept."""
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    epoch: int = 0
+    offset: int = 0
+    skipped_steps: int = 0
+    bad_streak: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class StepContext:
+    """What an algorithm's ``step`` may use besides the batch."""
+
+    normaliser: float
+    step: int
+    algo_state: dict = field(default_factory=dict)
+
+
+@dataclass
+class LoopResult:
+    state: LoopState
+    history: list[dict]
+    checkpoint: Path | None
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` = bf16 autocast where the hardware runs bf16 matmuls natively, else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+
+
+def total_steps(tcfg, order: GlobalOrder) -> int:
+    return tcfg.max_steps or max(1, math.ceil(tcfg.epochs * order.steps_per_epoch))
+
+
+class Loop:
+    """Holds what one run needs; ``run()`` trains. Hooks (for tests and callers): ``after_backward(loop)``."""
+
+    def __init__(self, model, algorithm, algo_cfg, train_ds, tcfg, out_dir, collate: Callable, *,
+                 dist: D.Dist = D.Dist(), eval_fn: Callable | None = None, meta: dict | None = None,
+                 hooks: dict | None = None):
+        self.model, self.algo, self.algo_cfg, self.ds, self.tcfg = model, algorithm, algo_cfg, train_ds, tcfg
+        self.out, self.collate, self.dist, self.eval_fn = Path(out_dir), collate, dist, eval_fn
+        self.meta, self.hooks = dict(meta or {}), hooks or {}
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.opt = make_optimizer(self.params, tcfg)
+        self.order = GlobalOrder(len(train_ds), tcfg.batch_size * tcfg.grad_accum * dist.world, tcfg.seed)
+        self.total = total_steps(tcfg, self.order)
+        self.warmup = warmup_steps(tcfg, self.total)
+        self.precision = resolve_precision(tcfg.precision, dist.device)
+        self.state = LoopState()
+        self.ckpt_root = self.out / "checkpoints"
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save(self) -> Path | None:
+        path = None
+        if self.dist.main:
+            model_t = {n: p.detach().cpu() for n, p in self.params.items()}
+            opt_t, opt_info = ckpt.optimizer_to_tensors(self.opt)
+            rng_t, rng_info = ckpt.capture_rng()
+            state = {"loop": asdict(self.state), "optimizer": opt_info, "rng": rng_info}
+            meta = {**self.meta, "seed": self.tcfg.seed, "world_size": self.dist.world, "step": self.state.step}
+            path = ckpt.save_checkpoint(self.ckpt_root, self.state.step, {"model": model_t, "optimizer": opt_t,
+                                                                          "rng": rng_t}, state, meta,
+                                        keep_last=self.tcfg.keep_last)
+        D.barrier(self.dist)
+        return path
+
+    def resume(self, path: Path, allow_config_change: bool = False) -> None:
+        tensors, state, manifest = ckpt.load_checkpoint(path, self.meta.get("config_hash"), allow_config_change)
+        world = manifest.get("meta", manifest).get("world_size", self.dist.world)
+        if world != self.dist.world:
+            raise ckpt.CheckpointError(
+                f"{path} was written by {world} process(es), this run has {self.dist.world}; the per-rank "
+                "micro-batch split would change the arithmetic, so tuneforge refuses rather than continue inexactly")
+        with torch.no_grad():
+            for n, p in self.params.items():
+                if n not in tensors["model"]:
+                    raise ckpt.CheckpointError(f"{path}: model.safetensors lacks trainable tensor {n}")
+                p.copy_(tensors["model"][n])
+        ckpt.optimizer_from_tensors(self.opt, tensors["optimizer"], state["optimizer"])
+        ckpt.restore_rng(tensors["rng"], state["rng"])
+        self.state = LoopState(**state["loop"])
+
+    # ---------------------------------------------------------------------------------------------- one step
+    def _normaliser(self, rows: list[int]) -> float:
+        weight = getattr(self.algo, "row_weight", None)
+        return float(sum(weight(self.ds, i) for i in rows)) if weight else float(len(rows))
+
+    def _forward_backward(self, rows: list[int], norm: float) -> tuple[float, dict]:
+        micro = micro_batches(rows, self.tcfg.batch_size, self.dist.rank, self.dist.world)
+        loss_sum, metrics = 0.0, {}
+        ctx = StepContext(normaliser=norm, step=self.state.step)
+        for ids in micro:
+            batch = {k: v.to(self.dist.device) for k, v in self.collate([self.ds[i] for i in ids]).items()}
+            with autocast_context(self.precision, self.dist.device):
+                loss, m = self.algo.step(self.model, batch, self.algo_cfg, ctx)
+            loss.backward()
+            loss_sum += float(loss.detach())
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0) + v
+        return loss_sum, metrics
+
+    def _grad_norm(self) -> float:
+        params = [p for p in self.params.values() if p.grad is not None]
+        if not params:
+            return 0.0
+        clip = self.tcfg.max_grad_norm if self.tcfg.max_grad_norm else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(params, clip, foreach=True))
+
+    def _first_bad_param(self) -> str:
+        for n, p in self.params.items():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                return n
+        return "(no gradient is non-finite; the loss is)"
+
+    def _handle_nonfinite(self, loss: float, rows: list[int]) -> bool:
+        """Apply ``nan_policy``; return True when the optimizer step must be skipped."""
+        policy = self.tcfg.nan_policy
+        where = (f"step {self.state.step + 1}: loss {loss}, first non-finite gradient in {self._first_bad_param()}; "
+                 f"batch rows {rows[:32]}{' ...' if len(rows) > 32 else ''}")
+        if policy == "ignore":
+            return False
+        if policy == "raise":
+            raise TrainingAborted(f"non-finite values at {where} (nan_policy=raise)")
+        self.state.skipped_steps += 1
+        self.state.bad_streak += 1
+        self.logger.message(f"skipping optimizer step: non-finite values at {where}")
+        if self.state.bad_streak >= self.tcfg.max_bad_steps:
+            self.state.step += 1
+            path = self.save()
+            raise TrainingAborted(f"{self.state.bad_streak} consecutive non-finite steps, last at {where}. "
+                                  f"The last good weights are saved in {path}.")
+        return True
+
+    def train_step(self, rows: list[int]) -> dict:
+        t0 = time.perf_counter()
+        norm = self._normaliser(rows)
+        set_lr(self.opt, self.tcfg.learning_rate * lr_factor(self.state.step, self.total, self.warmup,
+                                                             self.tcfg.scheduler, self.tcfg.min_lr_ratio))
+        loss, metrics = self._forward_backward(rows, norm)
+        if "after_backward" in self.hooks:
+            self.hooks["after_backward"](self)
+        D.all_reduce_grads_(list(self.params.values()), self.dist)
+        sums = D.all_reduce_sum_(torch.tensor([loss] + list(metrics.values()), dtype=torch.float64), self.dist)
+        loss, metrics = float(sums[0]), dict(zip(metrics, sums[1:].tolist()))
+        gnorm = self._grad_norm()
+        skip = not (math.isfinite(loss) and math.isfinite(gnorm)) and self._handle_nonfinite(loss, rows)
+        if not skip:
+            self.opt.step()
+            self.state.bad_streak = 0
+        self.opt.zero_grad(set_to_none=True)
+        self.state.step += 1
+        tokens = int(metrics.get("tokens", 0))
+        self.state.tokens += tokens
+        dt = time.perf_counter() - t0
+        return {"step": self.state.step, "loss": loss, "lr": self.opt.param_groups[0]["lr"], "grad_norm": gnorm,
+                "epoch": self.state.epoch, **{k: v for k, v in metrics.items()},
+                "tokens_per_s": round(tokens / dt, 1) if tokens else None, "step_s": round(dt, 4),
+                "skipped_steps": self.state.skipped_steps}
+
+    # ----------------------------------------------------------------------------------------------- the run
+    def run(self, resume: Path | None = None, allow_config_change: bool = False) -> LoopResult:
+        if self.dist.main:
+            ckpt.clean_stale(self.ckpt_root)
+        if resume is not None:
+            self.resume(resume, allow_config_change)
+        self.logger = RunLogger(self.out, self.total, self.state.step, self.dist.main, self.tcfg.tensorboard,
+                                self.tcfg.progress)
+        history, last_ckpt = [], None
+        self.model.train()
+        try:
+            while self.state.step < self.total:
+                rows, pos = self.order.next(Position(self.state.epoch, self.state.offset))
+                self.state.epoch, self.state.offset = pos.epoch, pos.offset
+                record = self.train_step(rows)
+                self.logger.ledger(record["step"], rows)
+                self._periodic(record)
+                self.logger.log(record, show=record["step"] % self.tcfg.log_every == 0 or
+                                record["step"] == self.total)
+                history.append(record)
+                if self.tcfg.save_every and self.state.step % self.tcfg.save_every == 0:
+                    last_ckpt = self.save()
+            if last_ckpt is None or not last_ckpt.name.endswith(f"{self.state.step:08d}"):
+                last_ckpt = self.save()
+        finally:
+            self.logger.close()
+        return LoopResult(self.state, history, last_ckpt)
+
+    def _periodic(self, record: dict) -> None:
+        every = self.tcfg.eval_every
+        if self.eval_fn is not None and every and (record["step"] % every == 0 or record["step"] == self.total):
+            self.model.eval()
+            with torch.no_grad(), autocast_context(self.precision, self.dist.device):
+                record.update({f"eval_{k}": v for k, v in self.eval_fn(self.model).items()})
+            self.model.train()

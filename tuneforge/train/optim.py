@@ -1,0 +1,50 @@
+"""Optimizer and learning-rate schedule.
+
+The schedule is a pure function of the step (``lr_factor``), so resuming needs no scheduler object: the step counter
+in the checkpoint is the whole schedule state. Weight decay skips biases and norm gains (tensors with < 2 dims), the
+usual AdamW practice (Loshchilov & Hutter 2019, https://arxiv.org/abs/1711.05101), since shrinking them toward zero
+is not a useful prior.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based): linear warm-up, then decay."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "linear":
+        decay = 1.0 - progress
+    elif kind == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown scheduler {kind!r}")
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+def warmup_steps(tcfg, total: int) -> int:
+    return tcfg.warmup_steps or int(round(tcfg.warmup_ratio * total))
+
+
+def make_optimizer(params: dict[str, nn.Parameter], tcfg) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, decay only on matrices."""
+    decay = [p for p in params.values() if p.ndim >= 2]
+    no_decay = [p for p in params.values() if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": tcfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    all_cpu = all(p.device.type == "cpu" for p in params.values())
+    return torch.optim.AdamW(groups, lr=tcfg.learning_rate, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps,
+                             foreach=not all_cpu or None)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
