@@ -79,7 +79,7 @@ def total_steps(tcfg, order: GlobalOrder) -> int:
 
 
 class Loop:
-    """Holds what one run needs; ``run()`` trains. Hooks (for tests and callers): ``after_backward(loop)``."""
+    """Holds what one run needs; ``run()`` trains. Hooks (for tests and callers): ``after_backward(loop)``, ``after_clip(loop)``."""
 
     def __init__(self, model, algorithm, algo_cfg, train_ds, tcfg, out_dir, collate: Callable, *,
                  dist: D.Dist = D.Dist(), eval_fn: Callable | None = None, meta: dict | None = None,
@@ -104,7 +104,7 @@ class Loop:
             opt_t, opt_info = ckpt.optimizer_to_tensors(self.opt)
             rng_t, rng_info = ckpt.capture_rng()
             state = {"loop": asdict(self.state), "optimizer": opt_info, "rng": rng_info}
-            meta = {**self.meta, "seed": self.tcfg.seed, "world_size": self.dist.world, "step": self.state.step}
+            meta = {**self.meta, "seed": self.tcfg.seed, "world_size": self.dist.world}
             path = ckpt.save_checkpoint(self.ckpt_root, self.state.step, {"model": model_t, "optimizer": opt_t,
                                                                           "rng": rng_t}, state, meta,
                                         keep_last=self.tcfg.keep_last)
@@ -190,6 +190,8 @@ class Loop:
         sums = D.all_reduce_sum_(torch.tensor([loss] + list(metrics.values()), dtype=torch.float64), self.dist)
         loss, metrics = float(sums[0]), dict(zip(metrics, sums[1:].tolist()))
         gnorm = self._grad_norm()
+        if "after_clip" in self.hooks:
+            self.hooks["after_clip"](self)
         skip = not (math.isfinite(loss) and math.isfinite(gnorm)) and self._handle_nonfinite(loss, rows)
         if not skip:
             self.opt.step()
