@@ -113,7 +113,7 @@ class Loop:
 
     def resume(self, path: Path, allow_config_change: bool = False) -> None:
         tensors, state, manifest = ckpt.load_checkpoint(path, self.meta.get("config_hash"), allow_config_change)
-        world = manifest.get("meta", manifest).get("world_size", self.dist.world)
+        world = manifest.get("world_size") or self.dist.world
         if world != self.dist.world:
             raise ckpt.CheckpointError(
                 f"{path} was written by {world} process(es), this run has {self.dist.world}; the per-rank "
@@ -142,6 +142,8 @@ class Loop:
                 loss, m = self.algo.step(self.model, batch, self.algo_cfg, ctx)
             loss.backward()
             loss_sum += float(loss.detach())
+            mask = batch.get("attention_mask")
+            m["input_tokens"] = int(mask.sum()) if mask is not None and mask.dim() == 2 else batch["input_ids"].numel()
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0) + v
         return loss_sum, metrics
@@ -198,12 +200,12 @@ class Loop:
             self.state.bad_streak = 0
         self.opt.zero_grad(set_to_none=True)
         self.state.step += 1
-        tokens = int(metrics.get("tokens", 0))
+        tokens = int(metrics.pop("input_tokens", 0))
         self.state.tokens += tokens
         dt = time.perf_counter() - t0
         return {"step": self.state.step, "loss": loss, "lr": self.opt.param_groups[0]["lr"], "grad_norm": gnorm,
-                "epoch": self.state.epoch, **{k: v for k, v in metrics.items()},
-                "tokens_per_s": round(tokens / dt, 1) if tokens else None, "step_s": round(dt, 4),
+                "epoch": self.state.epoch, **{k: (int(v) if float(v).is_integer() else v) for k, v in metrics.items()},
+                "tokens_per_s": round(tokens / dt, 1), "step_s": round(dt, 4),
                 "skipped_steps": self.state.skipped_steps}
 
     # ----------------------------------------------------------------------------------------------- the run
