@@ -1,0 +1,101 @@
+"""Row formats: detection and per-row validation with reasons that name the offending field.
+
+Validation happens before any tokenization so that a broken file is rejected in seconds with every problem listed,
+and so that the tokenizer only ever sees well-typed input (a ``None`` content or a lone surrogate would otherwise
+surface as an opaque error from Rust or Jinja). Unknown top-level keys are ignored: exports routinely carry ids,
+scores and metadata next to the fields we use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tuneforge.data.readers import json_type
+
+FORMATS = ("text", "prompt_completion", "messages")
+ROLES = ("system", "user", "assistant")
+
+
+class RowError(ValueError):
+    """One row does not match its format; ``str(err)`` is the reason shown to the user."""
+
+
+def detect_format(value: dict) -> str | None:
+    """``messages`` > ``prompt``+``completion`` > ``text``; None when the row has none of them."""
+    if "messages" in value:
+        return "messages"
+    if "prompt" in value and "completion" in value:
+        return "prompt_completion"
+    if "text" in value:
+        return "text"
+    return None
+
+
+def validate(value: dict, fmt: str) -> Any:
+    """Return the row's payload for ``fmt`` or raise ``RowError``.
+
+    Payloads: ``text`` -> str; ``prompt_completion`` -> (prompt, completion); ``messages`` -> list of
+    ``{"role", "content"}`` dicts (other per-turn keys are dropped so rendering depends only on what we validated).
+    """
+    if fmt == "text":
+        return _string(value, "text", allow_empty=False)
+    if fmt == "prompt_completion":
+        prompt = _string(value, "prompt", allow_empty=True)
+        return prompt, _string(value, "completion", allow_empty=False)
+    if fmt == "messages":
+        return _messages(value)
+    raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _string(obj: dict, key: str, *, allow_empty: bool, where: str | None = None) -> str:
+    where = where or key
+    if key not in obj:
+        raise RowError(f"{where}: missing required field")
+    text = obj[key]
+    if not isinstance(text, str):
+        raise RowError(f"{where}: expected a string, got {json_type(text)}")
+    _check_unicode(text, where)
+    if not allow_empty and not text.strip():
+        raise RowError(f"{where}: empty string (nothing to learn from)")
+    return text
+
+
+def _check_unicode(text: str, where: str) -> None:
+    """JSON allows ``"\\ud800"``; such a string cannot be encoded to UTF-8, so no tokenizer can take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RowError(f"{where}: contains an unpaired surrogate escape (not valid Unicode)") from None
+
+
+def _messages(value: dict) -> list[dict]:
+    if "messages" not in value:
+        raise RowError("messages: missing required field")
+    turns = value["messages"]
+    if not isinstance(turns, list):
+        raise RowError(f"messages: expected an array of {{role, content}} objects, got {json_type(turns)}")
+    if not turns:
+        raise RowError("messages: empty array")
+    out = [_turn(turn, i) for i, turn in enumerate(turns)]
+    if not any(t["role"] == "assistant" for t in out):
+        raise RowError("messages: no assistant turn (nothing to learn from)")
+    if out[0]["role"] == "assistant":
+        raise RowError("messages[0].role: a conversation cannot start with an assistant turn; add a user turn first")
+    return out
+
+
+def _turn(turn: Any, i: int) -> dict:
+    where = f"messages[{i}]"
+    if not isinstance(turn, dict):
+        raise RowError(f"{where}: expected an object with role and content, got {json_type(turn)}")
+    if "role" not in turn:
+        raise RowError(f"{where}.role: missing required field")
+    role = turn["role"]
+    if not isinstance(role, str):
+        raise RowError(f"{where}.role: expected a string, got {json_type(role)}")
+    if role not in ROLES:
+        raise RowError(f"{where}.role: {role!r} is not one of {', '.join(ROLES)}")
+    content = _string(turn, "content", allow_empty=True, where=f"{where}.content")
+    if role == "assistant" and not content.strip():
+        raise RowError(f"{where}.content: empty assistant content (nothing to learn from)")
+    return {"role": role, "content": content}
