@@ -48,13 +48,7 @@ def load_model(mcfg: Any, device: str | None = None):
     ``SimpleNamespace``.
     """
     path = str(mcfg.path)
-    trust = bool(getattr(mcfg, "trust_remote_code", False))
-    revision = getattr(mcfg, "revision", None)
-    if trust and not revision:
-        raise ModelLoadError(
-            f"{path}: trust_remote_code=true runs code shipped with the checkpoint; pin the exact code you reviewed "
-            "with model.revision (a commit hash), or set trust_remote_code=false"
-        )
+    trust, revision = _remote_code_policy(mcfg)
     if path.startswith("tiny:"):
         model, tokenizer = _load_tiny(path.removeprefix("tiny:"), mcfg)
     else:
@@ -63,6 +57,22 @@ def load_model(mcfg: Any, device: str | None = None):
     if device is not None:
         model.to(device)
     return model, tokenizer
+
+
+def _remote_code_policy(mcfg: Any) -> tuple[bool, str | None]:
+    """``(trust_remote_code, revision)``, refusing trust without a pinned revision.
+
+    Every public loader here calls this, so a hand-built config object (bypassing the pydantic validator) cannot
+    opt into running checkpoint code without naming the exact version that was reviewed.
+    """
+    trust = bool(getattr(mcfg, "trust_remote_code", False))
+    revision = getattr(mcfg, "revision", None)
+    if trust and not revision:
+        raise ModelLoadError(
+            f"{mcfg.path}: trust_remote_code=true runs code shipped with the checkpoint; pin the exact code you "
+            "reviewed with model.revision (a commit hash), or set trust_remote_code=false"
+        )
+    return trust, revision
 
 
 def _resolve_dtype(name: str | None, auto: Any):
@@ -234,11 +244,11 @@ def load_tokenizer(mcfg: Any):
 
     local = Path(path).expanduser()
     _check_directory(local)
-    trust = bool(getattr(mcfg, "trust_remote_code", False))
+    trust, revision = _remote_code_policy(mcfg)
     if not trust:
         _refuse_remote_code(local)
     tok = _guarded("tokenizer", local, AutoTokenizer.from_pretrained, str(local), local_files_only=True,
-                   trust_remote_code=trust, revision=getattr(mcfg, "revision", None))
+                   trust_remote_code=trust, revision=revision)
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
@@ -257,9 +267,11 @@ def meta_model(mcfg: Any):
             return build_tiny(path.removeprefix("tiny:"))[0]
         local = Path(path).expanduser()
         _check_directory(local)
-        trust = bool(getattr(mcfg, "trust_remote_code", False))
+        trust, revision = _remote_code_policy(mcfg)
         if not trust:
             _refuse_remote_code(local)
         config = _guarded("config", local, AutoConfig.from_pretrained, str(local), local_files_only=True,
-                          trust_remote_code=trust, revision=getattr(mcfg, "revision", None))
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+                          trust_remote_code=trust, revision=revision)
+        # from_config hands code_revision to the dynamic-module loader, and drops it only on that branch.
+        pinned = {"code_revision": revision} if trust else {}
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust, **pinned)

@@ -1,0 +1,131 @@
+"""Per-architecture knowledge, in one place.
+
+Methods (LoRA and friends, quantisation, layer freezing, probing) need to know which modules are the linear
+projections, which module is the output head and where the transformer blocks live. Model families spell these
+differently (``q_proj`` vs ``c_attn`` vs ``query_key_value``; ``model.layers`` vs ``transformer.h``), so every such
+spelling lives here and nowhere else; each function also has a structural fallback so an unlisted architecture
+still works, just with less curated defaults.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_FUSED_QKV = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+
+# Default LoRA targets (module-name suffixes) by config.model_type: all attention and MLP projections, which is
+# what the QLoRA paper found necessary to match full fine-tuning.
+_DEFAULT_TARGETS: dict[str, list[str]] = {
+    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+                                "gemma2", "gemma3_text", "olmo", "olmo2", "granite", "smollm3", "cohere")},
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": _FUSED_QKV,
+    "falcon": _FUSED_QKV,
+    "bloom": _FUSED_QKV,
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gptj": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"],
+}
+
+# Where the block list lives, tried before the structural search so the common cases are exact.
+_BLOCK_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers",
+                "transformer.blocks", "model.language_model.layers")
+_HEAD_NAMES = ("lm_head", "embed_out")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for GPT-2 style ``Conv1D``: a linear layer whose weight is stored transposed, as (in, out).
+
+    Code that builds adapters or quantises weights must transpose these, which is why it asks.
+    """
+    return isinstance(module, Conv1D)
+
+
+def output_head_names(model: nn.Module) -> list[str]:
+    """Dotted names of the output projection(s) to the vocabulary.
+
+    Heads are excluded from LoRA targets and quantisation by default: they are tied to the embeddings in many
+    models, and adapting or quantising them costs the most accuracy per parameter.
+    """
+    names = []
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if (head is not None and module is head) or name.rsplit(".", 1)[-1] in _HEAD_NAMES:
+            names.append(name)
+    return names
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` and ``Conv1D`` by dotted name, excluding the output head.
+
+    A layer a tuneforge method has already wrapped (``is_adapter_layer``) stands for the linear it wraps, so a second
+    adapter targets the same names as the first."""
+    heads = set(output_head_names(model))
+    out: dict[str, nn.Module] = {}
+    wrapped: list[str] = []  # layers already wrapped by a tuneforge method count as linear; their insides do not
+    for name, module in model.named_modules():
+        if any(name.startswith(w + ".") for w in wrapped) or name in heads:
+            continue
+        if getattr(module, "is_adapter_layer", False):
+            wrapped.append(name)
+            out[name] = module
+        elif isinstance(module, nn.Linear) or is_conv1d(module):
+            out[name] = module
+    return out
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """Default adapter targets as module-name suffixes.
+
+    Curated per model type, filtered to suffixes that actually occur (a variant may drop a projection); an
+    unknown architecture gets every distinct leaf name of its linear layers.
+    """
+    leaves = {name.rsplit(".", 1)[-1] for name in linear_modules(model)}
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    curated = [t for t in _DEFAULT_TARGETS.get(model_type, []) if t in leaves]
+    return curated or sorted(leaves)
+
+
+def _get_submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _longest_repeated_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The longest ModuleList whose children all share one class: structurally, the stack of blocks."""
+    best = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        if best is None or len(module) > len(best[1]):
+            best = (name, module)
+    return best
+
+
+def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Transformer blocks in forward order, as ``(dotted name, module)``."""
+    for path in _BLOCK_PATHS:
+        found = _get_submodule(model, path)
+        if isinstance(found, nn.ModuleList) and len(found) > 0:
+            return [(f"{path}.{i}", block) for i, block in enumerate(found)]
+    found = _longest_repeated_list(model)
+    if found is None:
+        return []
+    path, layers = found
+    return [(f"{path}.{i}", block) for i, block in enumerate(layers)]
+
+
+def weight_in_out(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a Linear or Conv1D, hiding Conv1D's transposed storage."""
+    weight: torch.Tensor = module.weight
+    if is_conv1d(module):
+        return weight.shape[0], weight.shape[1]
+    return weight.shape[1], weight.shape[0]

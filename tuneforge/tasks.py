@@ -1,0 +1,138 @@
+"""Procedurally generated tasks with exact answers.
+
+The demo, the tests and the preference/RL algorithms need data that (a) exists offline, (b) has a verifiable
+answer, so accuracy and rewards are exact rather than judged, and (c) is small enough for a character-level tiny
+model to learn in about a minute of CPU. Each task prints its own marker ("sort ", "rev ", "+", ...) so one model
+can be taught a mixture and still know which task a prompt asks for, and answers stay at most ~8 characters.
+
+Examples are a pure function of ``(task, seed)``: each task seeds its own ``random.Random`` from a string, so
+adding a task never changes another task's data, and train/eval splits come from different seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+EOS = "</s>"
+LETTERS = string.ascii_lowercase
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    description: str
+    make: Callable[..., tuple[str, str]]  # make(rng, **options) -> (prompt, answer)
+
+
+def _letters(rng: random.Random, min_len: int, max_len: int, alphabet: str = LETTERS) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(min_len, max_len)))
+
+
+def _add(rng: random.Random, max_digits: int = 3) -> tuple[str, str]:
+    """Operands uniform below 10**max_digits: a million pairs, so seeded splits rarely share a prompt."""
+    a = rng.randrange(10**max_digits)
+    b = rng.randrange(10**max_digits)
+    return f"{a}+{b}=", str(a + b)
+
+
+def _sort(rng: random.Random, min_len: int = 3, max_len: int = 6) -> tuple[str, str]:
+    word = _letters(rng, min_len, max_len)
+    return f"sort {word}:", "".join(sorted(word))
+
+
+def _reverse(rng: random.Random, min_len: int = 3, max_len: int = 6) -> tuple[str, str]:
+    word = _letters(rng, min_len, max_len)
+    return f"rev {word}:", word[::-1]
+
+
+def _copy(rng: random.Random, min_len: int = 3, max_len: int = 6) -> tuple[str, str]:
+    word = _letters(rng, min_len, max_len)
+    return f"copy {word}:", word
+
+
+def _max(rng: random.Random, min_count: int = 2, max_count: int = 4, max_value: int = 99) -> tuple[str, str]:
+    numbers = [rng.randint(0, max_value) for _ in range(rng.randint(min_count, max_count))]
+    return f"max {','.join(map(str, numbers))}:", str(max(numbers))
+
+
+def _count(rng: random.Random, min_len: int = 4, max_len: int = 8, alphabet: str = "abcd") -> tuple[str, str]:
+    """Count a letter in a word over a small alphabet, so counts above one are common (not almost always 0/1)."""
+    word = _letters(rng, min_len, max_len, alphabet)
+    letter = rng.choice(alphabet)
+    return f"count {letter} in {word}:", str(word.count(letter))
+
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task("add", "add two numbers of up to 3 digits: '47+385=' -> '432'", _add),
+        Task("sort", "sort 3-6 lowercase letters: 'sort dbca:' -> 'abcd'", _sort),
+        Task("reverse", "reverse 3-6 lowercase letters: 'rev abcd:' -> 'dcba'", _reverse),
+        Task("copy", "repeat 3-6 lowercase letters: 'copy abcd:' -> 'abcd'", _copy),
+        Task("max", "largest of 2-4 numbers below 100: 'max 12,7,93:' -> '93'", _max),
+        Task("count", "occurrences of a letter in a 4-8 letter word: 'count a in abca:' -> '2'", _count),
+    )
+}
+
+
+def _task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def make_examples(task: str, n: int, seed: int, **kw) -> list[dict]:
+    """``n`` rows ``{"prompt", "completion"}`` for ``task``, deterministic in ``seed``; ``kw`` go to the generator
+    (e.g. ``max_len=8`` for letter tasks, ``max_digits=2`` for add)."""
+    spec = _task(task)
+    rng = random.Random(f"tuneforge:{task}:{seed}")
+    rows = []
+    for _ in range(n):
+        prompt, answer = spec.make(rng, **kw)
+        rows.append({"prompt": prompt, "completion": answer})
+    return rows
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """Whether a generated continuation gives the answer.
+
+    Generation runs past the answer (to eos, a newline or the token limit), so the prediction is cut at the first
+    eos or newline and both sides are stripped of surrounding whitespace before comparing.
+    """
+    cut = prediction.split(EOS, 1)[0].split("\n", 1)[0]
+    return cut.strip() == answer.strip()
+
+
+def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> None:
+    """One JSON object per line, UTF-8, parent folders created: the format the data loaders read."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def pretraining_corpus(n: int, seed: int, tasks: list[str]) -> list[dict]:
+    """``n`` rows ``{"text": prompt + answer}`` drawn uniformly from ``tasks``: the demo's "pretraining" mixture.
+
+    Pretraining on some tasks teaches the model the character vocabulary and the prompt/answer format, so a later
+    fine-tune on a held-out task measures what the fine-tuning method adds.
+    """
+    for name in tasks:
+        _task(name)
+    if not tasks:
+        raise ValueError("pretraining_corpus needs at least one task")
+    pick = random.Random(f"tuneforge:corpus:{seed}")
+    streams = {name: random.Random(f"tuneforge:corpus:{name}:{seed}") for name in tasks}
+    rows = []
+    for _ in range(n):
+        name = pick.choice(tasks)
+        prompt, answer = TASKS[name].make(streams[name])
+        rows.append({"text": prompt + answer})
+    return rows
