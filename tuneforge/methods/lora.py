@@ -67,8 +67,9 @@ class LoraLayer(AdapterLayer):
         return list(self.lora_A)
 
     def add_adapter(self, name: str, cfg: Config) -> None:
-        dev, dt = self.weight.device, torch.float32 if not self.weight.is_floating_point() else self.weight.dtype
-        dt = torch.float32 if dt not in (torch.float32, torch.float64, torch.bfloat16, torch.float16) else dt
+        # Adapters train in fp32 even on a bf16/fp16 base (as PEFT does): their updates are small relative to
+        # their values, and half-precision weights would round many of them away.
+        dev, dt = self.weight.device, torch.float64 if self.weight.dtype == torch.float64 else torch.float32
         self.lora_A[name] = nn.Linear(self.in_features, cfg.rank, bias=False, device=dev, dtype=dt)
         self.lora_B[name] = nn.Linear(cfg.rank, self.out_features, bias=False, device=dev, dtype=dt)
         self.lora_dropout[name] = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
