@@ -41,6 +41,10 @@ def cmd_validate(a) -> int:
     cfg = load_config(a.config, a.overrides)
     if not a.no_data:
         validate(cfg)
+        if a.show_sample:
+            from tuneforge.models.load import load_tokenizer
+
+            _show_sample(cfg.data.train, load_tokenizer(cfg.model), cfg.data.format, cfg.data.max_len)
     print(f"{a.config}: OK (methods: {', '.join(m.name for m in cfg.method)}; algorithm: {cfg.algorithm.name})")
     return 0
 
@@ -158,7 +162,17 @@ def cmd_data_check(a) -> int:
     report = check_file(a.file, tok, format=a.format, max_len=a.max_len, truncation=a.truncation,
                         report_path=a.report)
     print(report.summary())
+    if a.show_sample and tok is not None:
+        _show_sample(a.file, tok, a.format, a.max_len)
     return 1 if report.bad_rows else 0
+
+
+def _show_sample(path: str, tok, fmt: str = "auto", max_len: int = 512) -> None:
+    from tuneforge.data import build_dataset
+    from tuneforge.data.report import render_sample
+
+    ds = build_dataset(path, tok, format=fmt, max_len=max_len, skip_bad_rows=True)
+    print(f"first usable row ({path}:{ds.rows[0]['line']}):\n{render_sample(ds.rows[0], tok)}")
 
 
 def cmd_demo(a) -> int:
@@ -189,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("config")
     v.add_argument("overrides", nargs="*")
     v.add_argument("--no-data", action="store_true", help="skip reading the data files")
+    v.add_argument("--show-sample", action="store_true", help="print the first row as tokenized, loss marked")
     v.set_defaults(fn=cmd_validate)
     g = sub.add_parser("generate", help="complete a prompt or a file of prompts")
     _model_args(g)
@@ -230,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--max-len", type=int, default=512)
     dc.add_argument("--truncation", default="right")
     dc.add_argument("--report", help="write the full report (every bad row) as JSON here")
+    dc.add_argument("--show-sample", action="store_true", help="print the first row as tokenized, loss marked")
     dc.set_defaults(fn=cmd_data_check)
     return p
 

@@ -113,3 +113,10 @@ def test_bad_data_refused_before_model_load_and_no_output(tmp_path, capsys):
 def test_module_entry_point_runs():
     res = subprocess.run([sys.executable, "-m", "tuneforge", "ls"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "lora" in res.stdout
+
+
+def test_show_sample_marks_loss_tokens(tmp_path, capsys):
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [row])
+    code, out, _ = run(["data", "check", path, "--model", "tiny:llama", "--show-sample"], capsys)
+    assert code == 0 and "<|user|>hi</s><|assistant|>[[hello</s>]]" in out

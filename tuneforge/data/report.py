@@ -120,3 +120,26 @@ class DataReport:
         with open(report_path, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2)
             f.write("\n")
+
+
+def render_sample(row: dict, tokenizer) -> str:
+    """One tokenized row as the model sees it, with the tokens that carry loss wrapped in ``[[...]]``.
+
+    This is the fastest way to catch a chat template, special-token or masking mistake before training
+    (``--show-sample`` on ``tuneforge data check`` and ``tuneforge validate``).
+    """
+    ids, labels = row["input_ids"], row["labels"]
+    out, run, supervised = [], [], False
+    for i, tok_id in enumerate(ids):
+        sup = labels[i] != -100 and i > 0
+        if sup != supervised and run:
+            text = tokenizer.decode(run, skip_special_tokens=False)
+            out.append(f"[[{text}]]" if supervised else text)
+            run = []
+        supervised = sup
+        run.append(tok_id)
+    if run:
+        text = tokenizer.decode(run, skip_special_tokens=False)
+        out.append(f"[[{text}]]" if supervised else text)
+    n_sup = sum(1 for x in labels[1:] if x != -100)
+    return f"{''.join(out)}\n({len(ids)} tokens, {n_sup} with loss, shown in [[...]])"
