@@ -1,39 +1,57 @@
-"""Data parallelism on CPU (gloo): 2 processes give the per-step losses of 1 process with the same global batch."""
+"""Data parallelism on CPU (gloo): 2 processes equal 1 process with the same global batch (DT-2), and a checkpoint
+written by 2 processes is refused, with the reason, by a 1-process resume (CK-8)."""
 
 import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
+import torch
 import yaml
 
 from tuneforge.api import train
 from tuneforge.config import load_config
+from tuneforge.safeio import load_safetensors
+from tuneforge.train.checkpoint import CheckpointError
 from conftest import base_config
+
+pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 
 
 def _records(out_dir):
     return [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_two_processes_match_one(tmp_path, pc_file):
-    single = base_config(tmp_path, pc_file, max_steps=4, batch_size=4, output_dir=str(tmp_path / "single"))
-    train(load_config(single))
-    ddp = base_config(tmp_path, pc_file, max_steps=4, batch_size=2, output_dir=str(tmp_path / "ddp"))
-    cfg_path = tmp_path / "ddp.yaml"
-    cfg_path.write_text(yaml.safe_dump(ddp))
+def _torchrun(cfg_dict, path, port):
+    path.write_text(yaml.safe_dump(cfg_dict))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["torchrun", "--nproc_per_node=2", "--master_port=29517", "-m", "tuneforge", "train",
-                           str(cfg_path)], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(["torchrun", "--nproc_per_node=2", f"--master_port={port}", "-m", "tuneforge", "train",
+                           str(path)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("micro,accum,port", [(4, 1, 29517), (2, 2, 29518)])
+def test_two_processes_match_one(tmp_path, pc_file, micro, accum, port):
+    steps = 10
+    single = base_config(tmp_path, pc_file, max_steps=steps, batch_size=8, output_dir=str(tmp_path / "single"),
+                         save_every=5)
+    train(load_config(single))
+    ddp = base_config(tmp_path, pc_file, max_steps=steps, batch_size=micro, grad_accum=accum,
+                      output_dir=str(tmp_path / "ddp"), save_every=5)
+    _torchrun(ddp, tmp_path / "ddp.yaml", port)
     a, b = _records(tmp_path / "single"), _records(tmp_path / "ddp")
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
     for ra, rb in zip(a, b):
-        assert abs(ra["loss"] - rb["loss"]) < 1e-5
-        assert ra["tokens"] == rb["tokens"]
-    ledger = [json.loads(x) for x in (tmp_path / "ddp" / "ledger.jsonl").read_text().splitlines()]
-    assert len(ledger) == 4  # one writer: rank 0
-    assert (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").exists()
+        assert abs(ra["loss"] - rb["loss"]) < 1e-5 and ra["tokens"] == rb["tokens"]
+        assert abs(ra["grad_norm"] - rb["grad_norm"]) < 1e-5 * max(1.0, ra["grad_norm"])
+    pa = load_safetensors(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
+    pb = load_safetensors(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.allclose(pa[k], pb[k], atol=1e-5) for k in pa)
+    ledger = (tmp_path / "ddp" / "ledger.jsonl").read_text().splitlines()
+    assert len(ledger) == steps  # one writer: rank 0
+    assert ledger == (tmp_path / "single" / "ledger.jsonl").read_text().splitlines()
+    if accum == 1:  # CK-8: a 1-process resume of the 2-process checkpoint is refused with the reason
+        cfg = load_config(ddp, [f"train.max_steps={steps + 2}"])
+        with pytest.raises(CheckpointError, match="2 process"):
+            train(cfg, resume="auto", allow_config_change=True)

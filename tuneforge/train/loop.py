@@ -216,7 +216,7 @@ class Loop:
             self.resume(resume, allow_config_change)
         self.logger = RunLogger(self.out, self.total, self.state.step, self.dist.main, self.tcfg.tensorboard,
                                 self.tcfg.progress)
-        history, last_ckpt = [], None
+        history, last_ckpt, saved_at = [], None, None
         self.model.train()
         try:
             while self.state.step < self.total:
@@ -229,8 +229,8 @@ class Loop:
                                 record["step"] == self.total)
                 history.append(record)
                 if self.tcfg.save_every and self.state.step % self.tcfg.save_every == 0:
-                    last_ckpt = self.save()
-            if last_ckpt is None or not last_ckpt.name.endswith(f"{self.state.step:08d}"):
+                    last_ckpt, saved_at = self.save(), self.state.step
+            if saved_at != self.state.step:  # decided from state every rank shares: save() holds a barrier
                 last_ckpt = self.save()
         finally:
             self.logger.close()
