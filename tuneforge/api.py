@@ -26,6 +26,7 @@ from tuneforge.eval.metrics import eval_loss
 from tuneforge.methods import apply_methods, count_parameters, save_adapter
 from tuneforge.methods._inject import TargetError
 from tuneforge.models.load import load_model, load_tokenizer, meta_model
+from tuneforge.train.precision import cast_frozen_matmul_weights_, resolve_precision
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train import dist as D
 from tuneforge.train.loop import Loop, LoopResult
@@ -113,6 +114,9 @@ def train(cfg: RunConfig, resume: str | None = None, allow_config_change: bool =
     model, tok = load_model(cfg.model)
     apply_methods(model, cfg.method)
     model.to(d.device)
+    adapters_only = not any(m.name in WHOLE_MODEL_METHODS for m in cfg.method)
+    if cfg.train.frozen_bf16 and adapters_only and resolve_precision(cfg.train.precision, d.device) == "bf16":
+        cast_frozen_matmul_weights_(model)  # the base is not saved, so its fp32 copy has no further use
     out = Path(cfg.train.output_dir)
     resume_path = _resume_path(resume, out / "checkpoints")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -132,7 +136,7 @@ def train(cfg: RunConfig, resume: str | None = None, allow_config_change: bool =
     if d.main:
         _write_run_files(out, cfg, model)
     loop = Loop(model, ALGORITHMS[cfg.algorithm.name], cfg.algorithm, data, cfg.train, out, coll, dist=d,
-                eval_fn=eval_fn if has_eval else None, meta={"config_hash": cfg.hash(), "tuneforge": __version__},
+                eval_fn=eval_fn if has_eval else None, meta={"config_hash": cfg.hash(), "config": cfg.trajectory(), "tuneforge": __version__},
                 hooks=hooks)
     result = loop.run(resume_path, allow_config_change)
     saved = _save_final(model, tok, cfg, out) if d.main else None

@@ -69,7 +69,10 @@ class TrainConfig(Strict):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast where the "
+                                                        "hardware has native bf16 matmuls, else fp32")
+    frozen_bf16: bool = Field(True, description="under bf16 with adapter methods, store frozen linear weights in "
+                                                "bf16 (same results as autocast, half their memory)")
     eval_every: int = Field(0, ge=0)
     save_every: int = Field(0, ge=0, description="0 = only at the end")
     keep_last: int = Field(2, ge=1)
@@ -100,13 +103,16 @@ class RunConfig(Strict):
         v = [v] if isinstance(v, (dict, str)) else v
         return [{"name": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
 
-    def hash(self) -> str:
-        """Hash of everything that changes the training trajectory (output location excluded)."""
+    def trajectory(self) -> dict:
+        """Everything that changes the training trajectory (output location and display options excluded)."""
         d = self.model_dump(mode="json")
-        d["train"].pop("output_dir", None)
-        d["train"].pop("progress", None)
-        d["train"].pop("tensorboard", None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        for key in ("output_dir", "progress", "tensorboard"):
+            d["train"].pop(key, None)
+        return d
+
+    def hash(self) -> str:
+        """Short hash of :meth:`trajectory`, stored in every checkpoint and checked on resume (CK-4)."""
+        return hashlib.sha256(json.dumps(self.trajectory(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 class ConfigError(ValueError):

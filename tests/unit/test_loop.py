@@ -142,3 +142,41 @@ def test_resume_from_checkpoint_is_bitwise(tmp_path, pc_file):
     assert strip(log_full) == strip(log_res)
     ledger = lambda o: (o.out_dir / "ledger.jsonl").read_text()
     assert ledger(full) == ledger(resumed)
+
+
+def test_ck4_changed_config_is_refused_with_the_diff(tmp_path, pc_file):
+    from tuneforge.train.checkpoint import CheckpointError
+
+    _run(tmp_path, pc_file, "r", max_steps=2, save_every=2)
+    with pytest.raises(CheckpointError, match=r"learning_rate: 0\.001 -> 0\.002"):
+        _run(tmp_path, pc_file, "r", resume="auto", max_steps=4, learning_rate=2e-3)
+    with pytest.warns(UserWarning, match="learning_rate"):
+        d = base_config(tmp_path, pc_file, max_steps=4, learning_rate=2e-3, output_dir=str(tmp_path / "r"))
+        out = train(load_config(d), resume="auto", allow_config_change=True)
+    assert [h["step"] for h in out.result.history] == [3, 4]
+
+
+def test_all_masked_batch_contributes_zero_not_nan():
+    """NF-5 at the loss level: a micro-batch with every label -100 gives loss 0, 0 tokens and zero, finite grads
+    (the data pipeline already drops such rows and refuses a dataset of them; this guards the arithmetic)."""
+    from tuneforge.algorithms import sft
+    from tuneforge.models.tiny import build_tiny
+    from tuneforge.train.loop import StepContext
+
+    model, _ = build_tiny("llama", seed=0)
+    ids = torch.randint(5, 50, (2, 9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, -100)}
+    loss, metrics = sft.step(model, batch, sft.Config(), StepContext(normaliser=0.0, step=0))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and metrics["tokens"] == 0
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() and not g.any() for g in grads)
+
+
+def test_periodic_eval_logs_eval_loss(tmp_path, pc_file):
+    out = _run(tmp_path, pc_file, "e", max_steps=4, eval_every=2, overrides=["data.eval_fraction=0.25"])
+    evals = {h["step"]: h["eval_loss"] for h in out.result.history if "eval_loss" in h}
+    assert sorted(evals) == [2, 4] and all(math.isfinite(v) for v in evals.values())
+    assert evals[4] < evals[2] + 1.0
+    rows = [json.loads(x) for x in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tuneforge.algorithms._head_logps import fusable_head, head_token_logps
+
 IGNORE = -100
 
 
@@ -43,12 +45,29 @@ def supervised_logits(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torc
     return head(hidden[keep]), targets[keep]  # (N, V), (N,)
 
 
+def supervised_token_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p of every supervised next token (N,) in fp32, and the (B, T-1) mask of where they sit.
+
+    A plain linear head goes through the chunked head+softmax of ``_head_logps`` (no (N, V) logits are kept);
+    anything else (an adapted or quantised head, soft-capped logits) through the model's own head.
+    """
+    targets = shift(batch["labels"])  # (B, T-1)
+    keep = targets != IGNORE
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    head = _head(model)
+    if head is not None and fusable_head(head):
+        hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
+        return head_token_logps(head, hidden[keep], targets[keep]), keep
+    logits, picked = supervised_logits(model, batch)  # (N, V), (N,)
+    if picked.numel() == 0:
+        return logits.sum(-1) * 0.0, keep
+    return -F.cross_entropy(logits.float(), picked, reduction="none"), keep
+
+
 def token_cross_entropy_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross entropy over supervised tokens, and their count."""
-    logits, targets = supervised_logits(model, batch)
-    if targets.numel() == 0:
-        return logits.sum() * 0.0, 0  # keeps the graph (and DDP) intact; contributes nothing
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
+    """Sum of next-token cross entropy over supervised tokens, and their count (0 tokens -> a graph-connected 0)."""
+    logps, keep = supervised_token_logps(model, batch)
+    return -logps.sum(), int(keep.sum())
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,8 @@ class Config(BaseModel):
 class LoraLayer(AdapterLayer):
     """A Linear or Conv1D with named LoRA adapters; ``weight``/``bias`` are the base layer's own Parameters."""
 
+    frozen_base_castable = True  # the base weight only feeds F.linear (see train/precision.py)
+
     def __init__(self, base: nn.Module):
         super().__init__()
         self.fan_in_fan_out = arch.is_conv1d(base)

@@ -263,12 +263,28 @@ def _verify_files(path: Path, manifest: dict) -> None:
             raise CheckpointError(f"{file}: sha256 mismatch with {MANIFEST} (file is corrupt)")
 
 
-def _check_config(path: Path, manifest: dict, expected: str | None, allow_change: bool) -> None:
+def config_diff(old, new, prefix: str = "") -> list[str]:
+    """Dotted ``key: old -> new`` lines between two JSON-like configs (lists compared element-wise)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new), key=str)
+        return [line for k in keys for line in config_diff(old.get(k, "<unset>"), new.get(k, "<unset>"),
+                                                           f"{prefix}{k}.")]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [line for i, (a, b) in enumerate(zip(old, new)) for line in config_diff(a, b, f"{prefix}{i}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def _check_config(path: Path, manifest: dict, expected: str | None, allow_change: bool,
+                  current: dict | None = None) -> None:
     saved = manifest.get("config_hash")
     if expected is None or saved == expected:
         return
     msg = (f"checkpoint {path} was written with config hash {saved!r}, "
            f"but the current config hash is {expected!r}")
+    if current is not None and isinstance(manifest.get("config"), dict):
+        diff = config_diff(manifest["config"], current)
+        if diff:
+            msg += " (changed: " + "; ".join(diff) + ")"
     if allow_change:
         warnings.warn(f"{msg}; resuming anyway because allow_config_change=True", stacklevel=3)
         return
@@ -276,16 +292,17 @@ def _check_config(path: Path, manifest: dict, expected: str | None, allow_change
                           f"pass allow_config_change=True to resume anyway, or start a fresh run.")
 
 
-def load_checkpoint(path, expected_config_hash: str | None = None, allow_config_change: bool = False
-                    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
+def load_checkpoint(path, expected_config_hash: str | None = None, allow_config_change: bool = False,
+                    current_config: dict | None = None) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
     """Verify then load a checkpoint: ``(tensors by group, state, manifest)``.
 
     Every file's size and sha256 are checked before anything is loaded, so a
-    corrupt checkpoint is refused with the offending file's name.
+    corrupt checkpoint is refused with the offending file's name. A config-hash mismatch is refused (or, with
+    ``allow_config_change``, warned about) and, when the manifest holds the config, the changed keys are listed.
     """
     path = Path(path)
     manifest = _read_manifest(path)
-    _check_config(path, manifest, expected_config_hash, allow_config_change)
+    _check_config(path, manifest, expected_config_hash, allow_config_change, current_config)
     _verify_files(path, manifest)
     suffix = ".safetensors"
     tensors = {name[:-len(suffix)]: load_safetensors(path / name)

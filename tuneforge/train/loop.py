@@ -9,7 +9,6 @@ divided by the step total; summing gradients over micro-batches and ranks then g
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ import torch
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train import dist as D
 from tuneforge.train.log import RunLogger
+from tuneforge.train.precision import autocast_context, resolve_precision
 from tuneforge.train.optim import lr_factor, make_optimizer, set_lr, warmup_steps
 from tuneforge.train.sampler import GlobalOrder, Position, micro_batches
 
@@ -53,25 +53,6 @@ class LoopResult:
     state: LoopState
     history: list[dict]
     checkpoint: Path | None
-
-
-def autocast_context(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` = bf16 autocast where the hardware runs bf16 matmuls natively, else fp32."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "fp32"
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
 
 
 def total_steps(tcfg, order: GlobalOrder) -> int:
@@ -112,7 +93,8 @@ class Loop:
         return path
 
     def resume(self, path: Path, allow_config_change: bool = False) -> None:
-        tensors, state, manifest = ckpt.load_checkpoint(path, self.meta.get("config_hash"), allow_config_change)
+        tensors, state, manifest = ckpt.load_checkpoint(path, self.meta.get("config_hash"), allow_config_change,
+                                                          self.meta.get("config"))
         world = manifest.get("world_size") or self.dist.world
         if world != self.dist.world:
             raise ckpt.CheckpointError(
