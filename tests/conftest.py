@@ -33,3 +33,13 @@ def base_config(tmp_path, data, **train):
     t.update(train)
     return {"model": {"path": "tiny:llama"}, "data": {"train": data, "max_len": 64},
             "method": [{"name": "lora", "rank": 4}], "train": t}
+
+
+@pytest.fixture(scope="session")
+def demo_base(tmp_path_factory):
+    """The demo's pretrained tiny Llama (copying and sorting at ~100%, reversal at ~0%), built once per session:
+    about 50 s of CPU, so every learning test fine-tunes the same base instead of pretraining its own."""
+    from tuneforge.demo import DemoPlan, pretrain
+
+    out = tmp_path_factory.mktemp("demo_base")
+    return pretrain(out, DemoPlan()), out

@@ -118,21 +118,28 @@ def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> None:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def pretraining_corpus(n: int, seed: int, tasks: list[str]) -> list[dict]:
-    """``n`` rows ``{"text": prompt + answer}`` drawn uniformly from ``tasks``: the demo's "pretraining" mixture.
+def task_mixture(n: int, seed: int, tasks: list[str]) -> list[dict]:
+    """``n`` rows ``{"prompt", "completion"}`` drawn uniformly from ``tasks``, deterministic in ``seed``.
 
-    Pretraining on some tasks teaches the model the character vocabulary and the prompt/answer format, so a later
-    fine-tune on a held-out task measures what the fine-tuning method adds.
+    The demo "pretrains" on such a mixture with the loss on answers only: the random letters and digits of a
+    prompt are unpredictable by construction, so supervising them would spend the small model's capacity on noise
+    instead of on the prompt/answer format that a later fine-tune on a held-out task builds on.
     """
     for name in tasks:
         _task(name)
     if not tasks:
-        raise ValueError("pretraining_corpus needs at least one task")
+        raise ValueError("a task mixture needs at least one task")
     pick = random.Random(f"tuneforge:corpus:{seed}")
     streams = {name: random.Random(f"tuneforge:corpus:{name}:{seed}") for name in tasks}
     rows = []
     for _ in range(n):
         name = pick.choice(tasks)
         prompt, answer = TASKS[name].make(streams[name])
-        rows.append({"text": prompt + answer})
+        rows.append({"prompt": prompt, "completion": answer})
     return rows
+
+
+def pretraining_corpus(n: int, seed: int, tasks: list[str]) -> list[dict]:
+    """The same mixture as plain ``{"text": prompt + answer}`` rows, for language-model style training on every
+    token (the ``text`` data format)."""
+    return [{"text": row["prompt"] + row["completion"]} for row in task_mixture(n, seed, tasks)]

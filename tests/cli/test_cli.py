@@ -36,6 +36,7 @@ def test_train_writes_adapter_logs_and_plot(trained):
     assert (trained / "checkpoints").exists()
 
 
+# RELIABILITY.md BI-4
 def test_validate_reports_all_errors(tmp_path, pc_file, capsys):
     d = base_config(tmp_path, pc_file)
     d["train"]["learnig_rate"] = 1
@@ -47,6 +48,7 @@ def test_validate_reports_all_errors(tmp_path, pc_file, capsys):
     assert "3 error(s)" in err and "learning_rate" in err and "method.0.rank" in err and "nosuch" in err
 
 
+# RELIABILITY.md BI-5
 def test_validate_checks_targets_without_loading_weights(tmp_path, pc_file, capsys):
     d = base_config(tmp_path, pc_file)
     d["method"][0]["target_modules"] = ["q_proj", "vproj"]

@@ -16,7 +16,8 @@ from tuneforge.safeio import load_safetensors
 from tuneforge.train.checkpoint import CheckpointError
 from conftest import base_config
 
-pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")]
 
 
 def _records(out_dir):

@@ -15,6 +15,7 @@ import yaml
 from tuneforge.safeio import load_safetensors
 from conftest import base_config
 
+pytestmark = pytest.mark.slow
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

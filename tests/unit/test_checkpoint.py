@@ -89,6 +89,7 @@ def tmp_dirs(root: Path) -> list[Path]:
 # ---------------------------------------------------------------- round trips
 
 
+# RELIABILITY.md CK-5
 def test_training_resume_is_bitwise_identical(tmp_path):
     torch.manual_seed(42)
     model_a = make_model(0)

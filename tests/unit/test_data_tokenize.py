@@ -73,6 +73,7 @@ def test_messages_supervise_only_assistant_turns(tmp_path, tok):
     assert [tok.decode(got["input_ids"][s - len("<|assistant|>") : s]) for s in starts] == ["<|assistant|>"] * 2
 
 
+# RELIABILITY.md BI-6
 def test_messages_without_chat_template_names_file_and_suggests_prompt_completion(tmp_path):
     path = write(tmp_path, [chat(("user", "a"), ("assistant", "b"))])
     with pytest.raises(DataError, match="no chat template") as err:
@@ -80,6 +81,7 @@ def test_messages_without_chat_template_names_file_and_suggests_prompt_completio
     assert path in str(err.value) and "prompt/completion" in str(err.value)
 
 
+# RELIABILITY.md BI-6
 def test_template_that_is_not_prefix_stable_is_rejected(tmp_path):
     # Drops every assistant turn but the last, as some reasoning templates do with past thoughts.
     template = (
@@ -112,6 +114,7 @@ def long_rows():
     return [{"prompt": "p" * 4, "completion": "c" * 20}, {"prompt": "q", "completion": "d"}]
 
 
+# RELIABILITY.md BI-3
 def test_truncation_right_and_left(tmp_path, tok):
     path = write(tmp_path, long_rows())
     right = build_dataset(path, tok, max_len=10, truncation="right")
@@ -124,11 +127,13 @@ def test_truncation_right_and_left(tmp_path, tok):
         assert all(len(r["input_ids"]) <= 10 for r in ds.rows)
 
 
+# RELIABILITY.md BI-3
 def test_truncation_drop_counts_rows(tmp_path, tok):
     ds = build_dataset(write(tmp_path, long_rows()), tok, max_len=10, truncation="drop")
     assert len(ds) == 1 and ds.report.dropped == {TOO_LONG_DROPPED: 1} and ds[0]["line"] == 2
 
 
+# RELIABILITY.md BI-3
 def test_truncation_error_lists_every_offender_with_length(tmp_path, tok):
     rows = long_rows() + long_rows()
     path = write(tmp_path, rows)
@@ -155,6 +160,7 @@ def test_no_warning_when_few_rows_lose_supervision(tmp_path, tok):
 # --- empty results, errors, report ----------------------------------------------------------------------------------
 
 
+# RELIABILITY.md BI-2
 def test_empty_file_is_an_error_naming_the_file(tmp_path, tok):
     path = tmp_path / "empty.jsonl"
     path.write_bytes(b"\xef\xbb\xbf\r\n\n")
@@ -162,6 +168,7 @@ def test_empty_file_is_an_error_naming_the_file(tmp_path, tok):
         build_dataset(str(path), tok)
 
 
+# RELIABILITY.md BI-2
 def test_everything_filtered_names_each_filter(tmp_path, tok):
     path = write(tmp_path, [{"prompt": "p" * 30, "completion": "c"}] * 3 + [{"prompt": 1, "completion": "c"}])
     with pytest.raises(DataError) as err, warnings.catch_warnings():
@@ -183,6 +190,7 @@ def test_error_message_lists_first_50_and_report_has_all(tmp_path, tok):
     assert len(json.loads(report_path.read_text())["bad_rows"]) == 120
 
 
+# RELIABILITY.md BI-6
 def test_pad_equal_eos_warns_and_eos_stays_supervised(tmp_path):
     tok = char_tokenizer(pad_is_eos=True)
     with pytest.warns(UserWarning, match="pad_token == eos_token"):

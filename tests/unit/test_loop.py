@@ -36,6 +36,7 @@ def test_batch4_equals_batch1_times_4_accumulation(tmp_path, pc_file):
     assert all(torch.allclose(ta[k], tb[k], atol=1e-6) for k in ta)
 
 
+# RELIABILITY.md DT-1
 def test_same_seed_bitwise_different_seed_differs(tmp_path, pc_file):
     kw = dict(max_steps=4, overrides=["method.0.dropout=0.1"])
     a, b = _run(tmp_path, pc_file, "a", **kw), _run(tmp_path, pc_file, "b", **kw)
@@ -46,6 +47,7 @@ def test_same_seed_bitwise_different_seed_differs(tmp_path, pc_file):
     assert any(not torch.equal(ta[k], tc[k]) for k in ta)
 
 
+# RELIABILITY.md NF-6
 def test_clipping_bound_and_logged_norm(tmp_path, pc_file):
     seen = []
 
@@ -75,6 +77,7 @@ def _poison(at_steps):
     return hook
 
 
+# RELIABILITY.md NF-1
 def test_nan_step_is_skipped_bitwise(tmp_path, pc_file):
     snaps = {}
 
@@ -98,11 +101,13 @@ def test_three_bad_steps_abort_with_checkpoint(tmp_path, pc_file):
     assert "3 consecutive" in msg and "step 4" in msg and "lora_" in msg and "checkpoints" in msg
 
 
+# RELIABILITY.md NF-2
 def test_nan_policy_raise_stops_in_the_same_step(tmp_path, pc_file):
     with pytest.raises(TrainingAborted, match="step 2.*nan_policy=raise"):
         _run(tmp_path, pc_file, hooks={"after_backward": _poison({2})}, max_steps=4, nan_policy="raise")
 
 
+# RELIABILITY.md NF-3
 def test_inf_loss_is_logged_not_hidden(tmp_path, pc_file, capsys):
     def inf_loss(loop):
         if loop.state.step + 1 == 2:
@@ -115,6 +120,7 @@ def test_inf_loss_is_logged_not_hidden(tmp_path, pc_file, capsys):
     assert "batch rows" in capsys.readouterr().err
 
 
+# RELIABILITY.md CK-5
 def test_resume_from_checkpoint_is_bitwise(tmp_path, pc_file):
     full = _run(tmp_path, pc_file, "full", max_steps=8, save_every=100, overrides=["method.0.dropout=0.1"])
     # interrupted: crash during step 6 with a checkpoint at step 4, then resume the same config

@@ -102,6 +102,7 @@ def test_unknown_adapter_name_is_an_error():
             pass
 
 
+# RELIABILITY.md BI-5
 def test_unmatched_target_lists_closest_names():
     model, _ = build_tiny("llama")
     with pytest.raises(TargetError) as e:

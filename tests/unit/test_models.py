@@ -166,6 +166,7 @@ def test_missing_or_invalid_directories_name_the_path(tmp_path):
         load_model(mcfg(tmp_path))
 
 
+# RELIABILITY.md SE-1
 def test_pickle_only_checkpoint_loads_with_weights_only(tmp_path, monkeypatch):
     reference, tok = build_tiny("llama")
     # transformers 5 only writes safetensors, so write the legacy pickle layout by hand.
@@ -188,6 +189,7 @@ def test_pickle_only_checkpoint_loads_with_weights_only(tmp_path, monkeypatch):
     assert torch.equal(reference(batch).logits, model(batch).logits)
 
 
+# RELIABILITY.md BI-6
 def test_missing_pad_token_falls_back_to_eos(tmp_path):
     save_tiny("llama", tmp_path)
     tok_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
