@@ -23,7 +23,8 @@ from tuneforge.algorithms import ALGORITHMS
 from tuneforge.config import ConfigError, RunConfig
 from tuneforge.data import build_dataset, collate, collate_packed, pack_rows
 from tuneforge.eval.metrics import eval_loss
-from tuneforge.methods import apply_methods, count_parameters, save_adapter
+from tuneforge.methods import (apply_methods, count_parameters, finalize_methods, has_regularizer, prepare_methods,
+                               regularizer, save_adapter)
 from tuneforge.methods._inject import TargetError
 from tuneforge.models.load import load_model, load_tokenizer, meta_model
 from tuneforge.train.precision import cast_frozen_matmul_weights_, resolve_precision
@@ -114,14 +115,15 @@ def train(cfg: RunConfig, resume: str | None = None, allow_config_change: bool =
     model, tok = load_model(cfg.model)
     apply_methods(model, cfg.method)
     model.to(d.device)
+    coll = _collate_fn(cfg, tok)
+    data = PackedView(train_ds, cfg.data.max_len) if cfg.data.packing else train_ds
+    prepare_methods(model, cfg.method, lambda: _calibration_losses(model, cfg, data, coll, d.device))
     adapters_only = not any(m.name in WHOLE_MODEL_METHODS for m in cfg.method)
     if cfg.train.frozen_bf16 and adapters_only and resolve_precision(cfg.train.precision, d.device) == "bf16":
         cast_frozen_matmul_weights_(model)  # the base is not saved, so its fp32 copy has no further use
     out = Path(cfg.train.output_dir)
     resume_path = _resume_path(resume, out / "checkpoints")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    data = PackedView(train_ds, cfg.data.max_len) if cfg.data.packing else train_ds
-    coll = _collate_fn(cfg, tok)
 
     def eval_fn(m):
         res = {}
@@ -137,13 +139,32 @@ def train(cfg: RunConfig, resume: str | None = None, allow_config_change: bool =
         _write_run_files(out, cfg, model)
     loop = Loop(model, ALGORITHMS[cfg.algorithm.name], cfg.algorithm, data, cfg.train, out, coll, dist=d,
                 eval_fn=eval_fn if has_eval else None, meta={"config_hash": cfg.hash(), "config": cfg.trajectory(), "tuneforge": __version__},
-                hooks=hooks)
+                hooks=hooks, regularizer=(lambda m: regularizer(m, cfg.method)) if has_regularizer(cfg.method) else None)
     result = loop.run(resume_path, allow_config_change)
+    finalize_methods(model, cfg.method)
     saved = _save_final(model, tok, cfg, out) if d.main else None
     if d.main:
         _plot_loss(result.history, out / "loss.png")
     D.barrier(d)
     return TrainOutput(out, saved, result)
+
+
+def _calibration_losses(model, cfg: RunConfig, data, coll, device):
+    """The algorithm's loss on the first training batches in dataset order (the same on every rank), for methods
+    that choose what to train from gradients (sparse fine-tuning's Fisher selection)."""
+    from tuneforge.train.loop import StepContext
+
+    algo, bs = ALGORITHMS[cfg.algorithm.name], cfg.train.batch_size
+    model.eval()  # no dropout: the selection must not depend on the noise
+    try:
+        for start in range(0, len(data), bs):
+            rows = list(range(start, min(start + bs, len(data))))
+            batch = {k: v.to(device) for k, v in coll([data[i] for i in rows]).items()}
+            weight = getattr(algo, "row_weight", None)
+            norm = float(sum(weight(data, i) for i in rows)) if weight else float(len(rows))
+            yield algo.step(model, batch, cfg.algorithm, StepContext(normaliser=norm, step=0))[0]
+    finally:
+        model.train()
 
 
 def _resume_path(resume: str | None, root: Path) -> Path | None:

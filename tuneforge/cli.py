@@ -141,16 +141,22 @@ def _ls_model(path: str) -> None:
 
     mcfg = SimpleNamespace(path=path, dtype="float32", trust_remote_code=False, revision=None,
                            attn_implementation="sdpa")
-    print(f"trainable parameters on {path}:")
+    n = count_parameters(meta_model(mcfg))[1]
+    print(f"trainable parameters on {path} ({n:,d} parameters):")
+    shown = {"freeze": {"top_k": 1}}  # methods without a meaningful all-default configuration
     for name, mod in METHODS.items():
-        if name == "freeze":
-            cfg = mod.Config(top_k=1)
-        else:
-            cfg = mod.Config()
+        cfg = mod.Config(**shown.get(name, {}))
         model = meta_model(mcfg)
-        apply_methods(model, [cfg])
-        t, n = count_parameters(model)
-        print(f"  {name:12s} {t:>14,d} of {n:,d} ({100 * t / n:.3f}%)  {cfg.model_dump(exclude={'name'})}")
+        try:
+            apply_methods(model, [cfg])
+        except ValueError:
+            if name != "bitfit":
+                raise
+            cfg = mod.Config(add_bias=True)  # bias-free model: the documented alternative
+            model = meta_model(mcfg)
+            apply_methods(model, [cfg])
+        t, _ = count_parameters(model)
+        print(f"  {name:12s} {t:>14,d} ({100 * t / n:8.3f}% of the model)  {cfg.model_dump(exclude={'name'})}")
 
 
 def cmd_data_check(a) -> int:

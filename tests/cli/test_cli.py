@@ -89,6 +89,11 @@ def test_ls_prints_methods_and_parameter_counts(capsys):
     assert code == 0
     for word in ("lora", "full", "freeze", "sft", "lora.yaml".removesuffix(".yaml"), "%"):
         assert word in out
+    from tuneforge.methods import METHODS
+
+    rows = {line.split()[0]: line for line in out.splitlines() if "% of the model" in line}
+    assert set(rows) == set(METHODS)
+    assert rows["ia3"].split()[1] == "384"  # 2 layers x (k 32 + v 32 + down_proj input 128)
 
 
 def test_data_check_lists_bad_rows_and_writes_nothing(tmp_path, capsys):

@@ -18,17 +18,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tuneforge.methods import freeze, full, lora
+from tuneforge.methods import bitfit, diff_pruning, freeze, full, ia3, lokr, lora, sparse
 from tuneforge.methods._inject import count_parameters, freeze_all
 from tuneforge.methods._scope import adapter_scope, set_active
 
-METHODS = {"full": full, "freeze": freeze, "lora": lora}
+METHODS = {"full": full, "freeze": freeze, "bitfit": bitfit, "diff_pruning": diff_pruning, "sparse": sparse,
+           "lora": lora, "lokr": lokr, "ia3": ia3}
 METHOD_CONFIGS = {name: mod.Config for name, mod in METHODS.items()}
 PEFT_TYPES = {mod.PEFT_TYPE: name for name, mod in METHODS.items() if hasattr(mod, "PEFT_TYPE")}
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
-__all__ = ["METHODS", "METHOD_CONFIGS", "apply_methods", "adapter_scope", "set_active", "merge_methods",
+__all__ = ["METHODS", "METHOD_CONFIGS", "apply_methods", "prepare_methods", "regularizer", "finalize_methods", "adapter_scope", "set_active", "merge_methods",
            "save_adapter", "load_adapter", "method_state_dict", "count_parameters"]
 
 
@@ -44,6 +45,32 @@ def apply_methods(model: nn.Module, cfgs: list, adapter: str = "default") -> Non
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise NothingToTrainError(f"methods {[c.name for c in cfgs]} leave no trainable parameter in this model")
+
+
+def prepare_methods(model: nn.Module, cfgs: list, losses, adapter: str = "default") -> None:
+    """Data-dependent set-up before training (sparse fine-tuning's gradient selection); ``losses()`` returns a
+    fresh iterator of calibration losses, computed by the caller on the training data."""
+    for cfg in cfgs:
+        if hasattr(METHODS[cfg.name], "prepare"):
+            METHODS[cfg.name].prepare(model, cfg, losses(), adapter)
+
+
+def regularizer(model: nn.Module, cfgs: list, adapter: str = "default") -> torch.Tensor | None:
+    """The sum of the methods' penalty terms (diff pruning's L0), added to the loss once per optimizer step."""
+    terms = [METHODS[c.name].regularizer(model, c, adapter) for c in cfgs if hasattr(METHODS[c.name], "regularizer")]
+    terms = [t for t in terms if t is not None]
+    return sum(terms) if terms else None
+
+
+def has_regularizer(cfgs: list) -> bool:
+    return any(hasattr(METHODS[c.name], "regularizer") for c in cfgs)
+
+
+def finalize_methods(model: nn.Module, cfgs: list, adapter: str = "default") -> None:
+    """End-of-training steps (diff pruning's projection to the target sparsity), before saving."""
+    for cfg in cfgs:
+        if hasattr(METHODS[cfg.name], "finalize"):
+            METHODS[cfg.name].finalize(model, cfg, adapter)
 
 
 def merge_methods(model: nn.Module, cfgs: list, adapter: str = "default", unload: bool = True) -> nn.Module:
@@ -109,10 +136,13 @@ def load_adapter(model: nn.Module, path: str | Path, adapter: str = "default", a
             METHODS[cfg.name].apply(model, cfg, adapter)
     for cfg in cfgs:
         mod = METHODS[cfg.name]
-        keys = set(mod.state_dict(model, cfg, adapter))
+        # a method's keys: those it would save now, plus any of its declared suffixes (a projected or selected
+        # layout the freshly applied method does not have yet)
+        suffixes = getattr(mod, "STATE_SUFFIXES", ())
+        keys = set(mod.state_dict(model, cfg, adapter)) | {k for k in tensors if k.endswith(suffixes or ("\0",))}
         part = {k: v for k, v in tensors.items() if k in keys}
         if hasattr(mod, "load_state_dict"):
-            mod.load_state_dict(model, cfg, {k: tensors[k] for k in keys if k in tensors}, adapter)
+            mod.load_state_dict(model, cfg, part, adapter)
         else:
             _copy_parameters(model, part, keys, path)
     return cfgs

@@ -48,8 +48,9 @@ class AdapterLayer(nn.Module):
 
     def batch_groups(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor | None]]:
         """(adapter, row index or None for "all rows") pairs this forward must add."""
-        if isinstance(self.active, PerExample):
-            return self.active.groups(x.device)
+        if isinstance(self.active, PerExample):  # rows whose adapter lives on other layers use the base here
+            names = set(self.adapter_names())
+            return [(n, rows) for n, rows in self.active.groups(x.device) if n in names]
         return [(name, None) for name in self.active]
 
 

@@ -8,6 +8,11 @@ rsLoRA (Kalajdzievski 2023, https://arxiv.org/abs/2312.03732) scales by alpha / 
 update's magnitude stable as r grows. Because B A has the shape of W0, the update folds into the weight exactly
 (``merge``) and unfolds again (``unmerge``), so serving a merged model costs nothing extra.
 
+DoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353, eq. 5) splits the adapted weight into a direction and a
+magnitude: W' = m * (W0 + sBA) / ||W0 + sBA||_c with m (one value per output row) initialised to ||W0||_c so the
+layer starts unchanged. The paper found that full fine-tuning moves magnitude and direction in ways LoRA alone
+couples; the norm is treated as a constant in backward (its sec. 4.3), which saves memory at no measured loss.
+
 Layout: the wrapped layer keeps the base ``weight``/``bias`` under their original names (base checkpoints load
 unchanged) and holds ``lora_A.<adapter>``/``lora_B.<adapter>`` like PEFT, so saving only has to drop the adapter name
 to produce PEFT's file layout. GPT-2's Conv1D stores its weight transposed (in x out); A and B keep PEFT's shapes
@@ -24,8 +29,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from tuneforge.methods._inject import find_targets, replace_module
-from tuneforge.methods._scope import AdapterLayer, PerExample
+from tuneforge.methods._linear import LinearWrapper, unload_layers, wrap_targets, wrapped_layers
+from tuneforge.methods._scope import PerExample
 from tuneforge.models import arch
 
 PEFT_TYPE = "LORA"
@@ -41,29 +46,21 @@ class Config(BaseModel):
                                                              "None = the architecture's defaults")
     exclude_modules: list[str] = Field(default_factory=list)
     rslora: bool = False
+    dora: bool = Field(False, description="DoRA: learn a per-output-row magnitude m, W' = m (W0 + sBA)/||W0 + sBA||")
     init: Literal["kaiming", "gaussian"] = "kaiming"
 
 
-class LoraLayer(AdapterLayer):
-    """A Linear or Conv1D with named LoRA adapters; ``weight``/``bias`` are the base layer's own Parameters."""
-
-    frozen_base_castable = True  # the base weight only feeds F.linear (see train/precision.py)
+class LoraLayer(LinearWrapper):
+    """A Linear/Conv1D (or a nested/quantised base) with named LoRA adapters, optionally DoRA-decomposed."""
 
     def __init__(self, base: nn.Module):
-        super().__init__()
-        self.fan_in_fan_out = arch.is_conv1d(base)
-        self.weight = base.weight
-        self.bias = base.bias
-        w = base.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1],
-                                                                                                    w.shape[0])
+        super().__init__(base)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m, one per DoRA adapter (PEFT's name)
         self.scaling: dict[str, float] = {}
-        self.merged: list[str] = []
-        self.active = ()
-        self._original = [base]  # a list, so the module is not registered twice; ``unload`` puts it back
+        self._merge_scale: dict[str, torch.Tensor] = {}  # DoRA: m / ||W + sBA|| at merge time, for unmerge
 
     def adapter_names(self) -> list[str]:
         return list(self.lora_A)
@@ -71,7 +68,7 @@ class LoraLayer(AdapterLayer):
     def add_adapter(self, name: str, cfg: Config) -> None:
         # Adapters train in fp32 even on a bf16/fp16 base (as PEFT does): their updates are small relative to
         # their values, and half-precision weights would round many of them away.
-        dev, dt = self.weight.device, torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        dev, dt = self.weight_device_dtype()
         self.lora_A[name] = nn.Linear(self.in_features, cfg.rank, bias=False, device=dev, dtype=dt)
         self.lora_B[name] = nn.Linear(cfg.rank, self.out_features, bias=False, device=dev, dtype=dt)
         self.lora_dropout[name] = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
@@ -81,43 +78,77 @@ class LoraLayer(AdapterLayer):
         else:
             nn.init.normal_(self.lora_A[name].weight, std=1.0 / cfg.rank)
         nn.init.zeros_(self.lora_B[name].weight)
+        if cfg.dora:
+            self.frozen_base_castable = False  # the column norm reads the base weight in fp32
+            with torch.no_grad():  # m = ||W0||_c so the layer starts as the base layer (DoRA eq. 2)
+                self.lora_magnitude_vector[name] = nn.Parameter(self._weight_norm(name).to(dt))
         self.active = tuple(self.active) + (name,) if not isinstance(self.active, PerExample) else self.active
 
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.t() if self.fan_in_fan_out else self.weight  # Conv1D: y = x @ W(in, out) + b
-        return F.linear(x, w, self.bias)
-
     def delta_weight(self, name: str) -> torch.Tensor:
-        """(alpha/r) B A in the base weight's layout (transposed for Conv1D)."""
-        d = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]  # (out, in)
-        return d.t() if self.fan_in_fan_out else d
+        """(alpha/r) B A as (out, in)."""
+        return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+
+    def _weight_norm(self, name: str) -> torch.Tensor:
+        """||W0 + s B A|| per output row, detached: DoRA sec. 4.3 treats it as a constant in backward."""
+        w = self.dense_weight().detach().to(self.delta_weight(name).dtype)
+        return torch.linalg.vector_norm(w + self.delta_weight(name).detach(), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_forward(x)
         groups = self.batch_groups(x)
-        if self.merged and [n for n, rows in groups if rows is None] != self.merged:
-            raise RuntimeError(f"LoRA adapter(s) {self.merged} are merged into the weights; unmerge before "
-                               "selecting other adapters or the base model")
+        self.check_not_merged(groups)
         for name, rows in groups:
             if name in self.merged:
                 continue
-            a, b = self.lora_A[name], self.lora_B[name]
             xi = x if rows is None else x.index_select(0, rows)
-            d = b(a(self.lora_dropout[name](xi.to(a.weight.dtype)))) * self.scaling[name]
+            d = self._adapter_out(name, xi, out if rows is None else out.index_select(0, rows))
             out = out + d.to(out.dtype) if rows is None else out.index_add(0, rows, d.to(out.dtype))
         return out
 
+    def _adapter_out(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        a, b, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        xd = drop(x.to(a.weight.dtype))
+        lora = b(a(xd)) * self.scaling[name]
+        if name not in self.lora_magnitude_vector:
+            return lora
+        # DoRA (Liu et al. 2024, eq. 5): y = m/||W0 + sBA|| * (W0 x + sBA x) + bias, written as an addition to the
+        # base output. With dropout active the base term is recomputed on the dropped input, as PEFT does.
+        scale = self.lora_magnitude_vector[name] / self._weight_norm(name)  # (out,)
+        bias = self.base_bias()
+        if isinstance(drop, nn.Identity) or not self.training:
+            base = base_out.to(lora.dtype) - (bias.to(lora.dtype) if bias is not None else 0)
+        else:
+            base = F.linear(xd, self.dense_weight().to(lora.dtype))
+        return (scale - 1) * base + scale * lora
+
     @torch.no_grad()
     def merge(self, name: str) -> None:
-        if name not in self.merged:
-            self.weight.add_(self.delta_weight(name).to(self.weight.dtype))
-            self.merged.append(name)
+        if name in self.merged:
+            return
+        w = self.base_weight()
+        delta = self.delta_weight(name)
+        if name in self.lora_magnitude_vector:  # W' = m/||W0 + sBA|| (W0 + sBA), row-wise
+            scale = self.lora_magnitude_vector[name] / self._weight_norm(name)
+            self._merge_scale[name] = scale
+            new = (self.dense_weight().to(delta.dtype) + delta) * scale[:, None]
+            w.copy_((new.t() if self.fan_in_fan_out else new).to(w.dtype))
+        else:
+            w.add_((delta.t() if self.fan_in_fan_out else delta).to(w.dtype))
+        self.merged.append(name)
 
     @torch.no_grad()
     def unmerge(self, name: str) -> None:
-        if name in self.merged:
-            self.weight.sub_(self.delta_weight(name).to(self.weight.dtype))
-            self.merged.remove(name)
+        if name not in self.merged:
+            return
+        w = self.base_weight()
+        delta = self.delta_weight(name)
+        if name in self._merge_scale:
+            cur = w.t() if self.fan_in_fan_out else w
+            old = cur.to(delta.dtype) / self._merge_scale.pop(name)[:, None] - delta
+            w.copy_((old.t() if self.fan_in_fan_out else old).to(w.dtype))
+        else:
+            w.sub_((delta.t() if self.fan_in_fan_out else delta).to(w.dtype))
+        self.merged.remove(name)
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if self.fan_in_fan_out else "Linear"
@@ -125,23 +156,23 @@ class LoraLayer(AdapterLayer):
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
-    return {p: m for p, m in model.named_modules() if isinstance(m, LoraLayer)}
+    return wrapped_layers(model, LoraLayer)
 
 
 def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> None:
-    """Wrap the target layers (once) and add adapter ``adapter`` to each; only A and B train."""
-    existing = lora_layers(model)
-    if any(adapter in layer.adapter_names() for layer in existing.values()):
+    """Wrap the target layers (once) and add adapter ``adapter`` to each; only A and B (and DoRA's m) train."""
+    if any(adapter in layer.adapter_names() for layer in lora_layers(model).values()):
         raise ValueError(f"LoRA adapter {adapter!r} already exists on this model")
-    candidates = arch.linear_modules(model)
     targets = cfg.target_modules or arch.default_targets(model)
-    for path, module in find_targets(model, targets, candidates, cfg.exclude_modules).items():
-        layer = module if isinstance(module, LoraLayer) else LoraLayer(module)
-        if layer is not module:
-            replace_module(model, path, layer)
+    for layer in wrap_targets(model, LoraLayer, targets, cfg.exclude_modules).values():
+        if cfg.dora and not layer.owns_weight and not hasattr(layer.base_layer, "dequantize"):
+            raise ValueError("DoRA needs the layer's own weight; it cannot sit on top of another method's wrapper "
+                             "(apply lora with dora first in the method list)")
         layer.add_adapter(adapter, cfg)
         for p in (*layer.lora_A[adapter].parameters(), *layer.lora_B[adapter].parameters()):
             p.requires_grad_(True)
+        if cfg.dora:
+            layer.lora_magnitude_vector[adapter].requires_grad_(True)
 
 
 def merge(model: nn.Module, adapter: str = "default") -> None:
@@ -157,10 +188,7 @@ def unmerge(model: nn.Module, adapter: str = "default") -> None:
 
 def unload(model: nn.Module) -> None:
     """Put the original Linear/Conv1D modules back (merged adapters stay in their weights)."""
-    for path, layer in lora_layers(model).items():
-        orig = layer._original[0]
-        orig.weight, orig.bias = layer.weight, layer.bias
-        replace_module(model, path, orig)
+    unload_layers(model, LoraLayer)
 
 
 # ------------------------------------------------------------------------------------------------ saving (PEFT)
@@ -171,6 +199,8 @@ def state_dict(model: nn.Module, cfg: Config | None = None, adapter: str = "defa
         if adapter in layer.adapter_names():
             out[f"base_model.model.{path}.lora_A.weight"] = layer.lora_A[adapter].weight.detach()
             out[f"base_model.model.{path}.lora_B.weight"] = layer.lora_B[adapter].weight.detach()
+            if adapter in layer.lora_magnitude_vector:
+                out[f"base_model.model.{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter].detach()
     return out
 
 
@@ -183,12 +213,15 @@ def load_state_dict(model: nn.Module, cfg: Config | None, tensors: dict[str, tor
                        f"unexpected {sorted(unexpected)[:5]}")
     with torch.no_grad():
         for key, value in tensors.items():
-            path, which = key.removeprefix("base_model.model.").rsplit(".", 2)[:2]
-            mod = getattr(layers[path], which)[adapter]
-            if mod.weight.shape != value.shape:
-                raise ValueError(f"{key}: shape {tuple(value.shape)} in the file, {tuple(mod.weight.shape)} in "
+            if key.endswith(".lora_magnitude_vector"):
+                target = layers[key.removeprefix("base_model.model.").rsplit(".", 1)[0]].lora_magnitude_vector[adapter]
+            else:
+                path, which = key.removeprefix("base_model.model.").rsplit(".", 2)[:2]
+                target = getattr(layers[path], which)[adapter].weight
+            if target.shape != value.shape:
+                raise ValueError(f"{key}: shape {tuple(value.shape)} in the file, {tuple(target.shape)} in "
                                  "the model (different rank or base model?)")
-            mod.weight.copy_(value)
+            target.copy_(value)
 
 
 def peft_config(model: nn.Module, cfg: Config, base_path: str | None) -> dict:
@@ -205,19 +238,19 @@ def peft_config(model: nn.Module, cfg: Config, base_path: str | None) -> dict:
         "target_modules": targets_out, "fan_in_fan_out": any(layer.fan_in_fan_out for layer in
                                                                lora_layers(model).values()),
         "bias": "none", "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
-        "use_dora": False, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+        "use_dora": cfg.dora, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
         "alpha_pattern": {}, "revision": None,
     }
 
 
 def from_peft_config(d: dict) -> Config:
-    if d.get("use_dora") or d.get("rank_pattern") or d.get("alpha_pattern") or d.get("bias", "none") != "none":
-        raise ValueError("this PEFT LoRA adapter uses DoRA, rank/alpha patterns or bias training, which tuneforge's "
+    if d.get("rank_pattern") or d.get("alpha_pattern") or d.get("bias", "none") != "none":
+        raise ValueError("this PEFT LoRA adapter uses rank/alpha patterns or bias training, which tuneforge's "
                          "lora method does not read yet")
     t = d["target_modules"]
     targets = ["re:" + t] if isinstance(t, str) else list(t)
     return Config(rank=d["r"], alpha=d["lora_alpha"], dropout=d.get("lora_dropout", 0.0),
-                  target_modules=targets, rslora=d.get("use_rslora", False))
+                  target_modules=targets, rslora=d.get("use_rslora", False), dora=bool(d.get("use_dora")))
 
 
 def _re_escape(s: str) -> str:

@@ -64,10 +64,11 @@ class Loop:
 
     def __init__(self, model, algorithm, algo_cfg, train_ds, tcfg, out_dir, collate: Callable, *,
                  dist: D.Dist = D.Dist(), eval_fn: Callable | None = None, meta: dict | None = None,
-                 hooks: dict | None = None):
+                 hooks: dict | None = None, regularizer: Callable | None = None):
         self.model, self.algo, self.algo_cfg, self.ds, self.tcfg = model, algorithm, algo_cfg, train_ds, tcfg
         self.out, self.collate, self.dist, self.eval_fn = Path(out_dir), collate, dist, eval_fn
         self.meta, self.hooks = dict(meta or {}), hooks or {}
+        self.regularizer = regularizer  # a method's penalty (diff pruning's L0), once per optimizer step
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.opt = make_optimizer(self.params, tcfg)
         self.order = GlobalOrder(len(train_ds), tcfg.batch_size * tcfg.grad_accum * dist.world, tcfg.seed)
@@ -128,6 +129,12 @@ class Loop:
             m["input_tokens"] = int(mask.sum()) if mask is not None and mask.dim() == 2 else batch["input_ids"].numel()
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0) + v
+        if self.regularizer is not None:  # gradients are summed over ranks, so only rank 0 adds it
+            reg = self.regularizer(self.model) if self.dist.main else None
+            if reg is not None:
+                reg.backward()
+                loss_sum += float(reg.detach())
+            metrics["regularizer"] = float(reg.detach()) if reg is not None else 0.0
         return loss_sum, metrics
 
     def _grad_norm(self) -> float:

@@ -1,0 +1,205 @@
+"""Every method against the method contract: closed-form trainable counts, identity at init, save/load round trip,
+merge ≡ unmerged, frozen weights untouched by training, per-example adapters ≡ one by one."""
+
+import pytest
+import torch
+from conftest import base_config
+
+from tuneforge.config import RunConfig
+from tuneforge.methods import (METHODS, apply_methods, finalize_methods, load_adapter, merge_methods,
+                               method_state_dict, save_adapter)
+from tuneforge.methods import adapter_scope, count_parameters, diff_pruning, sparse
+from tuneforge.methods._inject import trainable_parameters
+from tuneforge.models import arch
+from tuneforge.models.tiny import build_tiny
+
+CONFIGS = {  # method -> config on the tiny llama (bias-free, so bitfit adds biases)
+    "full": {}, "freeze": {"top_k": 1}, "bitfit": {"add_bias": True},
+    "diff_pruning": {"density": 0.01}, "sparse": {"density": 0.01, "selection": "magnitude"},
+    "lora": {"rank": 4}, "dora": {"rank": 4, "dora": True, "name": "lora"},
+    "lokr": {"rank": 2}, "ia3": {},
+}
+IDENTITY_AT_INIT = ["bitfit", "diff_pruning", "sparse", "lora", "dora", "lokr", "ia3"]
+ADAPTERS = ["bitfit", "diff_pruning", "sparse", "lora", "dora", "lokr", "ia3"]
+
+
+def cfg_of(key, **kw):
+    d = {**CONFIGS[key], **kw}
+    name = d.pop("name", key)
+    return METHODS[name].Config(**d)
+
+
+def _ids():
+    return torch.randint(5, 60, (3, 9), generator=torch.Generator().manual_seed(0))
+
+
+def _perturb(model, seed=3, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in trainable_parameters(model).values():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+def expected_trainable(key, model) -> int:
+    """Closed forms, from the layer shapes of the unmodified model."""
+    lin = {p: arch.weight_in_out(m) for p, m in arch.linear_modules(model).items()}  # path -> (in, out)
+    c = cfg_of(key)
+    if key == "full":
+        return count_parameters(model)[1]
+    if key == "freeze":
+        return sum(p.numel() for p in arch.blocks(model)[-1][1].parameters())
+    if key == "bitfit":  # a zero bias per attention/MLP projection
+        return sum(o for i, o in lin.values())
+    if key == "diff_pruning":  # a dense w and log-alpha per targeted weight
+        return sum(2 * i * o for i, o in lin.values())
+    if key == "sparse":
+        return sum(sparse.budget(i * o, c.density) for i, o in lin.values())
+    if key in ("lora", "dora"):  # r (in + out), DoRA adds one magnitude per output row
+        return sum(c.rank * (i + o) + (o if key == "dora" else 0) for i, o in lin.values())
+    if key == "lokr":
+        from tuneforge.methods.lokr import factorization
+
+        total = 0
+        for i, o in lin.values():
+            (a, b), (cc, d) = factorization(o), factorization(i)
+            total += a * cc + ((b + d) * c.rank if c.rank < max(b, d) / 2 else b * d)
+        return total
+    if key == "ia3":  # k_proj and v_proj outputs, down_proj input
+        return sum(o if not p.endswith("down_proj") else i for p, (i, o) in lin.items()
+                   if p.rsplit(".", 1)[-1] in ("k_proj", "v_proj", "down_proj"))
+    raise KeyError(key)
+
+
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_trainable_count_matches_closed_form(key):
+    model, _ = build_tiny("llama")
+    expected = expected_trainable(key, model)
+    apply_methods(model, [cfg_of(key)])
+    assert count_parameters(model)[0] == expected
+
+
+@pytest.mark.parametrize("key", IDENTITY_AT_INIT)
+def test_identity_at_init(key):
+    model, _ = build_tiny("llama")
+    model.eval()
+    ref = model(_ids()).logits
+    apply_methods(model, [cfg_of(key)])
+    assert torch.equal(model(_ids()).logits, ref)
+
+
+@pytest.mark.parametrize("key", ADAPTERS)
+def test_save_load_round_trip(tmp_path, key):
+    model, _ = build_tiny("llama")
+    cfg = cfg_of(key)
+    apply_methods(model, [cfg])
+    _perturb(model)
+    finalize_methods(model, [cfg])
+    model.eval()
+    ours = model(_ids()).logits
+    save_adapter(model, [cfg], tmp_path / "ad")
+    fresh, _ = build_tiny("llama")
+    load_adapter(fresh, tmp_path / "ad")
+    assert torch.equal(fresh.eval()(_ids()).logits, ours)
+
+
+@pytest.mark.parametrize("key", ADAPTERS)
+def test_merge_equals_unmerged(key):
+    model, _ = build_tiny("llama")
+    cfg = cfg_of(key)
+    apply_methods(model, [cfg])
+    _perturb(model)
+    finalize_methods(model, [cfg])
+    model.eval()
+    before = model(_ids()).logits
+    merge_methods(model, [cfg])
+    assert not any(getattr(m, "is_adapter_layer", False) for m in model.modules())
+    assert torch.allclose(model(_ids()).logits, before, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["lora", "dora", "lokr", "ia3", "sparse", "diff_pruning"])
+def test_per_example_adapters_equal_one_by_one(key):
+    model, _ = build_tiny("llama")
+    cfg = cfg_of(key)
+    apply_methods(model, [cfg], adapter="a")
+    apply_methods(model, [cfg], adapter="b")
+    _perturb(model, scale=0.2)
+    model.eval()
+    ids, names = _ids(), ["b", None, "a"]
+    with adapter_scope(model, names):
+        mixed = model(ids).logits
+    for i, n in enumerate(names):
+        with adapter_scope(model, n):
+            assert torch.allclose(model(ids[i:i + 1]).logits, mixed[i:i + 1], atol=1e-5), (i, n)
+
+
+def test_mixed_task_batch_with_ia3_and_lora_adapters():
+    """One forward where rows use an IA3 adapter, a LoRA adapter or the base = running them one by one."""
+    model, _ = build_tiny("llama")
+    apply_methods(model, [cfg_of("ia3")], adapter="t_ia3")
+    apply_methods(model, [cfg_of("lora")], adapter="t_lora")
+    _perturb(model, scale=0.2)
+    model.eval()
+    ids, names = _ids(), ["t_lora", "t_ia3", None]
+    with adapter_scope(model, names):
+        mixed = model(ids).logits
+    for i, n in enumerate(names):
+        with adapter_scope(model, n):
+            assert torch.allclose(model(ids[i:i + 1]).logits, mixed[i:i + 1], atol=1e-5), (i, n)
+
+
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_frozen_parameters_bit_identical_after_training(tmp_path, pc_file, key):
+    from tuneforge import api
+
+    d = base_config(tmp_path, pc_file, max_steps=3, learning_rate=1e-2)
+    d["method"] = [{"name": cfg_of(key).name, **{k: v for k, v in CONFIGS[key].items() if k != "name"}}]
+    torch.manual_seed(0)
+    fresh = dict(build_tiny("llama")[0].named_parameters())
+    seen = {}
+    api.train(RunConfig.model_validate(d), hooks={"after_clip": lambda loop: seen.setdefault("loop", loop)})
+    loop = seen["loop"]
+    trained = set(loop.params)
+    frozen = {n: p for n, p in loop.model.named_parameters() if n not in trained and n in fresh}
+    changed = [n for n, p in frozen.items() if not torch.equal(p, fresh[n])]
+    assert not changed
+    moved = [n for n in trained if n in fresh and not torch.equal(loop.params[n], fresh[n])]
+    assert key not in ("full", "freeze") or moved  # the whole-model methods moved their own weights
+
+
+def test_bitfit_refuses_bias_free_model_with_a_hint():
+    model, _ = build_tiny("llama")
+    with pytest.raises(ValueError, match="add_bias"):
+        apply_methods(model, [METHODS["bitfit"].Config()])
+
+
+def test_bitfit_trains_existing_biases_on_gpt2():
+    model, _ = build_tiny("gpt2")
+    apply_methods(model, [METHODS["bitfit"].Config()])
+    names = set(trainable_parameters(model))
+    assert names and all(n.endswith(".bias") for n in names)
+
+
+def test_bitfit_merged_llama_reloads_with_biases(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = build_tiny("llama")
+    cfg = cfg_of("bitfit")
+    apply_methods(model, [cfg])
+    _perturb(model)
+    model.eval()
+    before = model(_ids()).logits
+    merge_methods(model, [cfg])
+    model.save_pretrained(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert torch.allclose(again(_ids()).logits, before, atol=1e-6)
+
+
+def test_diff_pruning_projects_to_exact_density():
+    model, _ = build_tiny("llama")
+    cfg = cfg_of("diff_pruning")
+    apply_methods(model, [cfg])
+    _perturb(model)
+    total = sum(i * o for i, o in (arch.weight_in_out(m) for m in arch.linear_modules(model).values()))
+    finalize_methods(model, [cfg])
+    kept = sum(v.numel() for k, v in method_state_dict(model, [cfg]).items() if k.endswith("dp_values"))
+    assert kept == round(cfg.density * total)

@@ -1,0 +1,196 @@
+"""Diff pruning: a learned, sparse difference vector on top of the frozen weights (Guo et al. 2021,
+"Parameter-Efficient Transfer Learning with Diff Pruning", https://arxiv.org/abs/2012.07463).
+
+The task model is θ + δ with δ = z ⊙ w (eq. 2): a dense difference w and a gate z ∈ [0, 1] per weight. The gates
+follow the hard-concrete relaxation of Louizos et al. 2018 (https://arxiv.org/abs/1712.01312, eqs. 9–12) so the
+number of nonzero gates, an L0 norm, becomes differentiable:
+
+    u ~ U(0, 1),  s = σ((log u − log(1 − u) + log α) / β),  z = min(1, max(0, s (r − l) + l))
+    E[‖z‖₀] = Σ σ(log α − β log(−l / r))                                      (the penalty, eq. 6 of Guo et al.)
+
+with β = 1, l = −1.5, r = 1.5 as in the paper. Here the penalty is the *fraction* of open gates times ``l0_coef``
+(the paper's per-weight λ sum depends on model size; a fraction does not). At the end of training the expected
+difference E[z] ⊙ w is projected by magnitude onto exactly ``density`` of the targeted weights (the paper's sec. 3.3
+"fixed-sparsity" projection) and only those nonzero entries are kept and saved: indices into each layer's (out, in)
+row-major weight plus their values. w starts at zero, so the model starts unchanged.
+
+Memory: during training w and log α are dense (twice the targeted weights, plus Adam state), as in the paper; the
+saving is in what is stored per task. Targets default to every linear layer but the output head.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from tuneforge.methods._delta import DeltaLayer
+from tuneforge.methods._linear import unload_layers, wrap_targets, wrapped_layers
+from tuneforge.models import arch
+
+BETA, LEFT, RIGHT = 1.0, -1.5, 1.5
+
+STATE_SUFFIXES = (".dp_index", ".dp_values", ".dp_w", ".dp_log_alpha")
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["diff_pruning"] = "diff_pruning"
+    density: float = Field(0.005, gt=0, le=1, description="fraction of targeted weights left nonzero at the end")
+    l0_coef: float = Field(1.0, ge=0, description="weight of the expected fraction of open gates in the loss")
+    init_log_alpha: float = Field(3.0, description="initial gate logit (3 -> gates start ~open)")
+    target_modules: list[str] | None = None
+    exclude_modules: list[str] = Field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------- hard-concrete maths
+def hard_concrete_sample(log_alpha: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A stretched-and-clamped concrete gate for uniform noise ``u`` (Louizos et al. eqs. 9–10)."""
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
+    return (s * (RIGHT - LEFT) + LEFT).clamp(0.0, 1.0)
+
+
+def hard_concrete_mean(log_alpha: torch.Tensor) -> torch.Tensor:
+    """The deterministic gate used outside training: the noise-free sigmoid, stretched and clamped."""
+    return (torch.sigmoid(log_alpha) * (RIGHT - LEFT) + LEFT).clamp(0.0, 1.0)
+
+
+def prob_nonzero(log_alpha: torch.Tensor) -> torch.Tensor:
+    """P(z ≠ 0) per gate = σ(log α − β log(−l/r)); its sum is the expected L0 norm."""
+    return torch.sigmoid(log_alpha - BETA * math.log(-LEFT / RIGHT))
+
+
+def topk_mask(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Boolean masks keeping exactly the ``k`` largest scores across all tensors (ties broken by position)."""
+    flat = torch.cat([s.flatten() for s in scores])
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.topk(flat, k, sorted=False).indices] = True
+    return list(keep.split([s.numel() for s in scores]))
+
+
+# ---------------------------------------------------------------------------------------------------- layer
+class DiffPruningLayer(DeltaLayer):
+    def __init__(self, base: nn.Module):
+        super().__init__(base)
+        self.dp_w = nn.ParameterDict()
+        self.dp_log_alpha = nn.ParameterDict()
+        self.dp_values = nn.ParameterDict()  # after projection: the kept entries ...
+        self.dp_index: dict[str, torch.Tensor] = {}  # ... and where they go in the (out, in) weight
+
+    def adapter_names(self) -> list[str]:
+        return list(dict.fromkeys([*self.dp_w, *self.dp_values]))
+
+    def add_adapter(self, name: str, cfg: Config) -> None:
+        dev, dt = self.weight_device_dtype()
+        shape = (self.out_features, self.in_features)
+        self.dp_w[name] = nn.Parameter(torch.zeros(shape, device=dev, dtype=dt))
+        self.dp_log_alpha[name] = nn.Parameter(torch.full(shape, cfg.init_log_alpha, device=dev, dtype=dt))
+        self._activate(name)
+
+    def gate(self, name: str) -> torch.Tensor:
+        la = self.dp_log_alpha[name]
+        if self.training:
+            u = torch.rand_like(la).clamp(1e-6, 1 - 1e-6)
+            return hard_concrete_sample(la, u)
+        return hard_concrete_mean(la)
+
+    def expected_delta(self, name: str) -> torch.Tensor:
+        return hard_concrete_mean(self.dp_log_alpha[name]) * self.dp_w[name]
+
+    def delta(self, name: str) -> torch.Tensor:
+        if name in self.dp_values:
+            vals = self.dp_values[name]
+            flat = torch.zeros(self.out_features * self.in_features, device=vals.device, dtype=vals.dtype)
+            return flat.index_put((self.dp_index[name].to(vals.device),), vals).view(self.out_features, self.in_features)
+        return self.gate(name) * self.dp_w[name]
+
+    def set_sparse(self, name: str, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace the dense (w, log α) pair by the kept entries (frozen from now on)."""
+        for d in (self.dp_w, self.dp_log_alpha):
+            if name in d:
+                del d[name]
+        self.dp_index[name] = index.to(torch.int64)
+        self.dp_values[name] = nn.Parameter(values.detach().clone(), requires_grad=False)
+
+
+def dp_layers(model: nn.Module) -> dict[str, DiffPruningLayer]:
+    return wrapped_layers(model, DiffPruningLayer)
+
+
+def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> None:
+    if any(adapter in layer.adapter_names() for layer in dp_layers(model).values()):
+        raise ValueError(f"diff_pruning adapter {adapter!r} already exists on this model")
+    targets = cfg.target_modules or sorted({p.rsplit(".", 1)[-1] for p in arch.linear_modules(model)})
+    for layer in wrap_targets(model, DiffPruningLayer, targets, cfg.exclude_modules).values():
+        layer.add_adapter(adapter, cfg)
+        layer.dp_w[adapter].requires_grad_(True)
+        layer.dp_log_alpha[adapter].requires_grad_(True)
+
+
+def regularizer(model: nn.Module, cfg: Config, adapter: str = "default") -> torch.Tensor | None:
+    """l0_coef × (expected number of open gates / number of gates): added to the loss once per optimizer step."""
+    alphas = [layer.dp_log_alpha[adapter] for layer in dp_layers(model).values() if adapter in layer.dp_log_alpha]
+    if not alphas or cfg.l0_coef == 0:
+        return None
+    total = sum(a.numel() for a in alphas)
+    return cfg.l0_coef * sum(prob_nonzero(a).sum() for a in alphas) / total
+
+
+@torch.no_grad()
+def finalize(model: nn.Module, cfg: Config, adapter: str = "default") -> None:
+    """Project E[z] ⊙ w onto exactly ``density`` of the targeted weights by magnitude (global top-k)."""
+    layers = [layer for layer in dp_layers(model).values() if adapter in layer.dp_w]
+    if not layers:
+        return
+    deltas = [layer.expected_delta(adapter) for layer in layers]
+    k = max(1, round(cfg.density * sum(d.numel() for d in deltas)))
+    for layer, d, keep in zip(layers, deltas, topk_mask([d.abs() for d in deltas], k)):
+        index = keep.nonzero().flatten()
+        layer.set_sparse(adapter, index, d.flatten()[index])
+
+
+def merge(model: nn.Module, adapter: str = "default") -> None:
+    for layer in dp_layers(model).values():
+        if adapter in layer.adapter_names():
+            layer.merge(adapter)
+
+
+def unload(model: nn.Module) -> None:
+    unload_layers(model, DiffPruningLayer)
+
+
+def state_dict(model: nn.Module, cfg: Config | None = None, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """Projected: ``<path>.dp_index`` + ``<path>.dp_values``; before projection the dense ``dp_w``/``dp_log_alpha``."""
+    out = {}
+    for path, layer in dp_layers(model).items():
+        if adapter in layer.dp_values:
+            out[f"{path}.dp_index"] = layer.dp_index[adapter]
+            out[f"{path}.dp_values"] = layer.dp_values[adapter].detach()
+        elif adapter in layer.dp_w:
+            out[f"{path}.dp_w"] = layer.dp_w[adapter].detach()
+            out[f"{path}.dp_log_alpha"] = layer.dp_log_alpha[adapter].detach()
+    return out
+
+
+def load_state_dict(model: nn.Module, cfg: Config | None, tensors: dict[str, torch.Tensor],
+                    adapter: str = "default") -> None:
+    """Accepts the projected form (what training saves) or the dense one."""
+    layers = dp_layers(model)
+    seen = {k.rsplit(".", 1)[0] for k in tensors}
+    if seen != set(layers):
+        raise KeyError(f"diff_pruning weights do not fit this model: layers missing "
+                       f"{sorted(set(layers) - seen)[:3]}, unexpected {sorted(seen - set(layers))[:3]}")
+    for path, layer in layers.items():
+        if f"{path}.dp_index" in tensors:
+            index, values = tensors[f"{path}.dp_index"], tensors[f"{path}.dp_values"]
+            if index.numel() and int(index.max()) >= layer.out_features * layer.in_features:
+                raise ValueError(f"{path}.dp_index points outside the ({layer.out_features}, {layer.in_features}) "
+                                 "weight (different base model?)")
+            layer.set_sparse(adapter, index, values.to(layer.weight_device_dtype()[1]))
+        else:
+            with torch.no_grad():
+                layer.dp_w[adapter].copy_(tensors[f"{path}.dp_w"])
+                layer.dp_log_alpha[adapter].copy_(tensors[f"{path}.dp_log_alpha"])
