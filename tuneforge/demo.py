@@ -57,8 +57,9 @@ def _recipe(model: str, data: str, out: Path, method, steps: int, lr: float, bat
 
 
 def _accuracy(model_dir: str, adapter: str | None, examples: list[dict]) -> float:
-    model, tok = load_model(ModelConfig(path=model_dir))
-    if adapter:
+    whole = adapter is not None and not (Path(adapter) / "adapter_config.json").exists()  # full/freeze runs
+    model, tok = load_model(ModelConfig(path=adapter if whole else model_dir))
+    if adapter and not whole:
         load_adapter(model, adapter)
     return exact_match(model, tok, examples, max_new_tokens=12)["exact_match"]
 
@@ -74,7 +75,8 @@ def pretrain(out: Path, plan: DemoPlan) -> str:
     return str(train(cfg).saved)
 
 
-def finetune(base: str, out: Path, plan: DemoPlan, method: dict | None = None, log=print) -> dict:
+def finetune(base: str, out: Path, plan: DemoPlan, method: dict | list | None = None, log=print,
+             lr: float | None = None) -> dict:
     """Fine-tune ``base`` on ``plan.task`` with ``method`` (default: the plan's LoRA) through the same ``train``
     entry point a YAML recipe uses; exact match on held-out problems before and after."""
     method = method or {"name": "lora", "rank": plan.lora_rank, "alpha": 2 * plan.lora_rank}
@@ -87,7 +89,7 @@ def finetune(base: str, out: Path, plan: DemoPlan, method: dict | None = None, l
     log(f"[2/3] exact match on held-out '{plan.task}' before {name}: {before:.1%}; fine-tuning "
         f"({plan.lora_steps} steps)")
     run_dir = out / name
-    result = train(load_config(_recipe(base, str(train_file), run_dir, method, plan.lora_steps, plan.lora_lr,
+    result = train(load_config(_recipe(base, str(train_file), run_dir, method, plan.lora_steps, lr or plan.lora_lr,
                                        plan.lora_batch)))
     after = _accuracy(base, str(result.saved), held_out)
     return {"task": plan.task, "method": name, "exact_match_before": before, "exact_match_after": after,

@@ -4,7 +4,7 @@ Lower layers of a pretrained transformer hold general features and upper layers 
 2018, ULMFiT; Lee et al. 2019, "What would Elsa do? Freezing layers during transformer fine-tuning",
 https://arxiv.org/abs/1911.03090, which found training only the top quarter of blocks keeps ~90% of full fine-tuning
 quality). Training the top-k blocks therefore buys most of the quality for a fraction of the gradient and optimizer
-memory. ``modules`` adds any parameter whose name matches a regular expression (e.g. ``lm_head``, ``norm``).
+memory. ``blocks`` picks block indices directly (``[0, -1]``: the first and last). ``modules`` adds any parameter whose name matches a regular expression (e.g. ``lm_head``, ``norm``).
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ class Config(BaseModel):
     name: Literal["freeze"] = "freeze"
     top_k: int = Field(0, ge=0, description="train the last k transformer blocks")
     bottom_k: int = Field(0, ge=0, description="train the first k transformer blocks")
+    blocks: list[int] = Field(default_factory=list, description="train these block indices (negative = from the top)")
     modules: list[str] = Field(default_factory=list, description="regexes searched in parameter names")
 
     @model_validator(mode="after")
     def _something_trains(self):
-        if not (self.top_k or self.bottom_k or self.modules):
-            raise ValueError("freeze trains nothing: set top_k, bottom_k or modules")
+        if not (self.top_k or self.bottom_k or self.blocks or self.modules):
+            raise ValueError("freeze trains nothing: set top_k, bottom_k, blocks or modules")
         return self
 
 
@@ -39,6 +40,10 @@ def selected_parameters(model: nn.Module, cfg: Config) -> dict[str, nn.Parameter
         raise ValueError(f"freeze: top_k={cfg.top_k}/bottom_k={cfg.bottom_k} but the model has {len(blocks)} blocks")
     chosen = blocks[len(blocks) - cfg.top_k:] if cfg.top_k else []
     chosen += blocks[: cfg.bottom_k]
+    bad = [i for i in cfg.blocks if not -len(blocks) <= i < len(blocks)]
+    if bad:
+        raise ValueError(f"freeze.blocks: {bad} out of range for a model with {len(blocks)} blocks")
+    chosen += [blocks[i] for i in cfg.blocks]
     prefixes = tuple(name + "." for name, _ in chosen)
     out = {n: p for n, p in model.named_parameters() if n.startswith(prefixes)}
     for pattern in cfg.modules:

@@ -49,6 +49,7 @@ class SparseLayer(DeltaLayer):
         super().__init__(base)
         self.sp_values = nn.ParameterDict()
         self.sp_index: dict[str, torch.Tensor | None] = {}  # None until the entries are chosen
+        self.calibrating = False
 
     def adapter_names(self) -> list[str]:
         return list(self.sp_values)
@@ -67,6 +68,8 @@ class SparseLayer(DeltaLayer):
 
     def delta(self, name: str) -> torch.Tensor:
         index = self.sp_index[name]
+        if index is None and self.calibrating:  # the selection pass itself runs the unchanged model
+            return torch.zeros(self.out_features, self.in_features, device=self.sp_values[name].device)
         if index is None:
             raise RuntimeError("sparse: the trainable entries are not chosen yet (gradient selection runs on "
                                "calibration batches before training; call methods.prepare_methods)")
@@ -110,6 +113,8 @@ def prepare(model: nn.Module, cfg: Config, losses: Iterable[torch.Tensor], adapt
     fisher = {p: torch.zeros_like(w, dtype=torch.float32) for p, w in weights.items()}
     for w in weights.values():
         w.requires_grad_(True)
+    for layer in layers.values():
+        layer.calibrating = True
     try:
         for n, loss in enumerate(losses):
             if n >= cfg.calibration_batches:
@@ -121,6 +126,8 @@ def prepare(model: nn.Module, cfg: Config, losses: Iterable[torch.Tensor], adapt
     finally:
         for w in weights.values():
             w.requires_grad_(False)
+        for layer in layers.values():
+            layer.calibrating = False
     for p, layer in layers.items():
         f = fisher[p].t() if layer.fan_in_fan_out else fisher[p]
         layer.choose(adapter, f)
