@@ -17,10 +17,10 @@ CONFIGS = {  # method -> config on the tiny llama (bias-free, so bitfit adds bia
     "full": {}, "freeze": {"top_k": 1}, "bitfit": {"add_bias": True},
     "diff_pruning": {"density": 0.01}, "sparse": {"density": 0.01, "selection": "magnitude"},
     "lora": {"rank": 4}, "dora": {"rank": 4, "dora": True, "name": "lora"},
-    "lokr": {"rank": 2}, "ia3": {},
+    "lokr": {"rank": 2}, "ia3": {}, "qlora": {"rank": 4},
 }
 IDENTITY_AT_INIT = ["bitfit", "diff_pruning", "sparse", "lora", "dora", "lokr", "ia3"]
-ADAPTERS = ["bitfit", "diff_pruning", "sparse", "lora", "dora", "lokr", "ia3"]
+ADAPTERS = ["bitfit", "diff_pruning", "sparse", "lora", "dora", "lokr", "ia3", "qlora"]
 
 
 def cfg_of(key, **kw):
@@ -54,7 +54,7 @@ def expected_trainable(key, model) -> int:
         return sum(2 * i * o for i, o in lin.values())
     if key == "sparse":
         return sum(sparse.budget(i * o, c.density) for i, o in lin.values())
-    if key in ("lora", "dora"):  # r (in + out), DoRA adds one magnitude per output row
+    if key in ("lora", "dora", "qlora"):  # r (in + out), DoRA adds one magnitude per output row
         return sum(c.rank * (i + o) + (o if key == "dora" else 0) for i, o in lin.values())
     if key == "lokr":
         from tuneforge.methods.lokr import factorization
@@ -116,7 +116,7 @@ def test_merge_equals_unmerged(key):
     assert torch.allclose(model(_ids()).logits, before, atol=1e-5)
 
 
-@pytest.mark.parametrize("key", ["lora", "dora", "lokr", "ia3", "sparse", "diff_pruning"])
+@pytest.mark.parametrize("key", ["lora", "dora", "lokr", "ia3", "sparse", "diff_pruning", "qlora"])
 def test_per_example_adapters_equal_one_by_one(key):
     model, _ = build_tiny("llama")
     cfg = cfg_of(key)

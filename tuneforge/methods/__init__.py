@@ -18,14 +18,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tuneforge.methods import bitfit, diff_pruning, freeze, full, ia3, lokr, lora, sparse
+from tuneforge.methods import bitfit, diff_pruning, freeze, full, ia3, lokr, lora, qlora, sparse
 from tuneforge.methods._inject import count_parameters, freeze_all
 from tuneforge.methods._scope import adapter_scope, set_active
 
 METHODS = {"full": full, "freeze": freeze, "bitfit": bitfit, "diff_pruning": diff_pruning, "sparse": sparse,
-           "lora": lora, "lokr": lokr, "ia3": ia3}
+           "lora": lora, "qlora": qlora, "lokr": lokr, "ia3": ia3}
 METHOD_CONFIGS = {name: mod.Config for name, mod in METHODS.items()}
-PEFT_TYPES = {mod.PEFT_TYPE: name for name, mod in METHODS.items() if hasattr(mod, "PEFT_TYPE")}
+PEFT_TYPES: dict[str, str] = {}  # PEFT's type -> our method; the first listed wins (LORA -> lora, not qlora)
+for _name, _mod in METHODS.items():
+    if hasattr(_mod, "PEFT_TYPE"):
+        PEFT_TYPES.setdefault(_mod.PEFT_TYPE, _name)
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 

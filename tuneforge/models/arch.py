@@ -60,7 +60,7 @@ def output_head_names(model: nn.Module) -> list[str]:
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every ``nn.Linear`` and ``Conv1D`` by dotted name, excluding the output head.
+    """Every ``nn.Linear``, ``Conv1D`` and quantised linear by dotted name, excluding the output head.
 
     A layer a tuneforge method has already wrapped (``is_adapter_layer``) stands for the linear it wraps, so a second
     adapter targets the same names as the first."""
@@ -73,7 +73,7 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
         if getattr(module, "is_adapter_layer", False):
             wrapped.append(name)
             out[name] = module
-        elif isinstance(module, nn.Linear) or is_conv1d(module):
+        elif isinstance(module, nn.Linear) or is_conv1d(module) or getattr(module, "is_quant_linear", False):
             out[name] = module
     return out
 
