@@ -64,6 +64,10 @@ class TrainConfig(Strict):
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = Field(1e-8, gt=0)
+    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw8bit = moments stored blockwise "
+                                                                          "in 8 bits (Dettmers et al. 2022)")
+    optimizer_offload: bool = Field(False, description="keep optimizer moments in CPU RAM (adamw8bit)")
+    paged_optimizer: bool = Field(False, description="CUDA unified-memory optimizer state; refused on CPU")
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
@@ -83,6 +87,18 @@ class TrainConfig(Strict):
     tensorboard: bool = True
     deterministic: bool = False
     num_threads: int = Field(0, ge=0, description="torch threads; 0 = torch default")
+
+    @model_validator(mode="after")
+    def _optimizer_options(self):
+        if (self.optimizer_offload or self.paged_optimizer) and self.optimizer != "adamw8bit":
+            raise ValueError("optimizer_offload and paged_optimizer need optimizer: adamw8bit")
+        if self.paged_optimizer:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("paged_optimizer needs CUDA (state in CUDA unified memory, paged to RAM under "
+                                 "pressure); on this machine use optimizer_offload: true instead")
+        return self
 
 
 MethodConfig = Annotated[Union[tuple(METHOD_CONFIGS.values())], Field(discriminator="name")]  # type: ignore[misc]

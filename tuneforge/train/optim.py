@@ -35,11 +35,23 @@ def warmup_steps(tcfg, total: int) -> int:
 
 
 def make_optimizer(params: dict[str, nn.Parameter], tcfg) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters, decay only on matrices."""
+    """AdamW (or 8-bit-state AdamW) over the trainable parameters, decay only on matrices.
+
+    ``adamw8bit`` and ``optimizer_offload`` are the optimizer-memory levers the QLoRA paper pairs with NF4 weights:
+    the moments shrink from 8 to ~2 bytes per trainable parameter, or move to CPU RAM.
+    """
     decay = [p for p in params.values() if p.ndim >= 2]
     no_decay = [p for p in params.values() if p.ndim < 2]
     groups = [g for g in ({"params": decay, "weight_decay": tcfg.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    offload, paged = getattr(tcfg, "optimizer_offload", False), getattr(tcfg, "paged_optimizer", False)
+    if getattr(tcfg, "optimizer", "adamw") == "adamw8bit" or offload or paged:
+        from tuneforge.train.adam8bit import AdamW8bit
+
+        if getattr(tcfg, "optimizer", "adamw") != "adamw8bit":
+            raise ValueError("train.optimizer_offload / train.paged_optimizer need train.optimizer: adamw8bit")
+        return AdamW8bit(groups, lr=tcfg.learning_rate, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps,
+                         offload=offload, paged=paged)
     all_cpu = all(p.device.type == "cpu" for p in params.values())
     return torch.optim.AdamW(groups, lr=tcfg.learning_rate, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps,
                              foreach=not all_cpu or None)
