@@ -8,7 +8,7 @@ from conftest import base_config
 from tuneforge.config import RunConfig
 from tuneforge.methods import (METHODS, apply_methods, finalize_methods, load_adapter, merge_methods,
                                method_state_dict, save_adapter)
-from tuneforge.methods import adapter_scope, count_parameters, diff_pruning, sparse
+from tuneforge.methods import adapter_scope, count_parameters, sparse
 from tuneforge.methods._inject import trainable_parameters
 from tuneforge.models import arch
 from tuneforge.models.tiny import build_tiny

@@ -7,7 +7,7 @@ import torch
 from conftest import base_config
 
 from tuneforge.config import RunConfig
-from tuneforge.methods import (METHODS, adapter_scope, apply_methods, finalize_methods, load_adapter, merge_methods,
+from tuneforge.methods import (METHODS, adapter_scope, apply_methods, load_adapter, merge_methods,
                                prepare_methods, regularizer, save_adapter)
 from tuneforge.methods import diff_pruning as dp
 from tuneforge.methods import sparse

@@ -17,7 +17,6 @@ from tuneforge.methods._scope import PerExample
 
 
 class DeltaLayer(LinearWrapper):
-    frozen_base_castable = False  # merged updates are added to the base weight in fp32
 
     def adapter_names(self) -> list[str]:  # pragma: no cover - each subclass lists its adapters
         raise NotImplementedError
@@ -26,21 +25,25 @@ class DeltaLayer(LinearWrapper):
         """ΔW for adapter ``name`` as (out, in)."""
         raise NotImplementedError
 
+    def forward_delta(self, name: str) -> torch.Tensor:
+        """ΔW as used in a training/eval forward (LoKr adds rank dropout here); ``delta`` is what merges."""
+        return self.delta(name)
+
+    def skip(self, name: str) -> bool:
+        """Leave adapter ``name`` out of this forward (LoKr's module dropout)."""
+        return False
+
     def _activate(self, name: str) -> None:
         self.active = tuple(self.active) + (name,) if not isinstance(self.active, PerExample) else self.active
 
+    def _delta_out(self, name: str, x: torch.Tensor, _out: torch.Tensor) -> torch.Tensor | None:
+        if self.skip(name):
+            return None
+        d = self.forward_delta(name)
+        return F.linear(x.to(d.dtype), d)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_forward(x)
-        groups = self.batch_groups(x)
-        self.check_not_merged(groups)
-        for name, rows in groups:
-            if name in self.merged:
-                continue
-            d = self.delta(name)
-            xi = x if rows is None else x.index_select(0, rows)
-            y = F.linear(xi.to(d.dtype), d).to(out.dtype)
-            out = out + y if rows is None else out.index_add(0, rows, y)
-        return out
+        return self.add_adapters(x, self.base_forward(x), self._delta_out)
 
     @torch.no_grad()
     def _fold(self, name: str, sign: float) -> None:

@@ -101,6 +101,20 @@ class LinearWrapper(AdapterLayer):
             return orig
         return self.base_layer
 
+    def add_adapters(self, x: torch.Tensor, out: torch.Tensor, compute) -> torch.Tensor:
+        """Add ``compute(name, x_rows, out_rows)`` for each active, unmerged adapter to the rows that use it (all
+        rows, or one group per adapter in a per-example batch); ``compute`` may return None to add nothing."""
+        groups = self.batch_groups(x)
+        self.check_not_merged(groups)
+        for name, rows in groups:
+            if name in self.merged:
+                continue
+            xi, oi = (x, out) if rows is None else (x.index_select(0, rows), out.index_select(0, rows))
+            d = compute(name, xi, oi)
+            if d is not None:
+                out = out + d.to(out.dtype) if rows is None else out.index_add(0, rows, d.to(out.dtype))
+        return out
+
     def check_not_merged(self, groups) -> None:
         if self.merged and [n for n, rows in groups if rows is None] != self.merged:
             raise RuntimeError(f"{type(self).__name__} adapter(s) {self.merged} are merged into the weights; "
@@ -133,6 +147,17 @@ def _outermost_of(module: nn.Module, cls: type):
             return module
         module = getattr(module, "base_layer", None) if isinstance(module, LinearWrapper) else None
     return None
+
+
+def merge_layers(model: nn.Module, cls: type, adapter: str) -> None:
+    for layer in wrapped_layers(model, cls).values():
+        if adapter in layer.adapter_names():
+            layer.merge(adapter)
+
+
+def unmerge_layers(model: nn.Module, cls: type, adapter: str) -> None:
+    for layer in wrapped_layers(model, cls).values():
+        layer.unmerge(adapter)
 
 
 def unload_layers(model: nn.Module, cls: type) -> None:

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from tuneforge.methods._delta import DeltaLayer
-from tuneforge.methods._linear import unload_layers, wrap_targets, wrapped_layers
+from tuneforge.methods._linear import merge_layers, unload_layers, wrap_targets, wrapped_layers
 from tuneforge.models import arch
 
 BETA, LEFT, RIGHT = 1.0, -1.5, 1.5
@@ -153,9 +153,7 @@ def finalize(model: nn.Module, cfg: Config, adapter: str = "default") -> None:
 
 
 def merge(model: nn.Module, adapter: str = "default") -> None:
-    for layer in dp_layers(model).values():
-        if adapter in layer.adapter_names():
-            layer.merge(adapter)
+    merge_layers(model, DiffPruningLayer, adapter)
 
 
 def unload(model: nn.Module) -> None:

@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from tuneforge.methods._inject import find_targets
-from tuneforge.methods._linear import LinearWrapper, unload_layers, wrap_targets, wrapped_layers
+from tuneforge.methods._linear import (LinearWrapper, merge_layers, unload_layers, unmerge_layers, wrap_targets,
+                                       wrapped_layers)
 from tuneforge.methods._scope import PerExample
 
 PEFT_TYPE = "IA3"
@@ -151,14 +152,11 @@ def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> None:
 
 
 def merge(model: nn.Module, adapter: str = "default") -> None:
-    for layer in ia3_layers(model).values():
-        if adapter in layer.adapter_names():
-            layer.merge(adapter)
+    merge_layers(model, IA3Layer, adapter)
 
 
 def unmerge(model: nn.Module, adapter: str = "default") -> None:
-    for layer in ia3_layers(model).values():
-        layer.unmerge(adapter)
+    unmerge_layers(model, IA3Layer, adapter)
 
 
 def unload(model: nn.Module) -> None:

@@ -19,11 +19,11 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from tuneforge.methods._linear import LinearWrapper, unload_layers, wrap_targets, wrapped_layers
+from tuneforge.methods._delta import DeltaLayer
+from tuneforge.methods._linear import merge_layers, unload_layers, unmerge_layers, wrap_targets, wrapped_layers
 from tuneforge.methods._scope import PerExample
 from tuneforge.models import arch
 
@@ -55,7 +55,7 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
     return m, dim // m
 
 
-class LoKrLayer(LinearWrapper):
+class LoKrLayer(DeltaLayer):
     def __init__(self, base: nn.Module):
         super().__init__(base)
         for name in FACTORS:
@@ -94,43 +94,23 @@ class LoKrLayer(LinearWrapper):
     def parameters_of(self, name: str) -> list[nn.Parameter]:
         return [getattr(self, f)[name] for f in FACTORS if name in getattr(self, f)]
 
-    def delta_weight(self, name: str) -> torch.Tensor:
+    def delta(self, name: str) -> torch.Tensor:
         """alpha/r · W1 ⊗ W2 as (out, in)."""
         w1 = self.lokr_w1[name] if name in self.lokr_w1 else self.lokr_w1_a[name] @ self.lokr_w1_b[name]
         w2 = self.lokr_w2[name] if name in self.lokr_w2 else self.lokr_w2_a[name] @ self.lokr_w2_b[name]
         return torch.kron(w1, w2) * self.scaling[name]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_forward(x)
-        groups = self.batch_groups(x)
-        self.check_not_merged(groups)
-        for name, rows in groups:
-            rank_p, rescale, module_p = self.dropouts[name]
-            if name in self.merged or (self.training and module_p and float(torch.rand(())) < module_p):
-                continue
-            delta = self.delta_weight(name)
-            if self.training and rank_p:
-                keep = (torch.rand(delta.shape[0], device=delta.device) > rank_p).to(delta.dtype)
-                delta = delta * (keep / keep.mean().clamp_min(1e-8) if rescale else keep)[:, None]
-            xi = x if rows is None else x.index_select(0, rows)
-            d = F.linear(xi.to(delta.dtype), delta).to(out.dtype)
-            out = out + d if rows is None else out.index_add(0, rows, d)
-        return out
+    def forward_delta(self, name: str) -> torch.Tensor:
+        delta = self.delta(name)
+        rank_p, rescale, _ = self.dropouts[name]
+        if self.training and rank_p:  # drop whole rows of ΔW, optionally rescaling the kept ones
+            keep = (torch.rand(delta.shape[0], device=delta.device) > rank_p).to(delta.dtype)
+            delta = delta * (keep / keep.mean().clamp_min(1e-8) if rescale else keep)[:, None]
+        return delta
 
-    @torch.no_grad()
-    def _fold(self, name: str, sign: float) -> None:
-        w, delta = self.base_weight(), self.delta_weight(name) * sign
-        w.add_((delta.t() if self.fan_in_fan_out else delta).to(w.dtype))
-
-    def merge(self, name: str) -> None:
-        if name not in self.merged:
-            self._fold(name, 1.0)
-            self.merged.append(name)
-
-    def unmerge(self, name: str) -> None:
-        if name in self.merged:
-            self._fold(name, -1.0)
-            self.merged.remove(name)
+    def skip(self, name: str) -> bool:
+        module_p = self.dropouts[name][2]
+        return bool(self.training and module_p and float(torch.rand(())) < module_p)
 
 
 def lokr_layers(model: nn.Module) -> dict[str, LoKrLayer]:
@@ -148,14 +128,11 @@ def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> None:
 
 
 def merge(model: nn.Module, adapter: str = "default") -> None:
-    for layer in lokr_layers(model).values():
-        if adapter in layer.adapter_names():
-            layer.merge(adapter)
+    merge_layers(model, LoKrLayer, adapter)
 
 
 def unmerge(model: nn.Module, adapter: str = "default") -> None:
-    for layer in lokr_layers(model).values():
-        layer.unmerge(adapter)
+    unmerge_layers(model, LoKrLayer, adapter)
 
 
 def unload(model: nn.Module) -> None:

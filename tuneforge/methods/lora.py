@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from tuneforge.methods._linear import LinearWrapper, unload_layers, wrap_targets, wrapped_layers
+from tuneforge.methods._linear import (LinearWrapper, merge_layers, unload_layers, unmerge_layers, wrap_targets,
+                                       wrapped_layers)
 from tuneforge.methods._scope import PerExample
 from tuneforge.models import arch
 
@@ -94,16 +95,7 @@ class LoraLayer(LinearWrapper):
         return torch.linalg.vector_norm(w + self.delta_weight(name).detach(), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_forward(x)
-        groups = self.batch_groups(x)
-        self.check_not_merged(groups)
-        for name, rows in groups:
-            if name in self.merged:
-                continue
-            xi = x if rows is None else x.index_select(0, rows)
-            d = self._adapter_out(name, xi, out if rows is None else out.index_select(0, rows))
-            out = out + d.to(out.dtype) if rows is None else out.index_add(0, rows, d.to(out.dtype))
-        return out
+        return self.add_adapters(x, self.base_forward(x), self._adapter_out)
 
     def _adapter_out(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         a, b, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
@@ -176,14 +168,11 @@ def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> None:
 
 
 def merge(model: nn.Module, adapter: str = "default") -> None:
-    for layer in lora_layers(model).values():
-        if adapter in layer.adapter_names():
-            layer.merge(adapter)
+    merge_layers(model, LoraLayer, adapter)
 
 
 def unmerge(model: nn.Module, adapter: str = "default") -> None:
-    for layer in lora_layers(model).values():
-        layer.unmerge(adapter)
+    unmerge_layers(model, LoraLayer, adapter)
 
 
 def unload(model: nn.Module) -> None:

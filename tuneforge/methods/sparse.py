@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from tuneforge.methods._delta import DeltaLayer
-from tuneforge.methods._linear import unload_layers, wrap_targets, wrapped_layers
+from tuneforge.methods._linear import merge_layers, unload_layers, wrap_targets, wrapped_layers
 from tuneforge.models import arch
 
 STATE_SUFFIXES = (".sp_index", ".sp_values")
@@ -134,9 +134,7 @@ def prepare(model: nn.Module, cfg: Config, losses: Iterable[torch.Tensor], adapt
 
 
 def merge(model: nn.Module, adapter: str = "default") -> None:
-    for layer in sparse_layers(model).values():
-        if adapter in layer.adapter_names():
-            layer.merge(adapter)
+    merge_layers(model, SparseLayer, adapter)
 
 
 def unload(model: nn.Module) -> None:
