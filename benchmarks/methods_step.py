@@ -20,7 +20,6 @@ import contextlib
 import fcntl
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile

@@ -3,7 +3,6 @@ frozen weights kept in bf16 give the same results as autocast casting them on th
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import tuneforge.algorithms._head_logps as H
 import tuneforge.algorithms._logps as L
