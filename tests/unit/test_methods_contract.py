@@ -102,9 +102,10 @@ def test_save_load_round_trip(tmp_path, key):
     assert torch.equal(fresh.eval()(_ids()).logits, ours)
 
 
+@pytest.mark.parametrize("preset", ["llama", "gpt2", "gpt_neox"])
 @pytest.mark.parametrize("key", ADAPTERS)
-def test_merge_equals_unmerged(key):
-    model, _ = build_tiny("llama")
+def test_merge_equals_unmerged(key, preset):
+    model, _ = build_tiny(preset)
     cfg = cfg_of(key)
     apply_methods(model, [cfg])
     _perturb(model)
@@ -114,6 +115,8 @@ def test_merge_equals_unmerged(key):
     merge_methods(model, [cfg])
     assert not any(getattr(m, "is_adapter_layer", False) for m in model.modules())
     assert torch.allclose(model(_ids()).logits, before, atol=1e-5)
+    assert {n: p.shape for n, p in model.state_dict().items()}.keys() >= {
+        n for n in build_tiny(preset)[0].state_dict()}  # a plain model of the same architecture again
 
 
 @pytest.mark.parametrize("key", ["lora", "dora", "lokr", "ia3", "sparse", "diff_pruning", "qlora"])
