@@ -181,6 +181,27 @@ def _show_sample(path: str, tok, fmt: str = "auto", max_len: int = 512) -> None:
     print(f"first usable row ({path}:{ds.rows[0]['line']}):\n{render_sample(ds.rows[0], tok)}")
 
 
+def cmd_estimate(a) -> int:
+    from tuneforge import estimate as est
+
+    try:
+        if a.mode == "can-it-run-llm":
+            print(est.format_can_it_run(est.can_it_run_llm(a.model, lora_pct=a.lora_pct)))
+            p = est.resolve_model(a.model)
+            n = p if isinstance(p, int) else est.param_counts(p)["total"]
+            print(f"serving rule M = P x 4 B / (32/{a.bits}) x 1.2 = {est.serving_rule_gb(n, a.bits):.2f} GB "
+                  f"(decimal, all {n:,} parameters)")
+            return 0
+        targets = [t for t in a.targets.split(",") if t] if a.targets else None
+        e = est.estimate(a.model, method=a.method, bits=a.bits, batch=a.batch, seq=a.seq, optimizer=a.optimizer,
+                         rank=a.rank, targets=targets, top_k=a.top_k, device=a.device)
+    except est.EstimateError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(e.to_dict()) if a.json else est.format_estimate(e))
+    return 0
+
+
 def cmd_demo(a) -> int:
     from tuneforge.demo import run_demo
 
@@ -242,6 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", default="runs/demo")
     dm.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
     dm.set_defaults(fn=cmd_demo)
+    es = sub.add_parser("estimate", help="memory to serve or fine-tune a model (no weights loaded)")
+    es.add_argument("--model", required=True, help="model directory (config.json), preset (llama-3-8b, tiny:llama, "
+                    "...) or parameter count (7b, 70e9)")
+    es.add_argument("--method", default="full", help="none, full, freeze, lora, qlora, ia3, bitfit")
+    es.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    es.add_argument("--targets", help="LoRA targets, comma-separated (default: every block projection)")
+    es.add_argument("--top-k", type=int, default=1, help="freeze: train the top k blocks")
+    es.add_argument("--bits", type=int, default=16, choices=[32, 16, 8, 4])
+    es.add_argument("--batch", type=int, default=1)
+    es.add_argument("--seq", type=int, default=512)
+    es.add_argument("--optimizer", default="adamw", help="adamw, adamw8bit, sgd")
+    es.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="sizes the optimizer's temporaries")
+    es.add_argument("--mode", default="detailed", choices=["detailed", "can-it-run-llm"])
+    es.add_argument("--lora-pct", type=float, default=2.0, help="can-it-run-llm: %% of parameters LoRA trains")
+    es.add_argument("--json", action="store_true", help="print the breakdown (bytes) as JSON")
+    es.set_defaults(fn=cmd_estimate)
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     dc = dsub.add_parser("check", help="validate every row of a data file; writes nothing but --report")
