@@ -22,14 +22,15 @@ from tuneforge.demo import QUICK, DemoPlan, finetune, pretrain
 # method name -> (method config, learning rate)
 METHODS = {
     "full": ({"name": "full"}, 1e-3),
-    "freeze (top 2 blocks)": ({"name": "freeze", "top_k": 2}, 1e-3),
-    "bitfit (added biases)": ({"name": "bitfit", "add_bias": True}, 1e-2),
+    "freeze (top 2 blocks)": ({"name": "freeze", "top_k": 2}, 3e-3),
+    "bitfit (added biases)": ({"name": "bitfit", "add_bias": True}, 3e-2),
     "diff_pruning (5%)": ({"name": "diff_pruning", "density": 0.05, "l0_coef": 0.1}, 2e-3),
-    "sparse (FISH, 5%)": ({"name": "sparse", "density": 0.05, "selection": "gradient"}, 2e-3),
+    "sparse (FISH 5%)": ({"name": "sparse", "density": 0.05, "selection": "gradient"}, 2e-3),
     "lora r8": ({"name": "lora", "rank": 8, "alpha": 16}, 2e-3),
     "dora r8": ({"name": "lora", "rank": 8, "alpha": 16, "dora": True}, 2e-3),
     "lokr r8": ({"name": "lokr", "rank": 8, "alpha": 16}, 2e-3),
     "ia3": ({"name": "ia3"}, 3e-2),
+    "qlora r8 (nf4)": ({"name": "qlora", "rank": 8, "alpha": 16}, 2e-3),
 }
 
 
