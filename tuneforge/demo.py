@@ -44,6 +44,22 @@ class DemoPlan:
     eval_rows: int = 200
 
 
+# Per-method set-ups for the demo task (label -> method config, learning rate), used by
+# benchmarks/method_learning.py and the e2e learning test. The rates come from a small sweep on this task: methods
+# with few parameters that scale or shift activations (IA3, BitFit) need much larger steps than LoRA.
+LEARNING_SETUPS: dict[str, tuple[dict, float]] = {
+    "full": ({"name": "full"}, 1e-3),
+    "freeze (top 2 blocks)": ({"name": "freeze", "top_k": 2}, 1e-2),
+    "bitfit (added biases)": ({"name": "bitfit", "add_bias": True}, 1e-1),
+    "diff_pruning (5%)": ({"name": "diff_pruning", "density": 0.05, "init_log_alpha": 1.0}, 5e-3),
+    "sparse (FISH 5%)": ({"name": "sparse", "density": 0.05, "selection": "gradient"}, 2e-3),
+    "lora r8": ({"name": "lora", "rank": 8, "alpha": 16}, 2e-3),
+    "dora r8": ({"name": "lora", "rank": 8, "alpha": 16, "dora": True}, 2e-3),
+    "qlora r8 (nf4)": ({"name": "qlora", "rank": 8, "alpha": 16}, 2e-3),
+    "lokr r8": ({"name": "lokr", "rank": 8, "alpha": 16}, 1e-2),
+    "ia3": ({"name": "ia3"}, 3e-1),
+}
+
 QUICK = DemoPlan(pretrain_rows=2000, pretrain_steps=20, pretrain_batch=32, lora_rows=256, lora_steps=20,
                  eval_rows=32)
 
