@@ -45,8 +45,23 @@ METHODS = {
     "diff_pruning": ([{"name": "diff_pruning", "density": 0.005}], None),
     "freeze": ([{"name": "freeze", "top_k": 2}], None),
     "full": ([{"name": "full"}], None),
-    "qlora": ([{"name": "qlora", "rank": RANK, "alpha": ALPHA, "target_modules": TARGETS}], None),
+    "qlora": ([{"name": "qlora", "rank": RANK, "alpha": ALPHA, "target_modules": TARGETS}],
+              lambda p: p.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(TARGETS))),
 }
+
+
+def bnb_nf4_model(workdir: str):
+    """The benchmark model loaded the way PEFT users run QLoRA: transformers + bitsandbytes NF4 with double
+    quantisation (the head stays in float, as in tuneforge)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = os.path.join(workdir, "bnb-base")
+    if not os.path.exists(path):
+        llama_model().save_pretrained(path)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["lm_head"])
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.float32, device_map="cpu")
 
 
 def child_tuneforge(a) -> dict:
@@ -77,7 +92,8 @@ def child_peft(a) -> dict:
     import torch
 
     torch.manual_seed(SEED)
-    model = peft.get_peft_model(llama_model(), METHODS[a.method][1](peft))
+    base = bnb_nf4_model(a.workdir) if a.method == "qlora" else llama_model()
+    model = peft.get_peft_model(base, METHODS[a.method][1](peft))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     model.train()
