@@ -1,0 +1,76 @@
+"""GRPO: group relative policy optimisation (Shao et al. 2024, DeepSeekMath, https://arxiv.org/abs/2402.03300,
+eqs. 3–4): PPO without a value model. For each prompt, G responses are sampled and each one's advantage is its
+reward relative to the group,
+
+    Â_i = (r_i − mean(r)) / (std(r) + ε)          (``scale_rewards=False``: r_i − mean(r), as in Dr. GRPO)
+
+and every token of response i is trained with the clipped surrogate plus a KL penalty to the reference policy,
+
+    L = −(1/|o_i|) Σ_t [min(ρ_t Â_i, clip(ρ_t, 1−ε, 1+ε) Â_i) − β D_KL],     ρ_t = π(o_t)/π_old(o_t),
+
+with the unbiased, always-positive k3 estimator D_KL = π_ref/π − log(π_ref/π) − 1 (Schulman 2020,
+http://joschu.net/blog/kl-approx.html). Loss normalisation is a local dict of variants:
+
+* ``grpo``: mean over each response's tokens, then over responses (the paper's eq. 3);
+* ``dr_grpo`` (Liu et al. 2025, "Understanding R1-Zero-Like Training", https://arxiv.org/abs/2503.20783): sum over
+  tokens divided by a constant (the maximum completion length), removing the per-response length bias that makes
+  long wrong answers cheap, and (with ``scale_rewards=False``) the std division that overweights easy prompts.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool = True, eps: float = 1e-4
+                     ) -> torch.Tensor:
+    """(B,) rewards laid out as consecutive groups of ``group_size`` -> (B,) advantages. Equal rewards -> 0."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    g = rewards.view(-1, group_size)
+    adv = g - g.mean(dim=1, keepdim=True)
+    if scale_rewards:
+        adv = adv / (g.std(dim=1, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(π || π_ref): exp(ref − logp) − (ref − logp) − 1 (≥ 0, zero when equal)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def _grpo_norm(per_token: torch.Tensor, mask: torch.Tensor, max_len: int) -> torch.Tensor:
+    return ((per_token * mask).sum(1) / mask.sum(1).clamp_min(1)).mean()
+
+
+def _dr_grpo_norm(per_token: torch.Tensor, mask: torch.Tensor, max_len: int) -> torch.Tensor:
+    return (per_token * mask).sum() / (per_token.shape[0] * max_len)
+
+
+NORMALISERS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
+    "grpo": _grpo_norm, "dr_grpo": _dr_grpo_norm}
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
+              mask: torch.Tensor, clip_eps: float = 0.2, beta: float = 0.04, loss_type: str = "grpo",
+              max_len: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Token log-probs (B, T) of the current, sampling-time and reference policies; advantages (B,); mask (B, T)."""
+    if loss_type not in NORMALISERS:
+        raise ValueError(f"unknown GRPO loss_type {loss_type!r}; choose from {sorted(NORMALISERS)}")
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    per_token = -surrogate
+    stats = {}
+    if ref_logp is not None and beta:
+        kl = k3_kl(logp, ref_logp)
+        per_token = per_token + beta * kl
+        stats["kl"] = ((kl * mask).sum() / mask.sum().clamp_min(1)).detach()
+    m = mask.to(per_token.dtype)
+    loss = NORMALISERS[loss_type](per_token, m, max_len or mask.shape[1])
+    clipped = ((ratio - 1).abs() > clip_eps).to(m.dtype)
+    stats["clip_fraction"] = ((clipped * m).sum() / m.sum().clamp_min(1)).detach()
+    return loss, stats
