@@ -21,7 +21,7 @@ import yaml
 from tuneforge import __version__
 from tuneforge.algorithms import ALGORITHMS
 from tuneforge.config import ConfigError, RunConfig
-from tuneforge.data import build_dataset, collate, collate_packed, pack_rows
+from tuneforge.data import build_dataset, collate, collate_packed, collate_preference, pack_rows
 from tuneforge.eval.metrics import eval_loss
 from tuneforge.methods import (apply_methods, count_parameters, finalize_methods, has_regularizer, prepare_methods,
                                regularizer, save_adapter)
@@ -85,14 +85,20 @@ def _datasets(cfg: RunConfig, tok):
     d = cfg.data
     kw = dict(format=d.format, max_len=d.max_len, truncation=d.truncation, skip_bad_rows=d.skip_bad_rows)
     train_ds = build_dataset(d.train, tok, **kw)
+    wanted = ALGORITHMS[cfg.algorithm.name].DATA_FORMATS
+    if train_ds.report.format not in wanted:
+        raise ConfigError([("data.train", f"{d.train} has {train_ds.report.format!r} rows, but algorithm "
+                                          f"{cfg.algorithm.name!r} trains on {' / '.join(wanted)} rows")], "config")
     eval_ds = build_dataset(d.eval, tok, **kw) if d.eval else None
     if eval_ds is None and d.eval_fraction > 0:
         train_ds, eval_ds = train_ds.split(d.eval_fraction, seed=cfg.train.seed)
     return train_ds, eval_ds
 
 
-def _collate_fn(cfg: RunConfig, tok):
+def _collate_fn(cfg: RunConfig, tok, fmt: str | None = None):
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if fmt == "preference":
+        return lambda rows: collate_preference(rows, pad)
     if cfg.data.packing:
         return lambda bins: collate_packed(bins, pad)
     return lambda rows: collate(rows, pad)
@@ -115,7 +121,7 @@ def train(cfg: RunConfig, resume: str | None = None, allow_config_change: bool =
     model, tok = load_model(cfg.model)
     apply_methods(model, cfg.method)
     model.to(d.device)
-    coll = _collate_fn(cfg, tok)
+    coll = _collate_fn(cfg, tok, train_ds.report.format)
     data = PackedView(train_ds, cfg.data.max_len) if cfg.data.packing else train_ds
     prepare_methods(model, cfg.method, lambda: _calibration_losses(model, cfg, data, coll, d.device))
     adapters_only = not any(m.name in WHOLE_MODEL_METHODS for m in cfg.method)
@@ -140,6 +146,9 @@ def train(cfg: RunConfig, resume: str | None = None, allow_config_change: bool =
     loop = Loop(model, ALGORITHMS[cfg.algorithm.name], cfg.algorithm, data, cfg.train, out, coll, dist=d,
                 eval_fn=eval_fn if has_eval else None, meta={"config_hash": cfg.hash(), "config": cfg.trajectory(), "tuneforge": __version__},
                 hooks=hooks, regularizer=(lambda m: regularizer(m, cfg.method)) if has_regularizer(cfg.method) else None)
+    algo = ALGORITHMS[cfg.algorithm.name]
+    if hasattr(algo, "prepare"):  # before resume loads trained weights: DPO's reference is the starting model
+        algo.prepare(model, cfg.algorithm, loop.algo_state)
     result = loop.run(resume_path, allow_config_change)
     finalize_methods(model, cfg.method)
     saved = _save_final(model, tok, cfg, out) if d.main else None
@@ -155,6 +164,7 @@ def _calibration_losses(model, cfg: RunConfig, data, coll, device):
     from tuneforge.train.loop import StepContext
 
     algo, bs = ALGORITHMS[cfg.algorithm.name], cfg.train.batch_size
+    state: dict = {}  # one algorithm state for the whole pass (DPO builds its reference once)
     model.eval()  # no dropout: the selection must not depend on the noise
     try:
         for start in range(0, len(data), bs):
@@ -162,7 +172,7 @@ def _calibration_losses(model, cfg: RunConfig, data, coll, device):
             batch = {k: v.to(device) for k, v in coll([data[i] for i in rows]).items()}
             weight = getattr(algo, "row_weight", None)
             norm = float(sum(weight(data, i) for i in rows)) if weight else float(len(rows))
-            yield algo.step(model, batch, cfg.algorithm, StepContext(normaliser=norm, step=0))[0]
+            yield algo.step(model, batch, cfg.algorithm, StepContext(normaliser=norm, step=0, algo_state=state))[0]
     finally:
         model.train()
 

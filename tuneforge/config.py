@@ -45,7 +45,7 @@ class ModelConfig(Strict):
 class DataConfig(Strict):
     train: str = Field(description="JSONL, CSV or Parquet file of training rows")
     eval: str | None = None
-    format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
+    format: Literal["auto", "text", "prompt_completion", "messages", "preference"] = "auto"
     max_len: int = Field(512, gt=0)
     truncation: Literal["right", "left", "drop", "error"] = "right"
     packing: bool = False

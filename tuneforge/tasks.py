@@ -99,6 +99,32 @@ def make_examples(task: str, n: int, seed: int, **kw) -> list[dict]:
     return rows
 
 
+def _plausible_wrong(task: str, prompt: str, answer: str, rng: random.Random) -> str:
+    """A wrong answer a model is likely to give: the input unchanged for reverse/sort (what copying produces), an
+    off-by-one-digit number for arithmetic, otherwise one character changed."""
+    if task in ("reverse", "sort"):
+        return prompt.split(" ", 1)[1].rstrip(":")
+    if answer.lstrip("-").isdigit():
+        return str(int(answer) + rng.choice([-10, -1, 1, 10]))
+    i = rng.randrange(len(answer))
+    return answer[:i] + rng.choice([c for c in LETTERS if c != answer[i]]) + answer[i + 1:]
+
+
+def preference_pairs(task: str, n: int, seed: int, **kw) -> list[dict]:
+    """``n`` rows ``{"prompt", "chosen", "rejected"}``: the exact answer against a plausible wrong one (for reward
+    modelling and DPO on a rule whose ground truth is known). Problems whose wrong answer happens to be right (a
+    palindrome under reverse) are skipped, so every pair carries a preference."""
+    spec = _task(task)
+    rng = random.Random(f"tuneforge:pairs:{task}:{seed}")
+    rows: list[dict] = []
+    while len(rows) < n:
+        prompt, answer = spec.make(rng, **kw)
+        wrong = _plausible_wrong(task, prompt, answer, rng)
+        if wrong != answer:
+            rows.append({"prompt": prompt, "chosen": answer, "rejected": wrong})
+    return rows
+
+
 def exact_match(prediction: str, answer: str) -> bool:
     """Whether a generated continuation gives the answer.
 

@@ -1,11 +1,12 @@
 """Algorithms: what the training signal is. One module per algorithm, registered in ``ALGORITHMS``.
 
-Each provides ``Config`` (pydantic, ``name`` literal), pure loss functions, ``row_weight(dataset, i)`` (how much a row
+Each provides ``Config`` (pydantic, ``name`` literal), ``DATA_FORMATS`` (the row formats it trains on), pure loss
+functions, ``row_weight(dataset, i)`` (how much a row
 weighs in the step's normaliser) and ``step(model, batch, cfg, ctx) -> (loss, metrics)``. The training loop calls
 ``step`` per micro-batch; it knows nothing about any particular algorithm.
 """
 
-from tuneforge.algorithms import sft
+from tuneforge.algorithms import dpo, sft
 
-ALGORITHMS = {"sft": sft}
+ALGORITHMS = {"sft": sft, "dpo": dpo}
 ALGORITHM_CONFIGS = {name: mod.Config for name, mod in ALGORITHMS.items()}

@@ -82,3 +82,11 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of supervised token log-probs per row -> (B,)."""
     return token_logps(logits, labels).sum(-1)
+
+
+def sequence_logps_from_model(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed supervised-token log-probs per row (B,) and the supervised token count per row (B,), through the
+    same chunked head as SFT (no (B, T, V) logits are kept)."""
+    logps, keep = supervised_token_logps(model, batch)  # (N,), (B, T-1)
+    per_row = torch.zeros(keep.shape, dtype=logps.dtype, device=logps.device).masked_scatter(keep, logps)
+    return per_row.sum(1), keep.sum(1)

@@ -12,16 +12,37 @@ response has the higher implicit reward. Variants, a dict of loss functions belo
   does not push Δ to infinity on deterministic preferences. The log-ratios are averaged per response token, as the
   IPO authors' reported results use (and as TRL does), so β means the same for short and long responses.
 
-This module holds the pure loss; the training step (one concatenated chosen+rejected forward, the reference model as
-the base with adapters disabled) builds on it.
+The training step scores chosen and rejected responses in one concatenated forward (``collate_preference``). The
+reference model π_ref is, with ``reference: auto``: the same model with its adapters switched off when every trainable
+parameter lives in an adapter (LoRA, IA3, LoKr, ...: no second copy of the weights), otherwise a frozen copy taken
+before training (full fine-tuning, freeze, BitFit). Its log-probs are computed in eval mode (no dropout), so the
+reference is a fixed function as the derivation assumes.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import copy
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from tuneforge.algorithms._logps import sequence_logps_from_model
+from tuneforge.methods._scope import adapter_layers, adapter_scope
+
+
+DATA_FORMATS = ("preference",)  # {"prompt", "chosen", "rejected"}
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0, description="strength of the implicit KL constraint to the reference")
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: assumed probability a label is flipped")
+    reference: Literal["auto", "adapters_off", "copy"] = Field(
+        "auto", description="adapters_off = the base under the adapters; copy = a frozen copy made before training")
 
 
 def _sigmoid(delta: torch.Tensor, beta: float, label_smoothing: float, **_) -> torch.Tensor:
@@ -57,3 +78,66 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     r_c, r_r = (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
     return losses, {"reward_chosen": r_c, "reward_rejected": r_r, "reward_margin": r_c - r_r,
                     "preference_accuracy": (r_c > r_r).float()}
+
+
+# ------------------------------------------------------------------------------------------------- training step
+def row_weight(dataset, i: int) -> int:
+    """Each preference pair counts once in the step's mean."""
+    return 1
+
+
+def adapters_cover_trainable(model) -> bool:
+    """True when switching adapters off leaves exactly the untouched base (every trainable tensor is an adapter's)."""
+    base_ids = set()
+    adapter_ids = set()
+    for layer in adapter_layers(model):
+        for name, p in layer.named_parameters():
+            leaf = name.split(".")[0]
+            (base_ids if leaf in ("weight", "bias", "base_layer") else adapter_ids).add(id(p))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return bool(trainable) and all(id(p) in adapter_ids - base_ids for p in trainable)
+
+
+def prepare(model, cfg: Config, state: dict) -> None:
+    """Decide the reference model before training (and before any resume loads trained weights)."""
+    mode = cfg.reference
+    if mode == "auto":
+        mode = "adapters_off" if adapters_cover_trainable(model) else "copy"
+    if mode == "adapters_off" and not adapters_cover_trainable(model):
+        raise ValueError("dpo.reference=adapters_off needs every trainable parameter to be an adapter's (lora, ia3, "
+                         "lokr, ...); this run trains base weights too — use reference: copy")
+    state["reference_mode"] = mode
+    if mode == "copy":
+        ref = copy.deepcopy(model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        state["reference_model"] = ref
+
+
+@torch.no_grad()
+def reference_logps(model, batch: dict, state: dict) -> torch.Tensor:
+    if state.get("reference_mode") == "copy":
+        return sequence_logps_from_model(state["reference_model"], batch)[0]
+    was_training = model.training
+    model.eval()
+    try:
+        with adapter_scope(model, None):
+            return sequence_logps_from_model(model, batch)[0]
+    finally:
+        model.train(was_training)
+
+
+def step(model, batch: dict, cfg: Config, ctx) -> tuple[torch.Tensor, dict]:
+    """One micro-batch of pairs: chosen rows first, rejected after (``collate_preference``)."""
+    if "reference_mode" not in ctx.algo_state:
+        prepare(model, cfg, ctx.algo_state)
+    logps, counts = sequence_logps_from_model(model, batch)  # (2B,), (2B,)
+    ref = reference_logps(model, batch, ctx.algo_state)
+    b = logps.shape[0] // 2
+    losses, stats = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=cfg.beta, loss_type=cfg.loss_type,
+                             label_smoothing=cfg.label_smoothing, chosen_tokens=counts[:b],
+                             rejected_tokens=counts[b:])
+    norm = max(ctx.normaliser, 1.0)
+    metrics = {k: float(v.sum()) / norm for k, v in stats.items()}
+    metrics["pairs"] = b
+    return losses.sum() / norm, metrics

@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict
 from tuneforge.algorithms._logps import token_cross_entropy_sum
 
 
+DATA_FORMATS = ("text", "prompt_completion", "messages")
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["sft"] = "sft"

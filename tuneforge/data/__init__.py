@@ -4,11 +4,11 @@ Public API::
 
     build_dataset(path, tokenizer, ...) -> TokenizedDataset   # raises DataError listing every problem
     check_file(path, tokenizer=None, ...) -> DataReport        # for `tuneforge data check`; rows never raise
-    collate(rows, pad_id) / pack_rows(rows, max_len) / collate_packed(bins, pad_id)
+    collate(rows, pad_id) / pack_rows(rows, max_len) / collate_packed(bins, pad_id) / collate_preference(rows, pad_id)
     read_rows(path) -> Iterator[dict]                          # well-formed raw rows, bad ones skipped
 """
 
-from tuneforge.data.collate import block_causal_mask, collate, collate_packed, pack_rows
+from tuneforge.data.collate import block_causal_mask, collate, collate_packed, collate_preference, pack_rows
 from tuneforge.data.dataset import TokenizedDataset, build_dataset, check_file
 from tuneforge.data.readers import read_rows
 from tuneforge.data.report import DataError, DataReport
@@ -24,6 +24,7 @@ __all__ = [
     "check_file",
     "collate",
     "collate_packed",
+    "collate_preference",
     "n_supervised",
     "pack_rows",
     "read_rows",

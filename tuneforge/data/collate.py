@@ -32,6 +32,14 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def collate_preference(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Preference rows -> one right-padded batch of 2B sequences, all chosen first then all rejected, so a single
+    forward scores both (DPO's concatenated forward) and ``[:B]`` / ``[B:]`` split them again."""
+    chosen = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+    rejected = [{"input_ids": r["rejected_input_ids"], "labels": r["rejected_labels"]} for r in rows]
+    return collate(chosen + rejected, pad_id)
+
+
 def pack_rows(rows: list[dict], max_len: int) -> list[list[dict]]:
     """Greedy, order-preserving (next-fit) bins whose total length is <= ``max_len``.
 

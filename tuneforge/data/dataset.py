@@ -200,17 +200,20 @@ def _tokenize_all(scan: _Scan, encoder: Encoder, max_len: int, truncation: str) 
     report, path = scan.report, encoder.path
     report.tokenized = True
     for row_id, line, payload in scan.good:
-        try:
-            ids, labels = encoder.encode(payload, line)
-        except RowError as e:
-            report.bad_rows.append((path, line, str(e)))
-            continue
-        row = _fit(scan, path, line, ids, labels, max_len, truncation)
+        if encoder.fmt == "preference":
+            row = _fit_pair(scan, path, line, encoder.encode_pair(payload), max_len, truncation)
+        else:
+            try:
+                ids, labels = encoder.encode(payload, line)
+            except RowError as e:
+                report.bad_rows.append((path, line, str(e)))
+                continue
+            row = _fit(scan, path, line, ids, labels, max_len, truncation)
         if row is not None:
             row["row_id"] = row_id
             scan.rows.append(row)
-            report.total_tokens += len(row["input_ids"])
-            report.supervised_tokens += n_supervised(row["labels"])
+            report.total_tokens += len(row["input_ids"]) + len(row.get("rejected_input_ids", ()))
+            report.supervised_tokens += n_supervised(row["labels"]) + n_supervised(row.get("rejected_labels", [0]))
     report.used_rows = len(scan.rows)
 
 
@@ -233,6 +236,24 @@ def _fit(scan: _Scan, path: str, line: int, ids: list[int], labels: list[int], m
     if cut:
         report.truncated += 1
     return {"input_ids": ids, "labels": labels, "line": line}
+
+
+def _fit_pair(scan: _Scan, path: str, line: int, pair, max_len: int, mode: str):
+    """Both sequences of a preference row under the length policy; if either is dropped (a prompt that leaves no
+    room for its response, with right truncation), the pair is dropped and counted once."""
+    (ids_c, lab_c), (ids_r, lab_r) = pair
+    before = (scan.report.exceeded, scan.report.truncated, dict(scan.report.dropped))
+    chosen = _fit(scan, path, line, ids_c, lab_c, max_len, mode)
+    rejected = _fit(scan, path, line, ids_r, lab_r, max_len, mode)
+    if chosen is None or rejected is None:
+        scan.report.exceeded, scan.report.truncated, scan.report.dropped = before
+        scan.report.exceeded += int(len(ids_c) > max_len or len(ids_r) > max_len)
+        if mode == "error":
+            return None  # _fit listed it in too_long
+        scan.report.drop(NO_SUPERVISED if mode in ("right", "left") else TOO_LONG_DROPPED)
+        return None
+    chosen.update(rejected_input_ids=rejected["input_ids"], rejected_labels=rejected["labels"])
+    return chosen
 
 
 # --- failure and warning policy -----------------------------------------------------------------------------------

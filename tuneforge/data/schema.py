@@ -12,7 +12,7 @@ from typing import Any
 
 from tuneforge.data.readers import json_type
 
-FORMATS = ("text", "prompt_completion", "messages")
+FORMATS = ("text", "prompt_completion", "messages", "preference")
 ROLES = ("system", "user", "assistant")
 
 
@@ -21,7 +21,9 @@ class RowError(ValueError):
 
 
 def detect_format(value: dict) -> str | None:
-    """``messages`` > ``prompt``+``completion`` > ``text``; None when the row has none of them."""
+    """``chosen``+``rejected`` > ``messages`` > ``prompt``+``completion`` > ``text``; None when none of them."""
+    if "chosen" in value and "rejected" in value:
+        return "preference"
     if "messages" in value:
         return "messages"
     if "prompt" in value and "completion" in value:
@@ -34,8 +36,8 @@ def detect_format(value: dict) -> str | None:
 def validate(value: dict, fmt: str) -> Any:
     """Return the row's payload for ``fmt`` or raise ``RowError``.
 
-    Payloads: ``text`` -> str; ``prompt_completion`` -> (prompt, completion); ``messages`` -> list of
-    ``{"role", "content"}`` dicts (other per-turn keys are dropped so rendering depends only on what we validated).
+    Payloads: ``text`` -> str; ``prompt_completion`` -> (prompt, completion); ``preference`` -> (prompt, chosen,
+    rejected); ``messages`` -> list of ``{"role", "content"}`` dicts (other per-turn keys are dropped so rendering depends only on what we validated).
     """
     if fmt == "text":
         return _string(value, "text", allow_empty=False)
@@ -44,7 +46,20 @@ def validate(value: dict, fmt: str) -> Any:
         return prompt, _string(value, "completion", allow_empty=False)
     if fmt == "messages":
         return _messages(value)
+    if fmt == "preference":
+        return _preference(value)
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _preference(value: dict) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected): two non-empty responses that differ (identical ones carry no preference and
+    would give DPO a zero gradient while still counting in its mean)."""
+    prompt = _string(value, "prompt", allow_empty=True)
+    chosen = _string(value, "chosen", allow_empty=False)
+    rejected = _string(value, "rejected", allow_empty=False)
+    if chosen == rejected:
+        raise RowError("chosen, rejected: identical responses (no preference to learn)")
+    return prompt, chosen, rejected
 
 
 def _string(obj: dict, key: str, *, allow_empty: bool, where: str | None = None) -> str:

@@ -47,7 +47,14 @@ class Encoder:
             return self._text(payload)
         if self.fmt == "prompt_completion":
             return self._prompt_completion(*payload)
+        if self.fmt == "preference":
+            raise TypeError("preference rows encode to two sequences: use encode_pair()")
         return self._messages(payload, line)
+
+    def encode_pair(self, payload: tuple[str, str, str]) -> tuple[tuple[list[int], list[int]], ...]:
+        """A preference row as two prompt/completion sequences (chosen, rejected) sharing the prompt's tokens."""
+        prompt, chosen, rejected = payload
+        return self._prompt_completion(prompt, chosen), self._prompt_completion(prompt, rejected)
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         """Tokenize each piece alone, in one batched call (the Rust side is much cheaper per string in a batch)."""

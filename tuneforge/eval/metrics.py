@@ -36,3 +36,28 @@ def exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int = 16
                      batch_size=batch_size)
     hits = sum(_match(p, e["completion"]) for p, e in zip(preds, examples))
     return {"exact_match": hits / max(len(examples), 1), "n": len(examples)}
+
+
+@torch.no_grad()
+def preference_accuracy(model, dataset, pad_id: int, batch_size: int = 32, device=None) -> dict:
+    """On preference rows: how often the model gives the chosen response a higher log-probability than the rejected
+    one, and the mean log-prob margin (chosen − rejected), summed over response tokens."""
+    from tuneforge.algorithms._logps import sequence_logps_from_model
+    from tuneforge.data import collate_preference
+
+    was = model.training
+    model.eval()
+    wins, margin, n = 0, 0.0, 0
+    try:
+        for start in range(0, len(dataset), batch_size):
+            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = {k: v.to(device) if device else v for k, v in collate_preference(rows, pad_id).items()}
+            lp, _ = sequence_logps_from_model(model, batch)
+            b = len(rows)
+            diff = lp[:b] - lp[b:]
+            wins += int((diff > 0).sum())
+            margin += float(diff.sum())
+            n += b
+    finally:
+        model.train(was)
+    return {"preference_accuracy": wins / max(n, 1), "logp_margin": margin / max(n, 1), "pairs": n}

@@ -69,6 +69,7 @@ class Loop:
         self.out, self.collate, self.dist, self.eval_fn = Path(out_dir), collate, dist, eval_fn
         self.meta, self.hooks = dict(meta or {}), hooks or {}
         self.regularizer = regularizer  # a method's penalty (diff pruning's L0), once per optimizer step
+        self.algo_state: dict = {}  # what an algorithm keeps across steps (DPO's reference model, ...)
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.opt = make_optimizer(self.params, tcfg)
         self.order = GlobalOrder(len(train_ds), tcfg.batch_size * tcfg.grad_accum * dist.world, tcfg.seed)
@@ -118,7 +119,7 @@ class Loop:
     def _forward_backward(self, rows: list[int], norm: float) -> tuple[float, dict]:
         micro = micro_batches(rows, self.tcfg.batch_size, self.dist.rank, self.dist.world)
         loss_sum, metrics = 0.0, {}
-        ctx = StepContext(normaliser=norm, step=self.state.step)
+        ctx = StepContext(normaliser=norm, step=self.state.step, algo_state=self.algo_state)
         for ids in micro:
             batch = {k: v.to(self.dist.device) for k, v in self.collate([self.ds[i] for i in ids]).items()}
             with autocast_context(self.precision, self.dist.device):

@@ -1,0 +1,90 @@
+"""DPO end to end on tiny models: preference rows (and their bad-input errors), the reference model choice, the loss
+at the first step, and every method training under DPO."""
+
+import math
+
+import pytest
+from conftest import base_config, write_jsonl
+
+from tuneforge import api
+from tuneforge.algorithms import dpo
+from tuneforge.config import ConfigError, RunConfig
+from tuneforge.data import DataError, build_dataset
+from tuneforge.demo import LEARNING_SETUPS
+from tuneforge.methods import METHODS, apply_methods
+from tuneforge.models.tiny import build_tiny
+from tuneforge.tasks import preference_pairs
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    return write_jsonl(tmp_path / "pairs.jsonl", preference_pairs("reverse", 48, seed=1))
+
+
+def _dpo_cfg(tmp_path, data, method=None, **algo):
+    d = base_config(tmp_path, data, max_steps=2)
+    d["algorithm"] = {"name": "dpo", **algo}
+    if method is not None:
+        d["method"] = [method]
+    return RunConfig.model_validate(d)
+
+
+def test_bad_preference_rows_name_line_and_field(tmp_path):
+    _, tok = build_tiny("llama")
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "same", "rejected": "same"},
+            {"prompt": "a", "chosen": "b", "rejected": ""}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        build_dataset(path, tok, max_len=32)
+    assert "p.jsonl:2: chosen, rejected: identical" in str(e.value)
+    assert "p.jsonl:3: rejected: empty string" in str(e.value)
+
+
+def test_prompt_longer_than_budget_is_a_counted_drop(tmp_path):
+    _, tok = build_tiny("llama")
+    rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "x" * 50, "chosen": "b", "rejected": "c"}]
+    ds = build_dataset(write_jsonl(tmp_path / "p.jsonl", rows), tok, max_len=16)
+    assert len(ds) == 1 and sum(ds.report.dropped.values()) == 1
+
+
+def test_algorithm_and_row_format_must_agree(tmp_path, pairs_file, pc_file):
+    with pytest.raises(ConfigError, match="trains on preference rows"):
+        api.train(_dpo_cfg(tmp_path, pc_file))
+    with pytest.raises(ConfigError, match="'preference' rows"):
+        api.train(RunConfig.model_validate(base_config(tmp_path, pairs_file)))
+
+
+@pytest.mark.parametrize("method,mode", [({"name": "lora", "rank": 4}, "adapters_off"), ({"name": "ia3"}, "adapters_off"),
+                                         ({"name": "full"}, "copy"), ({"name": "bitfit", "add_bias": True}, "copy")])
+def test_reference_is_adapters_off_when_only_adapters_train(method, mode):
+    model, _ = build_tiny("llama")
+    apply_methods(model, [METHODS[method["name"]].Config(**{k: v for k, v in method.items() if k != "name"})])
+    state = {}
+    dpo.prepare(model, dpo.Config(), state)
+    assert state["reference_mode"] == mode
+    if mode == "copy":
+        with pytest.raises(ValueError, match="reference: copy"):
+            dpo.prepare(model, dpo.Config(reference="adapters_off"), {})
+
+
+def test_first_step_loss_is_log_2_when_policy_equals_reference(tmp_path, pairs_file):
+    out = api.train(_dpo_cfg(tmp_path, pairs_file, {"name": "lora", "rank": 4}, beta=0.5))
+    assert out.result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert out.result.history[0]["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_reference_copy_is_the_starting_model_even_after_resume(tmp_path, pairs_file):
+    cfg = _dpo_cfg(tmp_path, pairs_file, {"name": "full"})
+    cfg.train.max_steps, cfg.train.save_every, cfg.train.learning_rate = 4, 2, 1e-2
+    full = api.train(cfg)
+    resumed = api.train(cfg, resume=str(tmp_path / "run" / "checkpoints" / "step-00000002"))
+    assert resumed.result.history[-1]["loss"] == pytest.approx(full.result.history[-1]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("label", list(LEARNING_SETUPS))
+def test_every_method_trains_under_dpo(tmp_path, pairs_file, label):
+    method, _ = LEARNING_SETUPS[label]
+    method = {**method, "calibration_batches": 1} if method["name"] == "sparse" else method
+    out = api.train(_dpo_cfg(tmp_path, pairs_file, method))
+    assert all(math.isfinite(h["loss"]) for h in out.result.history)
+    assert out.saved is not None and out.saved.exists()
