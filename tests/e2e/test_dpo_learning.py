@@ -1,6 +1,7 @@
 """DPO learns a preference the base model does not have: on the demo's base (which copies well and cannot reverse),
 pairs prefer the reversed string over the copied one. Held-out preference accuracy (log p(chosen) > log p(rejected))
-was measured at 46.5% before and 93% after 60 LoRA steps; the test asks for +25 points and a positive margin."""
+was measured at 46.5% before and 93% after 60 LoRA steps of DPO (99% with ORPO, λ = 0.5); the test asks for +25
+points and a clearly larger margin."""
 
 from pathlib import Path
 
@@ -24,13 +25,14 @@ def _accuracy(base: str, adapter: str | None, eval_file: Path) -> dict:
     return preference_accuracy(model, build_dataset(str(eval_file), tok, max_len=64), tok.pad_token_id or 0)
 
 
-def test_dpo_raises_held_out_preference_accuracy_and_margin(demo_base, tmp_path):
+@pytest.mark.parametrize("algorithm", [{"name": "dpo", "beta": 0.1}, {"name": "orpo", "lam": 0.5}])
+def test_preference_training_raises_held_out_accuracy_and_margin(demo_base, tmp_path, algorithm):
     base, _ = demo_base
     write_jsonl(preference_pairs("reverse", 2000, seed=1), tmp_path / "pairs.jsonl")
     write_jsonl(preference_pairs("reverse", 200, seed=2), tmp_path / "eval.jsonl")
     before = _accuracy(base, None, tmp_path / "eval.jsonl")
     cfg = load_config({"model": {"path": base}, "data": {"train": str(tmp_path / "pairs.jsonl"), "max_len": 64},
-                       "method": [{"name": "lora", "rank": 8, "alpha": 16}], "algorithm": {"name": "dpo", "beta": 0.1},
+                       "method": [{"name": "lora", "rank": 8, "alpha": 16}], "algorithm": algorithm,
                        "train": {"output_dir": str(tmp_path / "dpo"), "max_steps": 60, "batch_size": 16,
                                  "learning_rate": 2e-3, "warmup_steps": 6, "precision": "fp32", "progress": False,
                                  "tensorboard": False}})

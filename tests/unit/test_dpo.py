@@ -88,3 +88,19 @@ def test_every_method_trains_under_dpo(tmp_path, pairs_file, label):
     out = api.train(_dpo_cfg(tmp_path, pairs_file, method))
     assert all(math.isfinite(h["loss"]) for h in out.result.history)
     assert out.saved is not None and out.saved.exists()
+
+
+def test_orpo_with_lambda_zero_is_the_sft_loss_on_chosen(tmp_path, pairs_file):
+    d = base_config(tmp_path, pairs_file, max_steps=1, batch_size=48)
+    d["algorithm"] = {"name": "orpo", "lam": 0.0}
+    out = api.train(RunConfig.model_validate(d))
+    assert out.result.history[0]["loss"] == pytest.approx(out.result.history[0]["sft_loss"], rel=1e-6)
+    assert out.result.history[0]["or_loss"] > 0
+
+
+@pytest.mark.parametrize("label", ["lora r8", "full", "ia3"])
+def test_methods_train_under_orpo(tmp_path, pairs_file, label):
+    d = base_config(tmp_path, pairs_file, max_steps=2)
+    d["algorithm"], d["method"] = {"name": "orpo"}, [LEARNING_SETUPS[label][0]]
+    out = api.train(RunConfig.model_validate(d))
+    assert all(math.isfinite(h["loss"]) for h in out.result.history)

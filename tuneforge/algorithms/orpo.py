@@ -8,14 +8,29 @@ SFT alone raises the likelihood of rejected responses too (they share most token
 term penalises that relative to the chosen response, at the cost of one extra forward of the rejected response and
 no reference model at all. Computed in log space: log odds = log P − log(1 − P) with log(1 − P) = log1mexp(log P),
 which stays finite as P → 1 where the naive form overflows.
+
+The SFT term here is each pair's mean token NLL of the chosen response, averaged over pairs (TRL averages over all
+chosen tokens of the batch instead); per pair keeps the step's mean independent of how pairs fall into micro-batches.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from tuneforge.algorithms._logps import sequence_logps_from_model
+
+DATA_FORMATS = ("preference",)
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["orpo"] = "orpo"
+    lam: float = Field(0.1, ge=0, description="λ, the weight of the odds-ratio term")
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -38,3 +53,20 @@ def orpo_loss(chosen_nll: torch.Tensor, chosen_mean_logp: torch.Tensor, rejected
     loss = chosen_nll.mean() + lam * l_or.mean()
     return loss, {"sft_loss": chosen_nll.mean().detach(), "or_loss": l_or.mean().detach(),
                   "log_odds_ratio": log_odds.mean(), "preference_accuracy": (log_odds > 0).float().mean()}
+
+
+def row_weight(dataset, i: int) -> int:
+    return 1
+
+
+def step(model, batch: dict, cfg: Config, ctx) -> tuple[torch.Tensor, dict]:
+    logps, counts = sequence_logps_from_model(model, batch)  # (2B,)
+    b = logps.shape[0] // 2
+    mean = logps / counts.clamp_min(1)
+    l_or, log_odds = odds_ratio_loss(mean[:b], mean[b:])
+    per_pair = -mean[:b] + cfg.lam * l_or
+    norm = max(ctx.normaliser, 1.0)
+    metrics = {"sft_loss": float(-mean[:b].sum()) / norm, "or_loss": float(l_or.sum()) / norm,
+               "log_odds_ratio": float(log_odds.sum()) / norm,
+               "preference_accuracy": float((log_odds > 0).float().sum()) / norm, "pairs": b}
+    return per_pair.sum() / norm, metrics
