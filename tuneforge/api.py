@@ -123,6 +123,9 @@ def train(cfg: RunConfig, resume: str | None = None, allow_config_change: bool =
     model.to(d.device)
     coll = _collate_fn(cfg, tok, train_ds.report.format)
     data = PackedView(train_ds, cfg.data.max_len) if cfg.data.packing else train_ds
+    algo, algo_state = ALGORITHMS[cfg.algorithm.name], {}
+    if hasattr(algo, "prepare"):  # before resume loads trained weights: DPO's reference is the starting model
+        algo.prepare(model, cfg.algorithm, algo_state)  # (and before the loop collects the trainable parameters)
     prepare_methods(model, cfg.method, lambda: _calibration_losses(model, cfg, data, coll, d.device))
     adapters_only = not any(m.name in WHOLE_MODEL_METHODS for m in cfg.method)
     if cfg.train.frozen_bf16 and adapters_only and resolve_precision(cfg.train.precision, d.device) == "bf16":
@@ -143,12 +146,9 @@ def train(cfg: RunConfig, resume: str | None = None, allow_config_change: bool =
     has_eval = eval_ds is not None or extra_eval is not None
     if d.main:
         _write_run_files(out, cfg, model)
-    loop = Loop(model, ALGORITHMS[cfg.algorithm.name], cfg.algorithm, data, cfg.train, out, coll, dist=d,
+    loop = Loop(model, algo, cfg.algorithm, data, cfg.train, out, coll, dist=d, algo_state=algo_state,
                 eval_fn=eval_fn if has_eval else None, meta={"config_hash": cfg.hash(), "config": cfg.trajectory(), "tuneforge": __version__},
                 hooks=hooks, regularizer=(lambda m: regularizer(m, cfg.method)) if has_regularizer(cfg.method) else None)
-    algo = ALGORITHMS[cfg.algorithm.name]
-    if hasattr(algo, "prepare"):  # before resume loads trained weights: DPO's reference is the starting model
-        algo.prepare(model, cfg.algorithm, loop.algo_state)
     result = loop.run(resume_path, allow_config_change)
     finalize_methods(model, cfg.method)
     saved = _save_final(model, tok, cfg, out) if d.main else None
@@ -204,11 +204,20 @@ def _save_final(model, tok, cfg: RunConfig, out: Path) -> Path:
     tmp = out / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     if whole:
-        model.save_pretrained(tmp, safe_serialization=True)
+        head = model._modules.pop("reward_head", None)  # saved on its own below, not as an unknown HF weight
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            if head is not None:
+                model.reward_head = head
     else:
         base = None if cfg.model.path.startswith("tiny:") else os.path.abspath(cfg.model.path)
         save_adapter(model, cfg.method, tmp, base_path=base or cfg.model.path)
     tok.save_pretrained(tmp)
+    if hasattr(model, "reward_head"):
+        from tuneforge.algorithms.reward import save_head
+
+        save_head(model, tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.replace(final)

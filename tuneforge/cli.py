@@ -100,6 +100,23 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_score(a) -> int:
+    from tuneforge.algorithms.reward import load_head, score_dataset
+    from tuneforge.data import build_dataset
+
+    model, tok = _model_and_adapter(a)
+    load_head(model, a.adapter or a.model)
+    ds = build_dataset(a.data, tok, max_len=a.max_len)
+    results = score_dataset(model, ds, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    for row, r in zip(ds.rows, results):
+        print(json.dumps({"line": row["line"], **({"chosen": r[0], "rejected": r[1]} if isinstance(r, tuple)
+                                                   else {"score": r})}))
+    if results and isinstance(results[0], tuple):
+        acc = sum(c > r for c, r in results) / len(results)
+        print(json.dumps({"file": a.data, "pairs": len(results), "pairwise_accuracy": acc}))
+    return 0
+
+
 def cmd_merge(a) -> int:
     from tuneforge.methods import merge_methods, read_adapter_config
 
@@ -252,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--exact-match", action="store_true", help="greedy-generate and compare to `completion`")
     e.add_argument("--max-new-tokens", type=int, default=32)
     e.set_defaults(fn=cmd_eval)
+    sc = sub.add_parser("score", help="score (prompt, response) rows, or preference pairs, with a reward model")
+    _model_args(sc)
+    sc.add_argument("--data", required=True, help="JSONL/CSV/Parquet of prompt/completion or prompt/chosen/rejected")
+    sc.add_argument("--max-len", type=int, default=1024)
+    sc.set_defaults(fn=cmd_score)
     m = sub.add_parser("merge", help="fold an adapter into the base and save a plain HF model")
     _model_args(m)
     m.add_argument("--out", required=True)

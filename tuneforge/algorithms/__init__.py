@@ -6,7 +6,7 @@ weighs in the step's normaliser) and ``step(model, batch, cfg, ctx) -> (loss, me
 ``step`` per micro-batch; it knows nothing about any particular algorithm.
 """
 
-from tuneforge.algorithms import dpo, orpo, sft
+from tuneforge.algorithms import dpo, orpo, reward, sft
 
-ALGORITHMS = {"sft": sft, "dpo": dpo, "orpo": orpo}
+ALGORITHMS = {"sft": sft, "reward": reward, "dpo": dpo, "orpo": orpo}
 ALGORITHM_CONFIGS = {name: mod.Config for name, mod in ALGORITHMS.items()}

@@ -7,14 +7,32 @@ P(y_w ≻ y_l) = σ(r_w − r_l) is the Bradley-Terry probability that the chose
 Touvron et al. 2023, eq. 2) asks for a larger gap on pairs labelled as clearly better. InstructGPT collects
 rankings of K responses and trains on all K-choose-2 pairs of each ranking together (``ranking_pairs``), which it
 found both cheaper (one forward per response, not per pair) and less prone to over-fitting than shuffled pairs.
+
+The score r(x, y) is a linear head on the decoder's hidden state at the response's last token (its eos), added to a
+causal LM as ``model.reward_head`` (small random weights: a zero head would give the adapters below it no gradient
+at first) and trained together with whatever the method trains. It is saved beside the adapter/model as ``reward_head.safetensors``; ``tuneforge score``
+reads it back.
 """
 
 from __future__ import annotations
 
 from itertools import combinations
+from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+DATA_FORMATS = ("preference",)
+HEAD_FILE = "reward_head.safetensors"
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["reward"] = "reward"
+    margin: float = Field(0.0, ge=0, description="required reward gap m in −log σ(r_w − r_l − m)")
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | float = 0.0
@@ -30,3 +48,77 @@ def ranking_pairs(ranking: list) -> list[tuple]:
     if len(ranking) < 2:
         raise ValueError(f"a ranking needs at least 2 responses, got {len(ranking)}")
     return list(combinations(ranking, 2))
+
+
+# ------------------------------------------------------------------------------------------------- the score head
+def attach_head(model: nn.Module) -> nn.Linear:
+    """Add (once) a trainable scalar head ``model.reward_head`` in fp32 (seeded by the run's seed)."""
+    if not hasattr(model, "reward_head"):
+        hidden = model.config.hidden_size
+        dev = next(model.parameters()).device
+        model.reward_head = nn.Linear(hidden, 1, bias=True, device=dev, dtype=torch.float32)
+        nn.init.normal_(model.reward_head.weight, std=1.0 / hidden ** 0.5)  # random, so adapters get gradient
+        nn.init.zeros_(model.reward_head.bias)
+    model.reward_head.requires_grad_(True)
+    return model.reward_head
+
+
+def scores(model: nn.Module, batch: dict) -> torch.Tensor:
+    """r(x, y) per row (B,): the head on the hidden state of each row's last real token (right padding)."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    last = batch["attention_mask"].sum(1) - 1  # (B,)
+    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    return model.reward_head(h.float()).squeeze(-1)
+
+
+def save_head(model: nn.Module, out_dir: str | Path) -> None:
+    from tuneforge.safeio import save_safetensors
+
+    save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.reward_head.state_dict().items()},
+                     Path(out_dir) / HEAD_FILE, metadata={"format": "pt"})
+
+
+def load_head(model: nn.Module, directory: str | Path) -> None:
+    from tuneforge.safeio import load_safetensors
+
+    file = Path(directory) / HEAD_FILE
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: no reward head here (was this directory written by a reward run?)")
+    head = attach_head(model)
+    head.load_state_dict(load_safetensors(file))
+
+
+@torch.no_grad()
+def score_dataset(model: nn.Module, dataset, pad_id: int, batch_size: int = 32) -> list[float] | list[tuple]:
+    """Scores of every row (prompt/completion or text rows), or (chosen, rejected) score pairs of preference rows."""
+    from tuneforge.data import collate, collate_preference
+
+    pairs = bool(len(dataset)) and "rejected_input_ids" in dataset[0]
+    out: list = []
+    dev = next(model.parameters()).device
+    for start in range(0, len(dataset), batch_size):
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = {k: v.to(dev) for k, v in (collate_preference if pairs else collate)(rows, pad_id).items()}
+        r = scores(model, batch).tolist()
+        out += list(zip(r[:len(rows)], r[len(rows):])) if pairs else r
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- training step
+def prepare(model, cfg: Config, state: dict) -> None:
+    attach_head(model)
+
+
+def row_weight(dataset, i: int) -> int:
+    return 1
+
+
+def step(model, batch: dict, cfg: Config, ctx) -> tuple[torch.Tensor, dict]:
+    r = scores(model, batch)  # (2B,): chosen rows first
+    b = r.shape[0] // 2
+    losses, _ = bradley_terry_loss(r[:b], r[b:], cfg.margin)
+    norm = max(ctx.normaliser, 1.0)
+    gap = (r[:b] - r[b:]).detach()
+    return losses.sum() / norm, {"pairwise_accuracy": float((gap > 0).float().sum()) / norm,
+                                 "reward_gap": float(gap.sum()) / norm, "pairs": b}

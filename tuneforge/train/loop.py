@@ -64,12 +64,12 @@ class Loop:
 
     def __init__(self, model, algorithm, algo_cfg, train_ds, tcfg, out_dir, collate: Callable, *,
                  dist: D.Dist = D.Dist(), eval_fn: Callable | None = None, meta: dict | None = None,
-                 hooks: dict | None = None, regularizer: Callable | None = None):
+                 hooks: dict | None = None, regularizer: Callable | None = None, algo_state: dict | None = None):
         self.model, self.algo, self.algo_cfg, self.ds, self.tcfg = model, algorithm, algo_cfg, train_ds, tcfg
         self.out, self.collate, self.dist, self.eval_fn = Path(out_dir), collate, dist, eval_fn
         self.meta, self.hooks = dict(meta or {}), hooks or {}
         self.regularizer = regularizer  # a method's penalty (diff pruning's L0), once per optimizer step
-        self.algo_state: dict = {}  # what an algorithm keeps across steps (DPO's reference model, ...)
+        self.algo_state = {} if algo_state is None else algo_state  # kept across steps (DPO's reference, ...)
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.opt = make_optimizer(self.params, tcfg)
         self.order = GlobalOrder(len(train_ds), tcfg.batch_size * tcfg.grad_accum * dist.world, tcfg.seed)
