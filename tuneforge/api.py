@@ -123,7 +123,7 @@ def train(cfg: RunConfig, resume: str | None = None, allow_config_change: bool =
     model.to(d.device)
     coll = _collate_fn(cfg, tok, train_ds.report.format)
     data = PackedView(train_ds, cfg.data.max_len) if cfg.data.packing else train_ds
-    algo, algo_state = ALGORITHMS[cfg.algorithm.name], {}
+    algo, algo_state = ALGORITHMS[cfg.algorithm.name], {"tokenizer": tok, "data_path": cfg.data.train}
     if hasattr(algo, "prepare"):  # before resume loads trained weights: DPO's reference is the starting model
         algo.prepare(model, cfg.algorithm, algo_state)  # (and before the loop collects the trainable parameters)
     prepare_methods(model, cfg.method, lambda: _calibration_losses(model, cfg, data, coll, d.device))

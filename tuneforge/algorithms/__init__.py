@@ -6,7 +6,7 @@ weighs in the step's normaliser) and ``step(model, batch, cfg, ctx) -> (loss, me
 ``step`` per micro-batch; it knows nothing about any particular algorithm.
 """
 
-from tuneforge.algorithms import dpo, orpo, reward, sft
+from tuneforge.algorithms import dpo, grpo, orpo, ppo, reward, sft
 
-ALGORITHMS = {"sft": sft, "reward": reward, "dpo": dpo, "orpo": orpo}
+ALGORITHMS = {"sft": sft, "reward": reward, "dpo": dpo, "orpo": orpo, "grpo": grpo, "ppo": ppo}
 ALGORITHM_CONFIGS = {name: mod.Config for name, mod in ALGORITHMS.items()}

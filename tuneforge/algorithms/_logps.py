@@ -90,3 +90,29 @@ def sequence_logps_from_model(model: nn.Module, batch: dict) -> tuple[torch.Tens
     logps, keep = supervised_token_logps(model, batch)  # (N,), (B, T-1)
     per_row = torch.zeros(keep.shape, dtype=logps.dtype, device=logps.device).masked_scatter(keep, logps)
     return per_row.sum(1), keep.sum(1)
+
+
+def token_logps_from_model(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the supervised next tokens laid out as (B, T-1) (0 elsewhere), and the (B, T-1)
+    float mask of where they sit: what the policy-gradient losses (PPO, GRPO) take."""
+    logps, keep = supervised_token_logps(model, batch)  # (N,), (B, T-1)
+    per_token = torch.zeros(keep.shape, dtype=logps.dtype, device=logps.device).masked_scatter(keep, logps)
+    return per_token, keep.to(logps.dtype)
+
+
+def token_logps_and_hidden(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As ``token_logps_from_model``, plus the decoder's last hidden states (B, T-1, H) from the same forward: an
+    actor-critic (PPO) reads its value head off the trunk that produced the policy, in one pass."""
+    targets = shift(batch["labels"])  # (B, T-1)
+    keep = targets != IGNORE
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    head = _head(model)
+    if head is not None and fusable_head(head):
+        hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
+        logps = head_token_logps(head, hidden[keep], targets[keep])  # (N,)
+    else:
+        out = model(**inputs, use_cache=False, output_hidden_states=True)
+        hidden = out.hidden_states[-1][:, :-1]
+        logps = -F.cross_entropy(out.logits[:, :-1][keep].float(), targets[keep], reduction="none")
+    per_token = torch.zeros(keep.shape, dtype=logps.dtype, device=logps.device).masked_scatter(keep, logps)
+    return per_token, keep.to(logps.dtype), hidden

@@ -19,9 +19,29 @@ http://joschu.net/blog/kl-approx.html). Loss normalisation is a local dict of va
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
+from pydantic import Field
+
+from tuneforge.algorithms import _online as O
+from tuneforge.algorithms import rewards as R
+from tuneforge.algorithms._logps import token_logps_from_model
+from tuneforge.algorithms._reference import prepare_reference, reference_token_logps
+
+DATA_FORMATS = ("prompt_completion", "messages")  # prompts, with reference answers for exact-match rewards
+
+
+class Config(O.Sampling):
+    name: Literal["grpo"] = "grpo"
+    num_generations: int = Field(4, ge=2, description="G completions sampled per prompt (the group)")
+    beta: float = Field(0.04, ge=0, description="weight of the k3 KL penalty to the reference policy")
+    clip_eps: float = Field(0.2, gt=0)
+    loss_type: Literal["grpo", "dr_grpo"] = "grpo"
+    scale_rewards: bool = Field(True, description="divide group advantages by the group's reward std")
+    num_iterations: int = Field(1, ge=1, description="optimizer updates per rollout batch (μ in the paper)")
+    rewards: list[R.RewardConfig] = Field(default_factory=lambda: [R.ExactMatch()])
+    reference: Literal["auto", "adapters_off", "copy"] = "auto"
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool = True, eps: float = 1e-4
@@ -74,3 +94,52 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     clipped = ((ratio - 1).abs() > clip_eps).to(m.dtype)
     stats["clip_fraction"] = ((clipped * m).sum() / m.sum().clamp_min(1)).detach()
     return loss, stats
+
+
+# ------------------------------------------------------------------------------------------------- training step
+def prepare(model, cfg: Config, state: dict) -> None:
+    if cfg.beta:
+        prepare_reference(model, cfg.reference, state, "grpo")
+    state["reward_fns"] = R.reward_functions(cfg.rewards)
+
+
+@torch.no_grad()
+def make_experience(model, rows: list[dict], cfg: Config, ctx):
+    """Sample G completions per prompt, score them, turn rewards into group advantages, and lay the completions of
+    ``ctx.micro_batch`` prompts per micro-batch; groups with any non-finite reward are dropped (counted)."""
+    from tuneforge.train.loop import Experience
+
+    G, tok, dev = cfg.num_generations, ctx.algo_state["tokenizer"], O.device_of(model)
+    roll, owner = O.roll_out(model, rows, G, cfg, ctx)
+    rewards, valid = O.score(roll, rows, owner, ctx.algo_state["reward_fns"], ctx)
+    group_ok = valid.view(-1, G).all(1)  # (P,)
+    adv = group_advantages(torch.where(valid, rewards, 0.0).float(), G, cfg.scale_rewards)  # (P*G,)
+    train_rows = roll.training_rows()
+    micro = []
+    for groups in O.chunks([g for g in range(len(rows)) if group_ok[g]], ctx.micro_batch):
+        idx = [g * G + j for g in groups for j in range(G)]
+        batch = O.collate_rows([train_rows[i] for i in idx], tok, dev)
+        batch["advantages"] = adv[idx].to(dev)
+        if cfg.beta:
+            batch["ref_logps"] = reference_token_logps(model, batch, ctx.algo_state)
+        if cfg.num_iterations > 1:  # π_old must be the sampling policy, fixed across the μ updates
+            batch["old_logps"] = token_logps_from_model(model, batch)[0]
+        micro.append(batch)
+    n_ok = int(group_ok.sum()) * G
+    ok = valid.view(-1, G) & group_ok[:, None]
+    metrics = {"reward": float(rewards[ok.flatten()].sum()), "invalid_reward_rate": float((~valid).sum()),
+               "completion_len": float(roll.mask.sum()),
+               "reward_std": float(rewards.view(-1, G).float().std(1).nan_to_num(0.0)[group_ok].sum()) * G}
+    return Experience(updates=[micro] * cfg.num_iterations, weights=[float(n_ok)] * cfg.num_iterations,
+                      metrics=metrics, samples=len(owner))
+
+
+def step(model, batch: dict, cfg: Config, ctx) -> tuple[torch.Tensor, dict]:
+    """The clipped GRPO objective on one micro-batch of completions, scaled by its share of the update's
+    completions so that micro-batches and processes add up to the loss of the whole update."""
+    logp, mask = token_logps_from_model(model, batch)  # (B, T-1) each
+    old = batch.get("old_logps")
+    loss, stats = grpo_loss(logp, logp.detach() if old is None else old, batch.get("ref_logps"),
+                            batch["advantages"], mask, cfg.clip_eps, cfg.beta, cfg.loss_type, cfg.max_new_tokens)
+    share = logp.shape[0] / max(ctx.normaliser, 1.0)
+    return loss * share, {k: float(v) * share for k, v in stats.items()}

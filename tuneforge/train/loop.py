@@ -41,11 +41,31 @@ class LoopState:
 
 @dataclass
 class StepContext:
-    """What an algorithm's ``step`` may use besides the batch."""
+    """What an algorithm's ``step`` (and an online algorithm's ``make_experience``) may use besides the batch."""
 
     normaliser: float
     step: int
     algo_state: dict = field(default_factory=dict)
+    seed: int = 0
+    micro_batch: int = 1
+    dist: D.Dist = field(default_factory=D.Dist)
+
+
+@dataclass
+class Experience:
+    """What an online algorithm's ``make_experience`` returns for one loop step (one batch of prompts).
+
+    ``updates``: optimizer updates to run on this experience, each a list of micro-batches (dicts of tensors on the
+    device) for the algorithm's ``step`` -- PPO runs several epochs of minibatches over one rollout batch.
+    ``weights``: per update, this process's share of the update's normaliser (responses, tokens...); the loop sums
+    it over processes so every micro-batch loss is divided by the global total. ``metrics``: sums over this
+    process's ``samples`` rollouts (mean reward, KL, ...); the loop divides the global sums by the global count.
+    """
+
+    updates: list[list[dict]]
+    weights: list[float]
+    metrics: dict = field(default_factory=dict)
+    samples: int = 0
 
 
 @dataclass
@@ -116,12 +136,18 @@ class Loop:
         weight = getattr(self.algo, "row_weight", None)
         return float(sum(weight(self.ds, i) for i in rows)) if weight else float(len(rows))
 
-    def _forward_backward(self, rows: list[int], norm: float) -> tuple[float, dict]:
-        micro = micro_batches(rows, self.tcfg.batch_size, self.dist.rank, self.dist.world)
+    def _context(self, norm: float) -> StepContext:
+        return StepContext(normaliser=norm, step=self.state.step, algo_state=self.algo_state, seed=self.tcfg.seed,
+                           micro_batch=self.tcfg.batch_size, dist=self.dist)
+
+    def _micro_batches(self, rows: list[int]):
+        for ids in micro_batches(rows, self.tcfg.batch_size, self.dist.rank, self.dist.world):
+            yield {k: v.to(self.dist.device) for k, v in self.collate([self.ds[i] for i in ids]).items()}
+
+    def _forward_backward(self, batches, norm: float) -> tuple[float, dict]:
         loss_sum, metrics = 0.0, {}
-        ctx = StepContext(normaliser=norm, step=self.state.step, algo_state=self.algo_state)
-        for ids in micro:
-            batch = {k: v.to(self.dist.device) for k, v in self.collate([self.ds[i] for i in ids]).items()}
+        ctx = self._context(norm)
+        for batch in batches:
             with autocast_context(self.precision, self.dist.device):
                 loss, m = self.algo.step(self.model, batch, self.algo_cfg, ctx)
             loss.backward()
@@ -172,10 +198,52 @@ class Loop:
 
     def train_step(self, rows: list[int]) -> dict:
         t0 = time.perf_counter()
-        norm = self._normaliser(rows)
         set_lr(self.opt, self.tcfg.learning_rate * lr_factor(self.state.step, self.total, self.warmup,
                                                              self.tcfg.scheduler, self.tcfg.min_lr_ratio))
-        loss, metrics = self._forward_backward(rows, norm)
+        if hasattr(self.algo, "make_experience"):
+            loss, metrics, gnorm = self._online_updates(rows)
+        else:
+            loss, metrics = self._forward_backward(self._micro_batches(rows), self._normaliser(rows))
+            loss, metrics, gnorm = self._apply_update(loss, metrics, rows)
+        self.state.step += 1
+        tokens = int(metrics.pop("input_tokens", 0))
+        self.state.tokens += tokens
+        dt = time.perf_counter() - t0
+        return {"step": self.state.step, "loss": loss, "lr": self.opt.param_groups[0]["lr"], "grad_norm": gnorm,
+                "epoch": self.state.epoch, **{k: (int(v) if float(v).is_integer() else v) for k, v in metrics.items()},
+                "tokens_per_s": round(tokens / dt, 1), "step_s": round(dt, 4),
+                "skipped_steps": self.state.skipped_steps}
+
+    def _online_updates(self, rows: list[int]) -> tuple[float, dict, float]:
+        """Online algorithms: roll out on this step's prompts, then run the experience's optimizer updates.
+        Checkpoints fall between loop steps, so no rollout buffer outlives a step: resuming replays none."""
+        mine = [i for ids in micro_batches(rows, self.tcfg.batch_size, self.dist.rank, self.dist.world) for i in ids]
+        self.model.eval()
+        try:
+            with autocast_context(self.precision, self.dist.device):
+                exp = self.algo.make_experience(self.model, [self.ds[i] for i in mine], self.algo_cfg,
+                                                self._context(0.0))
+        finally:
+            self.model.train()
+        keys = sorted(exp.metrics)
+        sums = D.all_reduce_sum_(torch.tensor([float(exp.samples)] + [float(exp.metrics[k]) for k in keys] +
+                                              [float(w) for w in exp.weights], dtype=torch.float64), self.dist)
+        n = max(float(sums[0]), 1.0)
+        out = {k: float(v) / n for k, v in zip(keys, sums[1:1 + len(keys)].tolist())}
+        norms = sums[1 + len(keys):].tolist()
+        losses, gnorm, tokens = [], 0.0, 0
+        for batches, norm in zip(exp.updates, norms):
+            loss, metrics = self._forward_backward(batches, norm)
+            loss, metrics, gnorm = self._apply_update(loss, metrics, rows)
+            losses.append(loss)
+            tokens += int(metrics.pop("input_tokens", 0))
+            for k, v in metrics.items():
+                out[k] = out.get(k, 0.0) + v / max(len(exp.updates), 1)
+        out.update(samples=int(sums[0]), updates=len(exp.updates), input_tokens=tokens)
+        return (sum(losses) / len(losses) if losses else 0.0), out, gnorm
+
+    def _apply_update(self, loss: float, metrics: dict, rows: list[int]) -> tuple[float, dict, float]:
+        """Sum gradients and metrics over processes, clip, guard against non-finite values, step the optimizer."""
         if "after_backward" in self.hooks:
             self.hooks["after_backward"](self)
         D.all_reduce_grads_(list(self.params.values()), self.dist)
@@ -189,14 +257,7 @@ class Loop:
             self.opt.step()
             self.state.bad_streak = 0
         self.opt.zero_grad(set_to_none=True)
-        self.state.step += 1
-        tokens = int(metrics.pop("input_tokens", 0))
-        self.state.tokens += tokens
-        dt = time.perf_counter() - t0
-        return {"step": self.state.step, "loss": loss, "lr": self.opt.param_groups[0]["lr"], "grad_norm": gnorm,
-                "epoch": self.state.epoch, **{k: (int(v) if float(v).is_integer() else v) for k, v in metrics.items()},
-                "tokens_per_s": round(tokens / dt, 1), "step_s": round(dt, 4),
-                "skipped_steps": self.state.skipped_steps}
+        return loss, metrics, gnorm
 
     # ----------------------------------------------------------------------------------------------- the run
     def run(self, resume: Path | None = None, allow_config_change: bool = False) -> LoopResult:

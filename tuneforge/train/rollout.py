@@ -1,13 +1,28 @@
-"""Text generation for evaluation, ``tuneforge generate`` and (later) online algorithms' rollouts.
+"""The generation engine: batched sampling with a KV cache, for evaluation, ``tuneforge generate`` and the online
+algorithms' rollouts (PPO, GRPO, rejection sampling, online DPO, RLAIF).
+
+Why our own loop rather than ``model.generate``: the online algorithms need, per sampled token, its log-probability
+and whether it is part of the response (mask), and they need sampling that is reproducible *per request* — a row's
+sample must depend only on its prompt and its seed, not on which other rows share the batch or on the global RNG
+(RELIABILITY DT-5; it is also what makes a resumed PPO/GRPO run draw the same rollouts). Each row therefore owns a
+``torch.Generator`` and samples by inverse CDF from one uniform number per step. The loop is also leaner than
+``generate`` (no logits-processor/stopping-criteria machinery, the output head on the last position only).
 
 Prompts are encoded exactly as training rows encode them (bos + prompt tokens, or the chat template with the
 generation prompt for message lists) so a fine-tuned model sees at inference what it saw in training. Batches are
-left-padded so every row's next token sits at the last position. Sampling is seeded per call for reproducibility.
+left-padded so every row's next token sits at the last position, and position ids count real tokens only (as
+``generate`` computes them), so a padded row's positions equal the unpadded ones and greedy output equals
+``model.generate``'s.
 """
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
+
 import torch
+
+IGNORE = -100
 
 
 def encode_prompt(tokenizer, prompt) -> list[int]:
@@ -17,6 +32,10 @@ def encode_prompt(tokenizer, prompt) -> list[int]:
                                                   return_dict=False))
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+
+
+def pad_id_of(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,27 +56,204 @@ def _cut(text: str, stop: list[str] | None) -> str:
     return text
 
 
+# --------------------------------------------------------------------------------------------- token choice
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """(B, V) logits with everything outside the top-k and outside the smallest set of probability ≥ top_p set to
+    −inf (the most likely token always survives)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # mass strictly before this token already exceeds top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: row i takes the first token whose cumulative probability exceeds ``uniforms[i]``.
+    (B, V) logits, (B,) uniforms in [0, 1) -> (B,) token ids. Deterministic given the uniforms."""
+    probs = logits.float().softmax(-1)
+    cdf = probs.cumsum(-1)  # (B, V)
+    idx = torch.searchsorted(cdf, (uniforms.to(cdf) * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+    idx = idx.clamp_max(logits.shape[-1] - 1)
+    # never land on a zero-probability token through rounding at the top of the cdf
+    bad = probs.gather(-1, idx[:, None]).squeeze(-1) <= 0
+    if bad.any():
+        idx = torch.where(bad, probs.argmax(-1), idx)
+    return idx
+
+
+# ------------------------------------------------------------------------------------------------- outputs
+@dataclass
+class Rollout:
+    """One batch of completions. ``tokens``/``logprobs``/``mask`` are (B, N) with N = the longest completion;
+    positions after a row's end hold pad / 0 / 0. ``logprobs`` are log π(token) under the sampling temperature
+    (before top-k/top-p filtering), in fp32. ``finished[i]`` is False when row i ran out of ``max_new_tokens``."""
+
+    prompt_ids: list[list[int]]
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    mask: torch.Tensor
+    texts: list[str]
+    finished: list[bool]
+
+    def completion_ids(self, i: int) -> list[int]:
+        return self.tokens[i, : int(self.mask[i].sum())].tolist()
+
+    def training_rows(self) -> list[dict]:
+        """Each prompt + completion as a training row (prompt labels masked), ready for ``collate``."""
+        rows = []
+        for i, p in enumerate(self.prompt_ids):
+            c = self.completion_ids(i)
+            rows.append({"input_ids": list(p) + c, "labels": [IGNORE] * len(p) + c})
+        return rows
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+class _Stopper:
+    """Per-row end detection: eos ids, and stop strings checked on the decoded completion."""
+
+    def __init__(self, tokenizer, eos_ids: set[int], stop: list[str] | None):
+        self.tok, self.eos, self.stop = tokenizer, eos_ids, [s for s in (stop or []) if s]
+
+    def done(self, token: int, completion: list[int]) -> bool:
+        if token in self.eos:
+            return True
+        if self.stop and self.tok is not None:
+            text = self.tok.decode(completion, skip_special_tokens=True)
+            return any(s in text for s in self.stop)
+        return False
+
+
+def _accepts(model, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _next_logits(model, ids, mask, pos, cache, names: dict):
+    """One forward: the last position's logits (B, V) and the updated KV cache. ``names`` holds the keyword the
+    model takes its cache under (``cache`` in recent transformers, ``past_key_values`` before) and whether it can
+    compute the output head on the last position only."""
+    kw = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "use_cache": True}
+    if cache is not None:
+        kw[names["cache"]] = cache
+    if names["keep_last"]:
+        kw["logits_to_keep"] = 1
+    out = model(**kw)
+    new_cache = out.get("cache", None) if hasattr(out, "get") else None
+    return out.logits[:, -1].float(), new_cache if new_cache is not None else out.past_key_values
+
+
+def _uniforms(gens: list[torch.Generator]) -> torch.Tensor:
+    return torch.cat([torch.rand(1, generator=g) for g in gens])
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list, *, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, seed: int | None = 0, stop: list[str] | None = None,
-             batch_size: int = 32) -> list[str]:
-    """Complete each prompt; greedy when temperature == 0. Returns the new text only."""
+def sample(model, prompt_ids: list[list[int]], *, pad_id: int, eos_ids: set[int] | list[int] | int | None = None,
+           max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           seeds: list[int] | None = None, stop: list[str] | None = None, tokenizer=None) -> Rollout:
+    """Complete each prompt (token ids, no padding) in one batch; greedy when ``temperature == 0``.
+
+    ``seeds[i]`` seeds row i's own generator (DT-5); without seeds, rows draw from generators seeded off the global
+    torch RNG. A row stops at an eos id (kept as its last token, so a policy can learn to stop) or when its decoded
+    completion contains a stop string (``tokenizer`` needed); the batch stops when every row has.
+    """
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("sample() needs non-empty prompts (encode them with encode_prompt: bos counts)")
+    eos = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids or ())
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if seed is not None:
-        torch.manual_seed(seed)
+    B = len(prompt_ids)
+    if seeds is None:
+        seeds = torch.randint(0, 2**62, (B,)).tolist()
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    stopper = _Stopper(tokenizer, eos, stop)
+    ids, mask = (t.to(device) for t in _left_pad(prompt_ids, pad_id))
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, P): padded rows start at position 0, as generate() does
+    names = {"cache": "cache" if _accepts(model, "cache") else "past_key_values",
+             "keep_last": _accepts(model, "logits_to_keep")}
+    tokens, logps = [], []
+    alive = torch.ones(B, dtype=torch.bool)
+    completions: list[list[int]] = [[] for _ in range(B)]
+    cache = None
+    try:
+        step_ids, step_pos = ids, pos
+        for _ in range(max_new_tokens):
+            logits, cache = _next_logits(model, step_ids, mask, step_pos, cache, names)  # (B, V)
+            logits = logits.cpu()
+            if temperature > 0:
+                scaled = logits / temperature
+                nxt = sample_tokens(filter_logits(scaled, top_k, top_p), _uniforms(gens))
+            else:
+                scaled = logits
+                nxt = logits.argmax(-1)
+            lp = scaled.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)  # (B,)
+            nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
+            tokens.append(nxt)
+            logps.append(torch.where(alive, lp, torch.zeros_like(lp)))
+            for i in alive.nonzero().flatten().tolist():
+                completions[i].append(int(nxt[i]))
+                if stopper.done(int(nxt[i]), completions[i]):
+                    alive[i] = False
+            if not alive.any():
+                break
+            step_ids = nxt[:, None].to(device)
+            step_pos = step_pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
+    finally:
+        model.train(was_training)
+    tok_t = torch.stack(tokens, 1) if tokens else torch.zeros((B, 0), dtype=torch.long)
+    lp_t = torch.stack(logps, 1) if logps else torch.zeros((B, 0))
+    lengths = torch.tensor([len(c) for c in completions])
+    out_mask = (torch.arange(tok_t.shape[1])[None, :] < lengths[:, None]).long()
+    texts = [tokenizer.decode(c, skip_special_tokens=True) if tokenizer is not None else "" for c in completions]
+    texts = [_cut(t, stop) for t in texts]
+    return Rollout(prompt_ids=[list(p) for p in prompt_ids], tokens=tok_t, logprobs=lp_t, mask=out_mask,
+                   texts=texts, finished=(~alive).tolist())
+
+
+def eos_ids_of(model, tokenizer) -> set[int]:
+    """Every id that ends a completion: the tokenizer's eos and the model's generation config eos id(s)."""
+    ids = set()
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    for e in ([extra] if isinstance(extra, int) else (extra or [])):
+        ids.add(int(e))
+    return ids
+
+
+def generate(model, tokenizer, prompts: list, *, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int | None = 0, stop: list[str] | None = None,
+             batch_size: int = 32) -> list[str]:
+    """Complete each prompt (a string or a message list); greedy when temperature == 0. Returns the new text only.
+
+    With a ``seed``, prompt i is sampled from its own generator seeded by (seed, i): its output does not depend on
+    the batch size or on the other prompts.
+    """
+    pad = pad_id_of(tokenizer)
+    eos = eos_ids_of(model, tokenizer)
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = [encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
-        ids, mask = _left_pad(chunk, pad)
-        kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                  eos_token_id=tokenizer.eos_token_id)
-        if temperature > 0:
-            kw.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
-        for row in gen[:, ids.shape[1]:]:
-            out.append(_cut(tokenizer.decode(row, skip_special_tokens=True), stop))
-    model.train(was_training)
+        seeds = None if seed is None else [request_seed(seed, start + i) for i in range(len(chunk))]
+        r = sample(model, chunk, pad_id=pad, eos_ids=eos, max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_k=top_k, top_p=top_p, seeds=seeds, stop=stop, tokenizer=tokenizer)
+        out.extend(r.texts)
     return out
+
+
+def request_seed(*parts: int) -> int:
+    """A 62-bit seed mixed from integers (run seed, step, row, sample index): distinct parts give unrelated
+    streams, and the same parts give the same stream in any process."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h ^= (int(p) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
+        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return h >> 2

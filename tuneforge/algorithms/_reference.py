@@ -1,0 +1,72 @@
+"""The reference policy π_ref of DPO, PPO, GRPO and online DPO: the model the KL term (or implicit reward) measures
+against, which must stay fixed while the policy trains.
+
+With ``reference: auto`` it is the same model with its adapters switched off when every trainable parameter lives in
+an adapter (LoRA, IA3, LoKr, ...: no second copy of the weights), otherwise a frozen copy taken before training
+(full fine-tuning, freeze, BitFit — their base weights move). Reference log-probs are computed in eval mode (no
+dropout), so the reference is a fixed function, as the derivations assume.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from tuneforge.algorithms._logps import sequence_logps_from_model, token_logps_from_model
+from tuneforge.methods._scope import adapter_layers, adapter_scope
+
+MODES = ("auto", "adapters_off", "copy")
+
+
+def adapters_cover_trainable(model) -> bool:
+    """True when switching adapters off leaves exactly the untouched base (every trainable tensor is an adapter's)."""
+    base_ids = set()
+    adapter_ids = set()
+    for layer in adapter_layers(model):
+        for name, p in layer.named_parameters():
+            leaf = name.split(".")[0]
+            (base_ids if leaf in ("weight", "bias", "base_layer") else adapter_ids).add(id(p))
+    heads = {id(p) for n in ("reward_head", "value_head") if hasattr(model, n) for p in getattr(model, n).parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in heads]
+    return bool(trainable) and all(id(p) in adapter_ids - base_ids for p in trainable)
+
+
+def prepare_reference(model, mode: str, state: dict, who: str = "algorithm") -> None:
+    """Decide (once, before training and before a resume loads trained weights) what the reference is."""
+    if "reference_mode" in state:
+        return
+    if mode == "auto":
+        mode = "adapters_off" if adapters_cover_trainable(model) else "copy"
+    if mode == "adapters_off" and not adapters_cover_trainable(model):
+        raise ValueError(f"{who}.reference=adapters_off needs every trainable parameter to be an adapter's (lora, "
+                         "ia3, lokr, ...); this run trains base weights too — use reference: copy")
+    state["reference_mode"] = mode
+    if mode == "copy":
+        ref = copy.deepcopy(model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        state["reference_model"] = ref
+
+
+@torch.no_grad()
+def _with_reference(model, state: dict, fn):
+    if state.get("reference_mode") == "copy":
+        return fn(state["reference_model"])
+    was_training = model.training
+    model.eval()
+    try:
+        with adapter_scope(model, None):
+            return fn(model)
+    finally:
+        model.train(was_training)
+
+
+def reference_sequence_logps(model, batch: dict, state: dict) -> torch.Tensor:
+    """Summed response log-probs (B,) under π_ref."""
+    return _with_reference(model, state, lambda m: sequence_logps_from_model(m, batch)[0])
+
+
+def reference_token_logps(model, batch: dict, state: dict) -> torch.Tensor:
+    """Per-token response log-probs (B, T-1) under π_ref (0 off the response)."""
+    return _with_reference(model, state, lambda m: token_logps_from_model(m, batch)[0])

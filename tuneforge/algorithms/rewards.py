@@ -1,0 +1,201 @@
+"""Reward functions for the online algorithms (PPO, GRPO, rejection sampling, online DPO).
+
+A reward is any callable ``fn(prompts, completions, answers) -> list[float]``: ``prompts`` and ``completions`` are
+texts, ``answers`` the reference completions of the prompt rows (the ``completion`` field of prompt/completion data,
+the last assistant turn of chat data). Built-ins cover the verifiable-reward setting of DeepSeekMath/R1 (exact
+match, a format regex, a length target); ``python`` imports the user's own function; ``reward_model`` scores with a
+model trained by ``algorithm: reward``. Several combine with weights: r = Σ_k w_k r_k.
+
+Failure policy (never a silent NaN in the loss): a reward function that raises stops training with
+``RewardError`` naming the function and the data rows; a non-finite or missing value marks that sample invalid —
+the algorithm drops it (GRPO: its whole group, whose advantages would be meaningless) and counts it in the
+``invalid_rewards`` metric, with the rows logged.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Literal, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from tuneforge.tasks import exact_match as _exact
+
+
+class RewardError(RuntimeError):
+    """A reward function failed; the message names it and the rows it was scoring."""
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    weight: float = 1.0
+
+
+class ExactMatch(_Base):
+    """1 when the completion (cut at the first eos/newline, stripped) equals the reference answer, else 0."""
+    name: Literal["exact_match"] = "exact_match"
+
+
+class Regex(_Base):
+    """1 when the stripped completion fully matches ``pattern`` (a format reward), else 0."""
+    name: Literal["regex"] = "regex"
+    pattern: str
+
+
+class Length(_Base):
+    """−|len(completion) − target| / target in characters: 0 at the target length, negative either side."""
+    name: Literal["length"] = "length"
+    target: int = Field(gt=0)
+
+
+class Python(_Base):
+    """``module:function`` or ``path/to/file.py:function``, called as fn(prompts, completions, answers)."""
+    name: Literal["python"] = "python"
+    function: str
+
+
+class RewardModel(_Base):
+    """A reward model saved by ``algorithm: reward``: ``path`` is its ``adapter/`` (then ``base`` is the model the
+    adapter was trained on) or its ``model/`` directory."""
+    name: Literal["reward_model"] = "reward_model"
+    path: str
+    base: str | None = None
+    batch_size: int = Field(32, gt=0)
+
+
+RewardConfig = Annotated[Union[ExactMatch, Regex, Length, Python, RewardModel], Field(discriminator="name")]
+
+
+# --------------------------------------------------------------------------------------------------- built-ins
+def exact_match(prompts, completions, answers):
+    return [1.0 if _exact(c, a) else 0.0 for c, a in zip(completions, answers)]
+
+
+def regex(pattern: str):
+    rx = re.compile(pattern)
+    return lambda prompts, completions, answers: [1.0 if rx.fullmatch(c.strip()) else 0.0 for c in completions]
+
+
+def length(target: int):
+    return lambda prompts, completions, answers: [-abs(len(c) - target) / target for c in completions]
+
+
+def import_function(spec: str) -> Callable:
+    """``pkg.module:fn`` or ``file.py:fn`` -> the callable (the user's own code, named in their config)."""
+    if ":" not in spec:
+        raise ValueError(f"reward function {spec!r}: write it as module:function or path/to/file.py:function")
+    mod_name, attr = spec.rsplit(":", 1)
+    if mod_name.endswith(".py"):
+        path = Path(mod_name)
+        if not path.exists():
+            raise FileNotFoundError(f"reward function file not found: {path}")
+        mspec = importlib.util.spec_from_file_location(f"tuneforge_user_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(mspec)
+        sys.modules[mspec.name] = module
+        mspec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(mod_name)
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r}: {mod_name} has no callable {attr!r}")
+    return fn
+
+
+class ModelScorer:
+    """Scores (prompt ids, completion ids) with a trained reward head. When the reward model shares the policy's
+    vocabulary the token ids are scored as generated (plus eos, where the head was trained to read the score);
+    otherwise the texts are re-tokenized with the reward model's tokenizer."""
+
+    def __init__(self, cfg: RewardModel):
+        from types import SimpleNamespace
+
+        from tuneforge.algorithms.reward import load_head
+        from tuneforge.methods import load_adapter
+        from tuneforge.models.load import load_model
+
+        adapter = (Path(cfg.path) / "adapter_config.json").exists()
+        if adapter and not cfg.base:
+            raise ValueError(f"reward_model.path {cfg.path} is an adapter: set reward_model.base to its base model")
+        mcfg = SimpleNamespace(path=cfg.base if adapter else cfg.path, dtype="float32", trust_remote_code=False,
+                               revision=None, attn_implementation="sdpa")
+        self.model, self.tok = load_model(mcfg)
+        if adapter:
+            load_adapter(self.model, cfg.path)
+        load_head(self.model, cfg.path)
+        self.model.eval().requires_grad_(False)
+        self.batch_size = cfg.batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], texts: tuple, policy_tok):
+        from tuneforge.algorithms.reward import scores
+        from tuneforge.data import collate
+        from tuneforge.train.rollout import encode_prompt, pad_id_of
+
+        same = policy_tok is not None and policy_tok.get_vocab() == self.tok.get_vocab()
+        eos = self.tok.eos_token_id
+        seqs = []
+        for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+            if not same:
+                p = encode_prompt(self.tok, texts[0][i])
+                c = self.tok(texts[1][i], add_special_tokens=False)["input_ids"]
+            c = list(c) if (c and c[-1] == eos) or eos is None else list(c) + [eos]
+            seqs.append({"input_ids": list(p) + c, "labels": list(p) + c})
+        dev = next(self.model.parameters()).device
+        out: list[float] = []
+        for s in range(0, len(seqs), self.batch_size):
+            batch = {k: v.to(dev) for k, v in collate(seqs[s:s + self.batch_size], pad_id_of(self.tok)).items()}
+            out += scores(self.model, batch).tolist()
+        return out
+
+
+def build(cfg) -> Callable:
+    """A config -> the callable (text functions) or a ``ModelScorer`` (token-level)."""
+    table = {"exact_match": lambda c: exact_match, "regex": lambda c: regex(c.pattern),
+             "length": lambda c: length(c.target), "python": lambda c: import_function(c.function),
+             "reward_model": ModelScorer}
+    return table[cfg.name](cfg)
+
+
+# ------------------------------------------------------------------------------------------------ combination
+def combined_rewards(fns: list[tuple], prompts: list[str], completions: list[str], answers: list[str],
+                     prompt_ids: list[list[int]], completion_ids: list[list[int]], where: list[str],
+                     policy_tok=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_k w_k r_k per sample (N,) in float64, and a (N,) bool of which samples have every reward finite.
+
+    ``fns`` holds (label, weight, callable); ``where`` names each sample's data row (file:line) for messages.
+    """
+    total = torch.zeros(len(completions), dtype=torch.float64)
+    valid = torch.ones(len(completions), dtype=torch.bool)
+    for label, weight, fn in fns:
+        try:
+            if isinstance(fn, ModelScorer):
+                values = fn(prompt_ids, completion_ids, (prompts, completions), policy_tok)
+            else:
+                values = fn(prompts, completions, answers)
+        except Exception as e:  # the user's function: report which one and on what, then stop
+            rows = ", ".join(sorted(set(where))[:8])
+            raise RewardError(f"reward function {label} raised {type(e).__name__}: {e} (scoring rows {rows})") from e
+        values = list(values) if values is not None else []
+        if len(values) != len(completions):
+            raise RewardError(f"reward function {label} returned {len(values)} values for {len(completions)} "
+                              "completions; it must return one number per completion")
+        for i, v in enumerate(values):
+            try:
+                x = float(v)
+            except (TypeError, ValueError):
+                x = math.nan
+            if math.isfinite(x):
+                total[i] += weight * x
+            else:
+                valid[i] = False
+    return total, valid
+
+
+def reward_functions(cfgs: list) -> list[tuple]:
+    return [(f"{i}:{c.name}", c.weight, build(c)) for i, c in enumerate(cfgs)]
