@@ -126,7 +126,7 @@ def train(cfg: RunConfig, resume: str | None = None, allow_config_change: bool =
     algo, algo_state = ALGORITHMS[cfg.algorithm.name], {"tokenizer": tok, "data_path": cfg.data.train}
     if hasattr(algo, "prepare"):  # before resume loads trained weights: DPO's reference is the starting model
         algo.prepare(model, cfg.algorithm, algo_state)  # (and before the loop collects the trainable parameters)
-    prepare_methods(model, cfg.method, lambda: _calibration_losses(model, cfg, data, coll, d.device))
+    prepare_methods(model, cfg.method, lambda: _calibration_losses(model, cfg, data, coll, d.device, algo_state))
     adapters_only = not any(m.name in WHOLE_MODEL_METHODS for m in cfg.method)
     if cfg.train.frozen_bf16 and adapters_only and resolve_precision(cfg.train.precision, d.device) == "bf16":
         cast_frozen_matmul_weights_(model)  # the base is not saved, so its fp32 copy has no further use
@@ -158,21 +158,28 @@ def train(cfg: RunConfig, resume: str | None = None, allow_config_change: bool =
     return TrainOutput(out, saved, result)
 
 
-def _calibration_losses(model, cfg: RunConfig, data, coll, device):
+def _calibration_losses(model, cfg: RunConfig, data, coll, device, algo_state: dict):
     """The algorithm's loss on the first training batches in dataset order (the same on every rank), for methods
     that choose what to train from gradients (sparse fine-tuning's Fisher selection)."""
     from tuneforge.train.loop import StepContext
 
     algo, bs = ALGORITHMS[cfg.algorithm.name], cfg.train.batch_size
-    state: dict = {}  # one algorithm state for the whole pass (DPO builds its reference once)
+    state: dict = dict(algo_state)  # one algorithm state for the whole pass (DPO builds its reference once)
     model.eval()  # no dropout: the selection must not depend on the noise
     try:
         for start in range(0, len(data), bs):
             rows = list(range(start, min(start + bs, len(data))))
+            ctx = StepContext(normaliser=0.0, step=0, algo_state=state, seed=cfg.train.seed, micro_batch=bs)
+            if hasattr(algo, "make_experience"):  # online: score the policy's own rollouts of these prompts
+                exp = algo.make_experience(model, [data[i] for i in rows], cfg.algorithm, ctx)
+                ctx.normaliser = exp.weights[0] if exp.weights else 1.0
+                for batch in (exp.updates[0] if exp.updates else []):
+                    yield algo.step(model, batch, cfg.algorithm, ctx)[0]
+                continue
             batch = {k: v.to(device) for k, v in coll([data[i] for i in rows]).items()}
             weight = getattr(algo, "row_weight", None)
-            norm = float(sum(weight(data, i) for i in rows)) if weight else float(len(rows))
-            yield algo.step(model, batch, cfg.algorithm, StepContext(normaliser=norm, step=0, algo_state=state))[0]
+            ctx.normaliser = float(sum(weight(data, i) for i in rows)) if weight else float(len(rows))
+            yield algo.step(model, batch, cfg.algorithm, ctx)[0]
     finally:
         model.train()
 
@@ -204,12 +211,12 @@ def _save_final(model, tok, cfg: RunConfig, out: Path) -> Path:
     tmp = out / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     if whole:
-        head = model._modules.pop("reward_head", None)  # saved on its own below, not as an unknown HF weight
-        try:
+        heads = {n: model._modules.pop(n) for n in ("reward_head", "value_head") if n in model._modules}
+        try:  # the reward head is saved on its own below, not as an unknown HF weight; PPO's critic is not kept
             model.save_pretrained(tmp, safe_serialization=True)
         finally:
-            if head is not None:
-                model.reward_head = head
+            for n, h in heads.items():
+                setattr(model, n, h)
     else:
         base = None if cfg.model.path.startswith("tiny:") else os.path.abspath(cfg.model.path)
         save_adapter(model, cfg.method, tmp, base_path=base or cfg.model.path)

@@ -66,7 +66,7 @@ def step(model, batch: dict, cfg: Config, ctx) -> tuple[torch.Tensor, dict]:
     l_or, log_odds = odds_ratio_loss(mean[:b], mean[b:])
     per_pair = -mean[:b] + cfg.lam * l_or
     norm = max(ctx.normaliser, 1.0)
-    metrics = {"sft_loss": float(-mean[:b].sum()) / norm, "or_loss": float(l_or.sum()) / norm,
-               "log_odds_ratio": float(log_odds.sum()) / norm,
+    metrics = {"sft_loss": float(-mean[:b].detach().sum()) / norm, "or_loss": float(l_or.detach().sum()) / norm,
+               "log_odds_ratio": float(log_odds.detach().sum()) / norm,
                "preference_accuracy": float((log_odds > 0).float().sum()) / norm, "pairs": b}
     return per_pair.sum() / norm, metrics

@@ -1,0 +1,73 @@
+"""Every method under every algorithm: 3 optimizer steps of each pair on the tiny Llama, through the real
+``api.train`` (config validation, algorithm prepare, the one loop, final save). Each pair must produce finite
+losses, move its trainable parameters, and leave a saved adapter/model behind."""
+
+import pytest
+import torch
+from conftest import base_config, write_jsonl
+
+from tuneforge.algorithms import ALGORITHMS
+from tuneforge.api import train
+from tuneforge.config import load_config
+from tuneforge.tasks import make_examples, preference_pairs
+
+METHODS = {  # name -> method config on the tiny llama (bias-free: bitfit adds biases)
+    "full": {"name": "full"}, "freeze": {"name": "freeze", "top_k": 1}, "bitfit": {"name": "bitfit", "add_bias": True},
+    "diff_pruning": {"name": "diff_pruning", "density": 0.01},
+    "sparse": {"name": "sparse", "density": 0.01, "selection": "gradient", "calibration_batches": 1},
+    "lora": {"name": "lora", "rank": 4}, "dora": {"name": "lora", "rank": 4, "dora": True},
+    "qlora": {"name": "qlora", "rank": 4}, "lokr": {"name": "lokr", "rank": 2}, "ia3": {"name": "ia3"},
+    "lora+ia3": [{"name": "lora", "rank": 4}, {"name": "ia3"}],
+}
+ONLINE = {"max_new_tokens": 4, "rewards": [{"name": "length", "target": 2}]}
+ALGORITHM_CONFIGS = {
+    "sft": {}, "reward": {}, "dpo": {"beta": 0.1}, "orpo": {"lam": 0.5},
+    "grpo": {**ONLINE, "num_generations": 2}, "ppo": {**ONLINE, "ppo_epochs": 2},
+    "rejection_sampling": {**ONLINE, "num_samples": 2}, "online_dpo": ONLINE,
+    "rlaif": {"max_new_tokens": 4, "judge": {"function": "JUDGE"}},
+}
+
+
+def test_every_algorithm_is_in_the_matrix():
+    assert set(ALGORITHM_CONFIGS) == set(ALGORITHMS)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("matrix")
+    judge = d / "judge.py"
+    judge.write_text("def shorter(prompt, a, b):\n    return 1.0 if len(a) < len(b) else 0.0\n")
+    return {"pc": write_jsonl(d / "pc.jsonl", make_examples("copy", 24, seed=1)),
+            "pref": write_jsonl(d / "pref.jsonl", preference_pairs("reverse", 24, seed=1)),
+            "judge": f"{judge}:shorter"}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("algorithm", list(ALGORITHM_CONFIGS))
+def test_method_trains_under_algorithm(method, algorithm, files, tmp_path):
+    algo = {"name": algorithm, **ALGORITHM_CONFIGS[algorithm]}
+    if algorithm == "rlaif":
+        algo["judge"] = {"function": files["judge"]}
+    data = files["pref"] if algorithm in ("reward", "dpo", "orpo") else files["pc"]
+    cfg = base_config(tmp_path, data, max_steps=3, batch_size=2, learning_rate=1e-2)
+    m = METHODS[method]
+    cfg.update(method=m if isinstance(m, list) else [m], algorithm=algo)
+    before = {}
+
+    def snapshot(loop):
+        if not before:
+            before.update({n: p.detach().clone() for n, p in loop.params.items()})
+
+    out = train(load_config(cfg), hooks={"after_backward": snapshot})
+    history = out.result.history
+    assert len(history) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history), history
+    assert out.result.state.skipped_steps == 0
+    moved = [n for n, p in _final_params(out).items() if n in before and not torch.equal(p, before[n])]
+    assert moved, f"{method} under {algorithm}: no trainable tensor changed in 3 steps"
+    assert out.saved is not None and out.saved.exists()
+
+
+def _final_params(out):
+    from tuneforge.safeio import load_safetensors
+
+    return load_safetensors(out.result.checkpoint / "model.safetensors")
