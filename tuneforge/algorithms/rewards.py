@@ -14,6 +14,7 @@ the algorithm drops it (GRPO: its whole group, whose advantages would be meaning
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import math
@@ -25,7 +26,7 @@ from typing import Annotated, Callable, Literal, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from tuneforge.tasks import exact_match as _exact
+from tuneforge.tasks import EOS, exact_match as _exact
 
 
 class RewardError(RuntimeError):
@@ -40,6 +41,12 @@ class _Base(BaseModel):
 class ExactMatch(_Base):
     """1 when the completion (cut at the first eos/newline, stripped) equals the reference answer, else 0."""
     name: Literal["exact_match"] = "exact_match"
+
+
+class Similarity(_Base):
+    """difflib's ratio between the completion (cut as for exact match) and the reference answer, in [0, 1]: a dense
+    reward that tells a near miss from a wild guess, where exact match is 0 for both."""
+    name: Literal["similarity"] = "similarity"
 
 
 class Regex(_Base):
@@ -69,12 +76,17 @@ class RewardModel(_Base):
     batch_size: int = Field(32, gt=0)
 
 
-RewardConfig = Annotated[Union[ExactMatch, Regex, Length, Python, RewardModel], Field(discriminator="name")]
+RewardConfig = Annotated[Union[ExactMatch, Similarity, Regex, Length, Python, RewardModel], Field(discriminator="name")]
 
 
 # --------------------------------------------------------------------------------------------------- built-ins
 def exact_match(prompts, completions, answers):
     return [1.0 if _exact(c, a) else 0.0 for c, a in zip(completions, answers)]
+
+
+def similarity(prompts, completions, answers):
+    cut = [c.split(EOS, 1)[0].split("\n", 1)[0].strip() for c in completions]
+    return [difflib.SequenceMatcher(None, c, a.strip()).ratio() for c, a in zip(cut, answers)]
 
 
 def regex(pattern: str):
@@ -156,7 +168,7 @@ class ModelScorer:
 
 def build(cfg) -> Callable:
     """A config -> the callable (text functions) or a ``ModelScorer`` (token-level)."""
-    table = {"exact_match": lambda c: exact_match, "regex": lambda c: regex(c.pattern),
+    table = {"exact_match": lambda c: exact_match, "similarity": lambda c: similarity, "regex": lambda c: regex(c.pattern),
              "length": lambda c: length(c.target), "python": lambda c: import_function(c.function),
              "reward_model": ModelScorer}
     return table[cfg.name](cfg)
