@@ -17,10 +17,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from tuneforge.models.load import ModelLoadError
     from tuneforge.safeio import UnsafeFileError
     from tuneforge.train.checkpoint import CheckpointError
+    from tuneforge.algorithms.rewards import RewardError
     from tuneforge.train.loop import TrainingAborted
 
     return (ConfigError, DataError, TargetError, ModelLoadError, UnsafeFileError, CheckpointError, TrainingAborted,
-            FileNotFoundError)
+            RewardError, FileNotFoundError)
 
 
 # ------------------------------------------------------------------------------------------------------ commands
@@ -114,6 +115,35 @@ def cmd_score(a) -> int:
     if results and isinstance(results[0], tuple):
         acc = sum(c > r for c, r in results) / len(results)
         print(json.dumps({"file": a.data, "pairs": len(results), "pairwise_accuracy": acc}))
+    return 0
+
+
+def cmd_label(a) -> int:
+    """RLAIF labelling: a judge LM (or function) turns response pairs into preference rows for reward/dpo."""
+    import os
+
+    from pydantic import ValidationError
+
+    from tuneforge.algorithms.rlaif import Judge, build_judge, label_rows, read_response_pairs
+    from tuneforge.config import ConfigError
+    from tuneforge.tasks import write_jsonl
+
+    kw = {"model": a.judge_model, "adapter": a.judge_adapter, "function": a.judge_function}
+    if a.template:
+        kw["template"] = a.template
+    if a.choices:
+        kw["choices"] = tuple(a.choices.split(",", 1))
+    try:
+        judge_cfg = Judge(**kw)
+    except ValidationError as e:
+        raise ConfigError([(".".join(map(str, x["loc"])) or "judge", x["msg"]) for x in e.errors()], "label")
+    rows = read_response_pairs(a.data)
+    labelled, ties = label_rows(build_judge(judge_cfg), rows)
+    tmp = f"{a.out}.tmp-{os.getpid()}"
+    write_jsonl(labelled, tmp)
+    os.replace(tmp, a.out)
+    print(json.dumps({"file": a.data, "pairs": len(rows), "labelled": len(labelled), "ties_skipped": ties,
+                      "out": a.out}))
     return 0
 
 
@@ -274,6 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--data", required=True, help="JSONL/CSV/Parquet of prompt/completion or prompt/chosen/rejected")
     sc.add_argument("--max-len", type=int, default=1024)
     sc.set_defaults(fn=cmd_score)
+    lb = sub.add_parser("label", help="RLAIF: a judge model labels response pairs as preference rows")
+    lb.add_argument("--data", required=True, help='JSONL of {"prompt", "responses": [a, b]}')
+    lb.add_argument("--out", required=True, help="preference rows {prompt, chosen, rejected, judge_p} to write")
+    lb.add_argument("--judge-model", help="local judge model directory (or tiny:<preset>)")
+    lb.add_argument("--judge-adapter", help="adapter to load on the judge model")
+    lb.add_argument("--judge-function", help="module:function or file.py:function returning P(a better)")
+    lb.add_argument("--template", help="judge rubric with {prompt}, {a}, {b}")
+    lb.add_argument("--choices", help="the two answer tokens, comma-separated (default A,B)")
+    lb.set_defaults(fn=cmd_label)
     m = sub.add_parser("merge", help="fold an adapter into the base and save a plain HF model")
     _model_args(m)
     m.add_argument("--out", required=True)

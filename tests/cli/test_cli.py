@@ -127,3 +127,42 @@ def test_show_sample_marks_loss_tokens(tmp_path, capsys):
     path = write_jsonl(tmp_path / "chat.jsonl", [row])
     code, out, _ = run(["data", "check", path, "--model", "tiny:llama", "--show-sample"], capsys)
     assert code == 0 and "<|user|>hi</s><|assistant|>[[hello</s>]]" in out
+
+
+def test_label_writes_preference_rows_from_a_judge(tmp_path, capsys):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "rev ab:", "responses": ["ab", "ba"]},
+                                                   {"prompt": "rev cd:", "responses": ["dc", "cd"]},
+                                                   {"prompt": "rev ee:", "responses": ["ee", "ee"]}])
+    judge = tmp_path / "judge.py"
+    judge.write_text("def rev(prompt, a, b):\n    w = prompt[4:-1][::-1]\n    return float(a == w) - float(b == w) / 2 + 0.5\n")
+    out = tmp_path / "labelled.jsonl"
+    code, stdout, err = run(["label", "--data", pairs, "--out", str(out), "--judge-function", f"{judge}:rev"], capsys)
+    assert code == 0, err
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("ba", "ab"), ("dc", "cd")]
+    assert json.loads(stdout)["ties_skipped"] == 1
+    # an LM judge runs end to end too (a random tiny model: only the file's shape is checked)
+    code, stdout, err = run(["label", "--data", pairs, "--out", str(out), "--judge-model", "tiny:llama"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["pairs"] == 3
+    code, _, err = run(["label", "--data", pairs, "--out", str(out)], capsys)
+    assert code == 2 and "exactly one of model" in err
+
+
+def test_grpo_train_from_the_cli_and_a_raising_reward_is_a_clear_error(tmp_path, pc_file, capsys):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def score(prompts, completions, answers):\n    return 1 / 0\n")
+    cfg = base_config(tmp_path, pc_file, max_steps=2, batch_size=2)
+    cfg["algorithm"] = {"name": "grpo", "num_generations": 2, "max_new_tokens": 4,
+                        "rewards": [{"name": "python", "function": f"{bad}:score"}]}
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, _, err = run(["train", str(path)], capsys)
+    assert code == 2 and "0:python raised ZeroDivisionError" in err and "train.jsonl:" in err
+    code, _, err = run(["train", str(path), "algorithm.rewards.0.name=length", "algorithm.rewards.0.target=3",
+                        "algorithm.rewards.0.function=null"], capsys)
+    assert code == 2 and "function" in err  # length takes no function: extra keys are refused
+    cfg["algorithm"]["rewards"] = [{"name": "length", "target": 3}]
+    path.write_text(yaml.safe_dump(cfg))
+    code, _, err = run(["train", str(path)], capsys)
+    assert code == 0, err
