@@ -221,9 +221,9 @@ def _save_final(model, tok, cfg: RunConfig, out: Path) -> Path:
         base = None if cfg.model.path.startswith("tiny:") else os.path.abspath(cfg.model.path)
         save_adapter(model, cfg.method, tmp, base_path=base or cfg.model.path)
     tok.save_pretrained(tmp)
-    if hasattr(model, "reward_head"):
-        from tuneforge.algorithms.reward import save_head
+    from tuneforge.algorithms.reward import has_head, save_head
 
+    if has_head(model) and cfg.algorithm.name == "reward":
         save_head(model, tmp)
     if final.exists():
         shutil.rmtree(final)

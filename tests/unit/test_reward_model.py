@@ -81,3 +81,49 @@ def test_score_cli_reads_the_head_back(tmp_path, pairs_file, capsys):
 def test_ranking_of_k_expands_to_k_choose_2_pairs_with_the_better_first():
     pairs = reward.ranking_pairs(["best", "mid", "worst"])
     assert [(a, b) for a, b in pairs] == [("best", "mid"), ("best", "worst"), ("mid", "worst")]
+
+
+def test_ranking_rows_expand_to_all_pairs_better_first(tmp_path):
+    from tuneforge.data import build_dataset
+    from tuneforge.data.report import DataError
+    from tuneforge.models.tiny import char_tokenizer
+
+    rows = [{"prompt": "rev ab:", "ranking": ["ba", "bb", "ab"]}, {"prompt": "rev cd:", "chosen": "dc", "rejected": "cd"}]
+    ds = build_dataset(write_jsonl(tmp_path / "rank.jsonl", rows), char_tokenizer(), max_len=32)
+    assert ds.report.format == "preference" and len(ds) == 4  # 3 choose 2 + 1
+    tok = char_tokenizer()
+    decoded = [(tok.decode([t for t, l in zip(r["input_ids"], r["labels"]) if l != -100], skip_special_tokens=True),
+                tok.decode([t for t, l in zip(r["rejected_input_ids"], r["rejected_labels"]) if l != -100],
+                           skip_special_tokens=True)) for r in ds.rows]
+    assert decoded == [("ba", "bb"), ("ba", "ab"), ("bb", "ab"), ("dc", "cd")]
+    assert [r["line"] for r in ds.rows] == [1, 1, 1, 2]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "ranking": ["a"]}, {"prompt": "p", "ranking": ["a", "a"]}])
+    with pytest.raises(DataError) as e:
+        build_dataset(bad, char_tokenizer(), max_len=32)
+    assert "bad.jsonl:1" in str(e.value) and "bad.jsonl:2" in str(e.value) and "repeated" in str(e.value)
+
+
+def test_sequence_classification_model_trains_its_own_score_head(tmp_path, pairs_file, capsys):
+    """A *ForSequenceClassification checkpoint (num_labels = 1) is a reward model as it is: its score head trains
+    (with the method's adapters), is saved beside the adapter, and `tuneforge score` reads it back."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tuneforge.models.tiny import _make_config, char_tokenizer
+
+    tok = char_tokenizer()
+    config = _make_config("llama", None, tok)
+    config.num_labels, config.pad_token_id = 1, tok.pad_token_id
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    d = base_config(tmp_path, pairs_file, max_steps=3, learning_rate=1e-2)
+    d.update(model={"path": str(tmp_path / "rm")}, algorithm={"name": "reward"})
+    out = api.train(RunConfig.model_validate(d))
+    assert all(math.isfinite(h["loss"]) for h in out.result.history)
+    from tuneforge.safeio import load_safetensors
+
+    assert set(load_safetensors(out.saved / reward.HEAD_FILE)) == {"weight"}  # the model's own bias-free score
+    with pytest.raises(SystemExit):
+        main(["score", "--model", str(tmp_path / "rm"), "--adapter", str(out.saved), "--data", pairs_file])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["pairs"] == 48

@@ -8,8 +8,9 @@ Touvron et al. 2023, eq. 2) asks for a larger gap on pairs labelled as clearly b
 rankings of K responses and trains on all K-choose-2 pairs of each ranking together (``ranking_pairs``), which it
 found both cheaper (one forward per response, not per pair) and less prone to over-fitting than shuffled pairs.
 
-The score r(x, y) is a linear head on the decoder's hidden state at the response's last token (its eos), added to a
-causal LM as ``model.reward_head`` (small random weights: a zero head would give the adapters below it no gradient
+The score r(x, y) is a linear head on the decoder's hidden state at the response's last token (its eos): the
+``score`` head of a sequence-classification model (``*ForSequenceClassification`` with one label, trained in place),
+or, on a causal LM, one added as ``model.reward_head`` (small random weights: a zero head would give the adapters below it no gradient
 at first) and trained together with whatever the method trains. It is saved beside the adapter/model as ``reward_head.safetensors``; ``tuneforge score``
 reads it back.
 """
@@ -51,8 +52,21 @@ def ranking_pairs(ranking: list) -> list[tuple]:
 
 
 # ------------------------------------------------------------------------------------------------- the score head
+def is_sequence_classifier(model: nn.Module) -> bool:
+    """A ``*ForSequenceClassification`` model with one label: its own ``score`` head is the reward head."""
+    score = getattr(model, "score", None)
+    return isinstance(score, nn.Linear) and score.out_features == 1
+
+
+def has_head(model: nn.Module) -> bool:
+    return hasattr(model, "reward_head") or is_sequence_classifier(model)
+
+
 def attach_head(model: nn.Module) -> nn.Linear:
-    """Add (once) a trainable scalar head ``model.reward_head`` in fp32 (seeded by the run's seed)."""
+    """The trainable scalar head: a sequence classifier's ``score``, or (added once to a causal LM) ``reward_head``
+    in fp32, seeded by the run's seed."""
+    if is_sequence_classifier(model):
+        return model.score.requires_grad_(True)
     if not hasattr(model, "reward_head"):
         hidden = model.config.hidden_size
         dev = next(model.parameters()).device
@@ -69,13 +83,15 @@ def scores(model: nn.Module, batch: dict) -> torch.Tensor:
     hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
     last = batch["attention_mask"].sum(1) - 1  # (B,)
     h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-    return model.reward_head(h.float()).squeeze(-1)
+    head = model.score if is_sequence_classifier(model) else model.reward_head
+    return head(h.to(head.weight.dtype)).float().squeeze(-1)
 
 
 def save_head(model: nn.Module, out_dir: str | Path) -> None:
     from tuneforge.safeio import save_safetensors
 
-    save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.reward_head.state_dict().items()},
+    head = model.score if is_sequence_classifier(model) else model.reward_head
+    save_safetensors({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
                      Path(out_dir) / HEAD_FILE, metadata={"format": "pt"})
 
 
@@ -83,6 +99,8 @@ def load_head(model: nn.Module, directory: str | Path) -> None:
     from tuneforge.safeio import load_safetensors
 
     file = Path(directory) / HEAD_FILE
+    if not file.exists() and is_sequence_classifier(model):
+        return  # a sequence-classification checkpoint carries its score head in its own weights
     if not file.exists():
         raise FileNotFoundError(f"{file}: no reward head here (was this directory written by a reward run?)")
     head = attach_head(model)

@@ -200,16 +200,19 @@ def _tokenize_all(scan: _Scan, encoder: Encoder, max_len: int, truncation: str) 
     report, path = scan.report, encoder.path
     report.tokenized = True
     for row_id, line, payload in scan.good:
-        if encoder.fmt == "preference":
-            row = _fit_pair(scan, path, line, encoder.encode_pair(payload), max_len, truncation)
+        if encoder.fmt == "preference":  # a ranking row is several pairs, each its own training row
+            pairs = payload if isinstance(payload, list) else [payload]
+            rows = [_fit_pair(scan, path, line, encoder.encode_pair(p), max_len, truncation) for p in pairs]
         else:
             try:
                 ids, labels = encoder.encode(payload, line)
             except RowError as e:
                 report.bad_rows.append((path, line, str(e)))
                 continue
-            row = _fit(scan, path, line, ids, labels, max_len, truncation)
-        if row is not None:
+            rows = [_fit(scan, path, line, ids, labels, max_len, truncation)]
+        for row in rows:
+            if row is None:
+                continue
             row["row_id"] = row_id
             scan.rows.append(row)
             report.total_tokens += len(row["input_ids"]) + len(row.get("rejected_input_ids", ()))

@@ -21,8 +21,9 @@ class RowError(ValueError):
 
 
 def detect_format(value: dict) -> str | None:
-    """``chosen``+``rejected`` > ``messages`` > ``prompt``+``completion`` > ``text``; None when none of them."""
-    if "chosen" in value and "rejected" in value:
+    """``chosen``+``rejected`` (or a ``ranking``) > ``messages`` > ``prompt``+``completion`` > ``text``; None when
+    none of them."""
+    if ("chosen" in value and "rejected" in value) or "ranking" in value:
         return "preference"
     if "messages" in value:
         return "messages"
@@ -51,15 +52,32 @@ def validate(value: dict, fmt: str) -> Any:
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
-def _preference(value: dict) -> tuple[str, str, str]:
+def _preference(value: dict) -> tuple[str, str, str] | list[tuple[str, str, str]]:
     """(prompt, chosen, rejected): two non-empty responses that differ (identical ones carry no preference and
-    would give DPO a zero gradient while still counting in its mean)."""
+    would give DPO a zero gradient while still counting in its mean). A ``ranking`` of K responses, best first,
+    is the list of its K-choose-2 (prompt, better, worse) pairs (InstructGPT's reward-model data)."""
+    if "ranking" in value and not ("chosen" in value and "rejected" in value):
+        return _ranking(value)
     prompt = _string(value, "prompt", allow_empty=True)
     chosen = _string(value, "chosen", allow_empty=False)
     rejected = _string(value, "rejected", allow_empty=False)
     if chosen == rejected:
         raise RowError("chosen, rejected: identical responses (no preference to learn)")
     return prompt, chosen, rejected
+
+
+def _ranking(value: dict) -> list[tuple[str, str, str]]:
+    from itertools import combinations
+
+    prompt = _string(value, "prompt", allow_empty=True)
+    ranking = value["ranking"]
+    if not isinstance(ranking, list) or len(ranking) < 2:
+        raise RowError(f"ranking: expected a list of at least 2 responses (best first), got {json_type(ranking)}"
+                       + (f" of {len(ranking)}" if isinstance(ranking, list) else ""))
+    responses = [_string({"r": r}, "r", allow_empty=False, where=f"ranking[{i}]") for i, r in enumerate(ranking)]
+    if len(set(responses)) != len(responses):
+        raise RowError("ranking: repeated responses (no preference between them)")
+    return [(prompt, a, b) for a, b in combinations(responses, 2)]
 
 
 def _string(obj: dict, key: str, *, allow_empty: bool, where: str | None = None) -> str:

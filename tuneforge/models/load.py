@@ -104,7 +104,10 @@ def _load_local(path: Path, mcfg: Any, trust: bool, revision: str | None):
     attn = getattr(mcfg, "attn_implementation", None)
     if attn:
         model_kwargs["attn_implementation"] = attn
-    model = _guarded("model", path, AutoModelForCausalLM.from_pretrained, str(path), **model_kwargs)
+    auto = AutoModelForCausalLM
+    if any(str(a).endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or [])):
+        from transformers import AutoModelForSequenceClassification as auto  # a reward model with a score head
+    model = _guarded("model", path, auto.from_pretrained, str(path), **model_kwargs)
     tokenizer = _guarded("tokenizer", path, AutoTokenizer.from_pretrained, str(path), **common)
     model.eval()
     return model, tokenizer
