@@ -86,14 +86,6 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x − mean) / std over the masked entries (advantage normalisation, as in every PPO implementation)."""
-    m = mask.to(x.dtype)
-    mean = (x * m).sum() / m.sum().clamp_min(1)
-    var = (((x - mean) * m) ** 2).sum() / (m.sum() - 1).clamp_min(1)
-    return (x - mean) * torch.rsqrt(var + eps) * m
-
-
 # ------------------------------------------------------------------------------------------------- training step
 def attach_value_head(model: nn.Module) -> nn.Linear:
     """The critic: a linear head ``model.value_head`` on the policy's last hidden state (fp32, zero init, so
@@ -144,9 +136,10 @@ def make_experience(model, rows: list[dict], cfg: Config, ctx):
     keep = [i for i in range(len(owner)) if valid[i]]
     micro = [_experience_batch(model, [train_rows[i] for i in idx], scores[idx].float(), cfg, ctx)
              for idx in O.chunks(keep, ctx.micro_batch)]
-    if cfg.whiten_advantages and micro:
+    if cfg.whiten_advantages and micro:  # (Â − mean) / std over every response token of the rollout batch
         flat = torch.cat([b["advantages"][b["response_mask"].bool()] for b in micro])
-        mean, std = flat.mean(), flat.std().nan_to_num(0.0) if flat.numel() > 1 else flat.new_tensor(0.0)
+        mean = flat.mean()
+        std = flat.std().nan_to_num(0.0) if flat.numel() > 1 else flat.new_tensor(0.0)
         for b in micro:
             b["advantages"] = (b["advantages"] - mean) / (std + 1e-8) * b["response_mask"]
     if cfg.ptx_coef:
