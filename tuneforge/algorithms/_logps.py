@@ -45,19 +45,33 @@ def supervised_logits(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torc
     return head(hidden[keep]), targets[keep]  # (N, V), (N,)
 
 
+def _inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    targets = shift(batch["labels"])  # (B, T-1)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    return targets, targets != IGNORE, inputs
+
+
+def _fused(model: nn.Module, batch: dict):
+    """(hidden (B, T-1, H), log p (N,), keep (B, T-1)) through the chunked head+softmax, or None when the model's
+    head cannot be fused (an adapted or quantised head, soft-capped logits)."""
+    head = _head(model)
+    if head is None or not fusable_head(head):
+        return None
+    targets, keep, inputs = _inputs(batch)
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
+    return hidden, head_token_logps(head, hidden[keep], targets[keep]), keep
+
+
 def supervised_token_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """log p of every supervised next token (N,) in fp32, and the (B, T-1) mask of where they sit.
 
     A plain linear head goes through the chunked head+softmax of ``_head_logps`` (no (N, V) logits are kept);
     anything else (an adapted or quantised head, soft-capped logits) through the model's own head.
     """
-    targets = shift(batch["labels"])  # (B, T-1)
-    keep = targets != IGNORE
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    head = _head(model)
-    if head is not None and fusable_head(head):
-        hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
-        return head_token_logps(head, hidden[keep], targets[keep]), keep
+    fused = _fused(model, batch)
+    if fused is not None:
+        return fused[1], fused[2]
+    _, keep, _ = _inputs(batch)
     logits, picked = supervised_logits(model, batch)  # (N, V), (N,)
     if picked.numel() == 0:
         return logits.sum(-1) * 0.0, keep
@@ -103,14 +117,11 @@ def token_logps_from_model(model: nn.Module, batch: dict) -> tuple[torch.Tensor,
 def token_logps_and_hidden(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """As ``token_logps_from_model``, plus the decoder's last hidden states (B, T-1, H) from the same forward: an
     actor-critic (PPO) reads its value head off the trunk that produced the policy, in one pass."""
-    targets = shift(batch["labels"])  # (B, T-1)
-    keep = targets != IGNORE
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    head = _head(model)
-    if head is not None and fusable_head(head):
-        hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
-        logps = head_token_logps(head, hidden[keep], targets[keep])  # (N,)
+    fused = _fused(model, batch)
+    if fused is not None:
+        hidden, logps, keep = fused
     else:
+        targets, keep, inputs = _inputs(batch)
         out = model(**inputs, use_cache=False, output_hidden_states=True)
         hidden = out.hidden_states[-1][:, :-1]
         logps = -F.cross_entropy(out.logits[:, :-1][keep].float(), targets[keep], reduction="none")
