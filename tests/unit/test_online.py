@@ -124,3 +124,22 @@ def test_online_accumulation_equals_the_full_batch(tmp_path, loss_type):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)
     assert math.isfinite(ha[-1]["loss"])
+
+
+def test_bf16_rollouts_put_the_fp32_weights_back_untouched():
+    from tuneforge.methods import METHODS, apply_methods
+    from tuneforge.models.tiny import build_tiny
+    from tuneforge.train.precision import frozen_weights_as
+    from tuneforge.train.rollout import encode_prompt, sample
+
+    model, tok = build_tiny("llama")
+    apply_methods(model, [METHODS["lora"].Config(rank=4)])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    enc = [encode_prompt(tok, "copy abc:")]
+    with frozen_weights_as(model) as n:
+        assert n > 0 and model.lm_head.weight.dtype == torch.bfloat16
+        assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+        r = sample(model, enc, pad_id=0, max_new_tokens=6, temperature=1.0, seeds=[1], tokenizer=tok)
+    assert r.tokens.shape == (1, 6)
+    after = model.state_dict()
+    assert all(after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]) for k in before)

@@ -43,22 +43,46 @@ def _matmul_only(module: nn.Module) -> bool:
     return type(module) is nn.Linear or arch.is_conv1d(module)
 
 
-def cast_frozen_matmul_weights_(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Store frozen fp32 weights/biases of matmul-only layers in ``dtype``; returns how many tensors were cast.
-
-    Only valid while every forward runs under autocast to ``dtype`` and the base weights are not saved (adapter
-    methods). A tensor shared with any other kind of module (a head tied to the input embedding) is left alone:
-    the embedding lookup runs in the weight's own dtype and would change.
-    """
+def _castable(model: nn.Module) -> list[nn.Parameter]:
+    """Frozen fp32 weights/biases used only by matmul-only layers. A tensor shared with any other kind of module (a
+    head tied to the input embedding) is left out: the embedding lookup runs in the weight's own dtype."""
     users: dict[int, list[nn.Module]] = {}
     for module in model.modules():
         for p in module.parameters(recurse=False):
             users.setdefault(id(p), []).append(module)
-    cast = 0
+    out = []
     for p in {id(p): p for p in model.parameters()}.values():
         mods = users.get(id(p), [])
         if p.requires_grad or p.dtype != torch.float32 or not mods or not all(_matmul_only(m) for m in mods):
             continue
+        out.append(p)
+    return out
+
+
+def cast_frozen_matmul_weights_(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Store frozen fp32 weights/biases of matmul-only layers in ``dtype``; returns how many tensors were cast.
+
+    Only valid while every forward runs under autocast to ``dtype`` and the base weights are not saved (adapter
+    methods).
+    """
+    params = _castable(model)
+    for p in params:
         p.data = p.data.to(dtype)
-        cast += 1
-    return cast
+    return len(params)
+
+
+@contextlib.contextmanager
+def frozen_weights_as(model: nn.Module, dtype: torch.dtype = torch.bfloat16):
+    """For the duration: frozen matmul weights held in ``dtype`` and forwards under autocast to it; afterwards the
+    fp32 tensors are put back untouched. Rollouts use it to sample at bf16 speed from an fp32-trained policy."""
+    params = _castable(model)
+    saved = [p.data for p in params]
+    device = next(model.parameters()).device
+    try:
+        for p in params:
+            p.data = p.data.to(dtype)
+        with torch.autocast(device.type, dtype=dtype):
+            yield len(params)
+    finally:
+        for p, d in zip(params, saved):
+            p.data = d

@@ -152,7 +152,6 @@ def _uniforms(gens: list[torch.Generator]) -> torch.Tensor:
     return torch.cat([torch.rand(1, generator=g) for g in gens])
 
 
-@torch.no_grad()
 def sample(model, prompt_ids: list[list[int]], *, pad_id: int, eos_ids: set[int] | list[int] | int | None = None,
            max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            seeds: list[int] | None = None, stop: list[str] | None = None, tokenizer=None) -> Rollout:
@@ -173,6 +172,25 @@ def sample(model, prompt_ids: list[list[int]], *, pad_id: int, eos_ids: set[int]
         seeds = torch.randint(0, 2**62, (B,)).tolist()
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     stopper = _Stopper(tokenizer, eos, stop)
+    try:
+        with torch.inference_mode():  # outputs are cloned below into ordinary tensors, usable in autograd
+            tokens, logps, alive, completions = _decode(model, prompt_ids, pad_id, device, gens, stopper,
+                                                        max_new_tokens, temperature, top_k, top_p)
+    finally:
+        model.train(was_training)
+    tok_t = torch.stack(tokens, 1).clone() if tokens else torch.zeros((B, 0), dtype=torch.long)
+    lp_t = torch.stack(logps, 1).clone() if logps else torch.zeros((B, 0))
+    lengths = torch.tensor([len(c) for c in completions])
+    out_mask = (torch.arange(tok_t.shape[1])[None, :] < lengths[:, None]).long()
+    texts = [tokenizer.decode(c, skip_special_tokens=True) if tokenizer is not None else "" for c in completions]
+    texts = [_cut(t, stop) for t in texts]
+    return Rollout(prompt_ids=[list(p) for p in prompt_ids], tokens=tok_t, logprobs=lp_t, mask=out_mask,
+                   texts=texts, finished=(~alive).tolist())
+
+
+def _decode(model, prompt_ids, pad_id, device, gens, stopper, max_new_tokens, temperature, top_k, top_p):
+    """The token loop: prefill, then one cached forward per new token until every row has ended."""
+    B = len(prompt_ids)
     ids, mask = (t.to(device) for t in _left_pad(prompt_ids, pad_id))
     pos = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, P): padded rows start at position 0, as generate() does
     names = {"cache": "cache" if _accepts(model, "cache") else "past_key_values",
@@ -180,41 +198,30 @@ def sample(model, prompt_ids: list[list[int]], *, pad_id: int, eos_ids: set[int]
     tokens, logps = [], []
     alive = torch.ones(B, dtype=torch.bool)
     completions: list[list[int]] = [[] for _ in range(B)]
-    cache = None
-    try:
-        step_ids, step_pos = ids, pos
-        for _ in range(max_new_tokens):
-            logits, cache = _next_logits(model, step_ids, mask, step_pos, cache, names)  # (B, V)
-            logits = logits.cpu()
-            if temperature > 0:
-                scaled = logits / temperature
-                nxt = sample_tokens(filter_logits(scaled, top_k, top_p), _uniforms(gens))
-            else:
-                scaled = logits
-                nxt = logits.argmax(-1)
-            lp = scaled.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)  # (B,)
-            nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
-            tokens.append(nxt)
-            logps.append(torch.where(alive, lp, torch.zeros_like(lp)))
-            for i in alive.nonzero().flatten().tolist():
-                completions[i].append(int(nxt[i]))
-                if stopper.done(int(nxt[i]), completions[i]):
-                    alive[i] = False
-            if not alive.any():
-                break
-            step_ids = nxt[:, None].to(device)
-            step_pos = step_pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
-    finally:
-        model.train(was_training)
-    tok_t = torch.stack(tokens, 1) if tokens else torch.zeros((B, 0), dtype=torch.long)
-    lp_t = torch.stack(logps, 1) if logps else torch.zeros((B, 0))
-    lengths = torch.tensor([len(c) for c in completions])
-    out_mask = (torch.arange(tok_t.shape[1])[None, :] < lengths[:, None]).long()
-    texts = [tokenizer.decode(c, skip_special_tokens=True) if tokenizer is not None else "" for c in completions]
-    texts = [_cut(t, stop) for t in texts]
-    return Rollout(prompt_ids=[list(p) for p in prompt_ids], tokens=tok_t, logprobs=lp_t, mask=out_mask,
-                   texts=texts, finished=(~alive).tolist())
+    cache, step_ids, step_pos = None, ids, pos
+    for _ in range(max_new_tokens):
+        logits, cache = _next_logits(model, step_ids, mask, step_pos, cache, names)  # (B, V)
+        logits = logits.cpu()
+        if temperature > 0:
+            scaled = logits / temperature
+            nxt = sample_tokens(filter_logits(scaled, top_k, top_p), _uniforms(gens))
+        else:
+            scaled = logits
+            nxt = logits.argmax(-1)
+        lp = scaled.gather(-1, nxt[:, None]).squeeze(-1) - scaled.logsumexp(-1)  # (B,) log-softmax at nxt
+        nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
+        tokens.append(nxt)
+        logps.append(torch.where(alive, lp, torch.zeros_like(lp)))
+        for i in alive.nonzero().flatten().tolist():
+            completions[i].append(int(nxt[i]))
+            if stopper.done(int(nxt[i]), completions[i]):
+                alive[i] = False
+        if not alive.any():
+            break
+        step_ids = nxt[:, None].to(device)
+        step_pos = step_pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
+    return tokens, logps, alive, completions
 
 
 def eos_ids_of(model, tokenizer) -> set[int]:
