@@ -105,3 +105,27 @@ def test_request_seeds_are_stable_and_distinct():
     assert request_seed(0, 1, 2, 3) == request_seed(0, 1, 2, 3)
     seeds = {request_seed(0, s, r, j) for s in range(5) for r in range(5) for j in range(5)}
     assert len(seeds) == 125 and all(0 <= s < 2**62 for s in seeds)
+
+
+def test_onednn_linears_agree_with_f_linear_and_are_restored():
+    from tuneforge.methods import METHODS, apply_methods
+    from tuneforge.train.rollout import onednn_linears
+
+    model, tok = _model("llama")
+    apply_methods(model, [METHODS["lora"].Config(rank=4)])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    ids = torch.tensor([encode_prompt(tok, "sort qwertyuiop:")])
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        with onednn_linears(model, 1) as n:
+            fast = model(input_ids=ids).logits
+        assert n > 0 and torch.allclose(fast, ref, atol=1e-4)
+        assert all("forward" not in vars(m) and "base_forward" not in vars(m) for m in model.modules())
+        assert torch.equal(model(input_ids=ids).logits, ref)
+    kw = dict(pad_id=pad_id_of(tok), eos_ids=eos_ids_of(model, tok), max_new_tokens=12, temperature=1.0,
+              seeds=[3], tokenizer=tok)
+    enc = [encode_prompt(tok, "copy abc:")]
+    assert sample(model, enc, **kw).completion_ids(0) == sample(model, enc, fast_linear=False, **kw).completion_ids(0)

@@ -17,10 +17,12 @@ left-padded so every row's next token sits at the last position, and position id
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 IGNORE = -100
 
@@ -148,18 +150,58 @@ def _next_logits(model, ids, mask, pos, cache, names: dict):
     return out.logits[:, -1].float(), new_cache if new_cache is not None else out.past_key_values
 
 
+@contextlib.contextmanager
+def onednn_linears(model: nn.Module, batch_hint: int):
+    """For the duration of a rollout on CPU: fp32 linear layers run through oneDNN with weights reordered once.
+
+    Why: decoding multiplies a handful of rows by every weight matrix once per token. For such skinny products
+    ``F.linear`` (MKL sgemm) reaches a third of what oneDNN does with a pre-packed weight on the same cores
+    (measured at 8 rows: 136 vs 48 µs for a 512×1376 projection, 7.0 vs 1.3 ms for a 32000-row output head), and
+    the weights do not change while sampling, so packing them once per rollout pays for itself after one token.
+    Results agree with ``F.linear`` to float32 rounding (summation order). The packed copies live only for the
+    call; layers are restored on exit.
+    """
+    from tuneforge.methods._linear import LinearWrapper
+
+    patched = []
+    usable = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    for m in model.modules() if usable else ():
+        plain = type(m) is nn.Linear
+        wrapped = isinstance(m, LinearWrapper) and m.owns_weight and not m.fan_in_fan_out
+        w = getattr(m, "weight", None)
+        if not (plain or wrapped) or w is None or w.dtype != torch.float32 or w.device.type != "cpu":
+            continue
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_hint)
+
+        def fast(x, m=m, packed=packed):
+            if x.dtype != torch.float32:  # under autocast or a half input: the layer's own path
+                return torch.nn.functional.linear(x, m.weight, m.bias)
+            return torch.ops.mkldnn._linear_pointwise(x, packed, m.bias, "none", [], "")
+
+        name = "forward" if plain else "base_forward"
+        setattr(m, name, fast)
+        patched.append((m, name))
+    try:
+        yield len(patched)
+    finally:
+        for m, name in patched:
+            delattr(m, name)
+
+
 def _uniforms(gens: list[torch.Generator]) -> torch.Tensor:
     return torch.cat([torch.rand(1, generator=g) for g in gens])
 
 
 def sample(model, prompt_ids: list[list[int]], *, pad_id: int, eos_ids: set[int] | list[int] | int | None = None,
            max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-           seeds: list[int] | None = None, stop: list[str] | None = None, tokenizer=None) -> Rollout:
+           seeds: list[int] | None = None, stop: list[str] | None = None, tokenizer=None,
+           fast_linear: bool = True) -> Rollout:
     """Complete each prompt (token ids, no padding) in one batch; greedy when ``temperature == 0``.
 
     ``seeds[i]`` seeds row i's own generator (DT-5); without seeds, rows draw from generators seeded off the global
     torch RNG. A row stops at an eos id (kept as its last token, so a policy can learn to stop) or when its decoded
-    completion contains a stop string (``tokenizer`` needed); the batch stops when every row has.
+    completion contains a stop string (``tokenizer`` needed); the batch stops when every row has. On CPU, fp32
+    linear layers run through oneDNN for the call (``onednn_linears``; ``fast_linear=False`` keeps ``F.linear``).
     """
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("sample() needs non-empty prompts (encode them with encode_prompt: bos counts)")
@@ -172,8 +214,9 @@ def sample(model, prompt_ids: list[list[int]], *, pad_id: int, eos_ids: set[int]
         seeds = torch.randint(0, 2**62, (B,)).tolist()
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     stopper = _Stopper(tokenizer, eos, stop)
-    try:
-        with torch.inference_mode():  # outputs are cloned below into ordinary tensors, usable in autograd
+    fast = onednn_linears(model, B) if fast_linear and device.type == "cpu" else contextlib.nullcontext()
+    try:  # outputs are cloned below into ordinary tensors, usable in autograd
+        with torch.inference_mode(), fast:
             tokens, logps, alive, completions = _decode(model, prompt_ids, pad_id, device, gens, stopper,
                                                         max_new_tokens, temperature, top_k, top_p)
     finally:
