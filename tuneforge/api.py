@@ -27,7 +27,7 @@ from tuneforge.methods import (apply_methods, count_parameters, finalize_methods
                                regularizer, save_adapter)
 from tuneforge.methods._inject import TargetError
 from tuneforge.models.load import load_model, load_tokenizer, meta_model
-from tuneforge.train.precision import cast_frozen_matmul_weights_, resolve_precision
+from tuneforge.train.precision import autocast_context, cast_frozen_matmul_weights_, resolve_precision
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train import dist as D
 from tuneforge.train.loop import Loop, LoopResult
@@ -130,6 +130,9 @@ def train(cfg: RunConfig, resume: str | None = None, allow_config_change: bool =
     adapters_only = not any(m.name in WHOLE_MODEL_METHODS for m in cfg.method)
     if cfg.train.frozen_bf16 and adapters_only and resolve_precision(cfg.train.precision, d.device) == "bf16":
         cast_frozen_matmul_weights_(model)  # the base is not saved, so its fp32 copy has no further use
+    if hasattr(algo, "precompute"):  # e.g. DPO's precomputed reference log-probs, from the starting weights
+        with autocast_context(resolve_precision(cfg.train.precision, d.device), d.device):
+            algo.precompute(model, cfg.algorithm, algo_state, data, coll, cfg.train.batch_size)
     out = Path(cfg.train.output_dir)
     resume_path = _resume_path(resume, out / "checkpoints")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

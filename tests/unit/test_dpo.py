@@ -104,3 +104,29 @@ def test_methods_train_under_orpo(tmp_path, pairs_file, label):
     d["algorithm"], d["method"] = {"name": "orpo"}, [LEARNING_SETUPS[label][0]]
     out = api.train(RunConfig.model_validate(d))
     assert all(math.isfinite(h["loss"]) for h in out.result.history)
+
+
+@pytest.mark.parametrize("method", [{"name": "lora", "rank": 4}, {"name": "full"}])
+def test_precomputed_reference_equals_the_live_reference(tmp_path, pairs_file, method):
+    """reference: precomputed scores every pair once before training; the run is the same as with the live
+    reference (adapters off / frozen copy), and full fine-tuning keeps no second copy of the model."""
+    live = api.train(_dpo_cfg(tmp_path / "live", pairs_file, method, beta=0.5))
+    pre = api.train(_dpo_cfg(tmp_path / "pre", pairs_file, method, beta=0.5, reference="precomputed"))
+    assert pre.result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for a, b in zip(live.result.history, pre.result.history):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["reward_margin"] == pytest.approx(b["reward_margin"], abs=1e-5)
+
+
+def test_precomputed_reference_keeps_no_copy_and_refuses_unknown_rows():
+    from tuneforge.algorithms._reference import reference_sequence_logps
+
+    model, _ = build_tiny("llama")
+    apply_methods(model, [METHODS["full"].Config()])
+    state = {}
+    dpo.prepare(model, dpo.Config(reference="precomputed"), state)
+    assert state["reference_mode"] == "precomputed" and "reference_model" not in state
+    batch = {"input_ids": torch.tensor([[1, 5, 6]]), "labels": torch.tensor([[-100, 5, 6]]),
+             "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    with pytest.raises(KeyError, match="no precomputed reference"):
+        reference_sequence_logps(model, batch, state)

@@ -16,7 +16,7 @@ import torch
 from tuneforge.algorithms._logps import sequence_logps_from_model, token_logps_from_model
 from tuneforge.methods._scope import adapter_layers, adapter_scope
 
-MODES = ("auto", "adapters_off", "copy")
+MODES = ("auto", "adapters_off", "copy", "precomputed")
 
 
 def adapters_cover_trainable(model) -> bool:
@@ -42,6 +42,8 @@ def prepare_reference(model, mode: str, state: dict, who: str = "algorithm") -> 
         raise ValueError(f"{who}.reference=adapters_off needs every trainable parameter to be an adapter's (lora, "
                          "ia3, lokr, ...); this run trains base weights too — use reference: copy")
     state["reference_mode"] = mode
+    if mode == "precomputed":
+        state["reference_table"] = {}
     if mode == "copy":
         ref = copy.deepcopy(model).eval()
         for p in ref.parameters():
@@ -62,8 +64,40 @@ def _with_reference(model, state: dict, fn):
         model.train(was_training)
 
 
+def _row_keys(batch: dict) -> list[tuple]:
+    """Each row's identity: its unpadded token ids and labels (right padding)."""
+    lengths = batch["attention_mask"].sum(1).tolist()
+    ids, labels = batch["input_ids"].tolist(), batch["labels"].tolist()
+    return [(tuple(i[:n]), tuple(lab[:n])) for i, lab, n in zip(ids, labels, lengths)]
+
+
+@torch.no_grad()
+def precompute_sequence_logps(model, data, collate, batch_size: int, state: dict) -> None:
+    """Fill ``state["reference_table"]`` with the summed response log-probs of every sequence of ``data`` under the
+    model as it is now (eval mode), keyed by the sequence."""
+    was_training = model.training
+    model.eval()
+    table = state.setdefault("reference_table", {})
+    device = next(model.parameters()).device
+    try:
+        for s in range(0, len(data), batch_size):
+            rows = [data[i] for i in range(s, min(s + batch_size, len(data)))]
+            batch = {k: v.to(device) for k, v in collate(rows).items()}
+            logps = sequence_logps_from_model(model, batch)[0].float().cpu()
+            table.update(zip(_row_keys(batch), logps.tolist()))
+    finally:
+        model.train(was_training)
+
+
 def reference_sequence_logps(model, batch: dict, state: dict) -> torch.Tensor:
     """Summed response log-probs (B,) under π_ref."""
+    if state.get("reference_mode") == "precomputed":
+        table = state["reference_table"]
+        keys = _row_keys(batch)
+        missing = sum(k not in table for k in keys)
+        if missing:
+            raise KeyError(f"{missing} sequence(s) of this batch have no precomputed reference log-prob")
+        return torch.tensor([table[k] for k in keys], device=batch["input_ids"].device)
     return _with_reference(model, state, lambda m: sequence_logps_from_model(m, batch)[0])
 
 

@@ -16,12 +16,12 @@ The training step scores chosen and rejected responses in one concatenated forwa
 reference model π_ref is, with ``reference: auto``: the same model with its adapters switched off when every trainable
 parameter lives in an adapter (LoRA, IA3, LoKr, ...: no second copy of the weights), otherwise a frozen copy taken
 before training (full fine-tuning, freeze, BitFit). Its log-probs are computed in eval mode (no dropout), so the
-reference is a fixed function as the derivation assumes.
+reference is a fixed function as the derivation assumes. ``reference: precomputed`` scores every pair once with the
+starting model before training: no reference forward per step and, for full fine-tuning, no second copy in memory.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Callable, Literal
 
 import torch
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuneforge.algorithms._logps import sequence_logps_from_model
-from tuneforge.methods._scope import adapter_layers, adapter_scope
+from tuneforge.algorithms._reference import (adapters_cover_trainable, precompute_sequence_logps,  # noqa: F401
+                                             prepare_reference, reference_sequence_logps)
 
 
 DATA_FORMATS = ("preference",)  # {"prompt", "chosen", "rejected"}
@@ -41,8 +42,9 @@ class Config(BaseModel):
     beta: float = Field(0.1, gt=0, description="strength of the implicit KL constraint to the reference")
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: assumed probability a label is flipped")
-    reference: Literal["auto", "adapters_off", "copy"] = Field(
-        "auto", description="adapters_off = the base under the adapters; copy = a frozen copy made before training")
+    reference: Literal["auto", "adapters_off", "copy", "precomputed"] = Field(
+        "auto", description="adapters_off = the base under the adapters; copy = a frozen copy made before training; "
+                            "precomputed = every pair scored once by the starting model before training")
 
 
 def _sigmoid(delta: torch.Tensor, beta: float, label_smoothing: float, **_) -> torch.Tensor:
@@ -86,45 +88,20 @@ def row_weight(dataset, i: int) -> int:
     return 1
 
 
-def adapters_cover_trainable(model) -> bool:
-    """True when switching adapters off leaves exactly the untouched base (every trainable tensor is an adapter's)."""
-    base_ids = set()
-    adapter_ids = set()
-    for layer in adapter_layers(model):
-        for name, p in layer.named_parameters():
-            leaf = name.split(".")[0]
-            (base_ids if leaf in ("weight", "bias", "base_layer") else adapter_ids).add(id(p))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return bool(trainable) and all(id(p) in adapter_ids - base_ids for p in trainable)
-
-
 def prepare(model, cfg: Config, state: dict) -> None:
     """Decide the reference model before training (and before any resume loads trained weights)."""
-    mode = cfg.reference
-    if mode == "auto":
-        mode = "adapters_off" if adapters_cover_trainable(model) else "copy"
-    if mode == "adapters_off" and not adapters_cover_trainable(model):
-        raise ValueError("dpo.reference=adapters_off needs every trainable parameter to be an adapter's (lora, ia3, "
-                         "lokr, ...); this run trains base weights too — use reference: copy")
-    state["reference_mode"] = mode
-    if mode == "copy":
-        ref = copy.deepcopy(model).eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        state["reference_model"] = ref
+    prepare_reference(model, cfg.reference, state, "dpo")
 
 
-@torch.no_grad()
+def precompute(model, cfg: Config, state: dict, data, collate, batch_size: int) -> None:
+    """``reference: precomputed``: score every pair once with the starting model, before training (and before a
+    resume loads trained weights), so steps need no reference forward and full fine-tuning no frozen copy."""
+    if state.get("reference_mode") == "precomputed":
+        precompute_sequence_logps(model, data, collate, batch_size, state)
+
+
 def reference_logps(model, batch: dict, state: dict) -> torch.Tensor:
-    if state.get("reference_mode") == "copy":
-        return sequence_logps_from_model(state["reference_model"], batch)[0]
-    was_training = model.training
-    model.eval()
-    try:
-        with adapter_scope(model, None):
-            return sequence_logps_from_model(model, batch)[0]
-    finally:
-        model.train(was_training)
+    return reference_sequence_logps(model, batch, state)
 
 
 def step(model, batch: dict, cfg: Config, ctx) -> tuple[torch.Tensor, dict]:
