@@ -4,6 +4,7 @@ at the first step, and every method training under DPO."""
 import math
 
 import pytest
+import torch
 from conftest import base_config, write_jsonl
 
 from tuneforge import api
