@@ -107,16 +107,19 @@ def test_request_seeds_are_stable_and_distinct():
     assert len(seeds) == 125 and all(0 <= s < 2**62 for s in seeds)
 
 
-def test_onednn_linears_agree_with_f_linear_and_are_restored():
+@pytest.mark.parametrize("method", [{"name": "lora", "rank": 4}, {"name": "lora", "rank": 4, "dora": True},
+                                    {"name": "lokr", "rank": 2}, {"name": "ia3"}], ids=["lora", "dora", "lokr", "ia3"])
+def test_onednn_linears_agree_with_f_linear_and_are_restored(method):
+    """Additive adapters (LoRA, LoKr) are folded into the packed weight; DoRA and IA3 run around a packed base."""
     from tuneforge.methods import METHODS, apply_methods
     from tuneforge.train.rollout import onednn_linears
 
     model, tok = _model("llama")
-    apply_methods(model, [METHODS["lora"].Config(rank=4)])
+    apply_methods(model, [METHODS[method["name"]].Config(**{k: v for k, v in method.items() if k != "name"})])
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.1)
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
     ids = torch.tensor([encode_prompt(tok, "sort qwertyuiop:")])
     with torch.no_grad():
         ref = model(input_ids=ids).logits
