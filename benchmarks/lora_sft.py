@@ -29,7 +29,8 @@ average is below --max-load and the CPU was idle (< --idle busy cores) for --idl
 --max-wait); during the run we measure foreign CPU (system busy CPU minus the child's own) and repeat a run whose
 foreign load exceeds --clean cores (up to --retries times), keeping the cleanest. Libraries are alternated within
 each repeat and the order rotates between repeats. Runs that stayed disturbed are marked ``noisy``. The environment
-(glibc malloc variables included) is inherited unchanged by every child.
+(glibc malloc variables included) is inherited unchanged by every child. The harness is ``_harness.py``, shared
+with ``dpo_vs_trl.py``.
 
     python benchmarks/lora_sft.py                                  # everything, 2 repeats, 30 timed steps
     python benchmarks/lora_sft.py --only tuneforge,peft --precisions bf16 --steps 20 --repeats 3
@@ -42,50 +43,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import random
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-LOCK_PATH = "/tmp/anchor-bench.lock"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import (SEED, SHAPE, TARGETS, JsonLines, add_runner_args, check_bench_preset,  # noqa: E402
+                      child_peak, llama_model, load_rows, log, median, peak_rss_mb, run_isolated, rusage_delta,
+                      step_stats, trl_clock, trl_intervals, tuneforge_clock, tuneforge_intervals, versions)
+from _harness import LOCK_PATH, wait_quiet  # noqa: E402,F401  (methods_step.py imports them from here)
+
 LIBS = ("tuneforge", "peft", "trl")
 PRECISIONS = ("fp32", "bf16")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# the shape of tuneforge's tiny:llama-bench preset (checked against the preset at start-up)
-SHAPE = {"hidden": 512, "intermediate": 1376, "layers": 8, "heads": 8, "kv_heads": 4, "vocab": 32000}
 SEQ, BATCH, RANK, ALPHA, LR = 256, 4, 16, 32, 1e-4
-SEED = 0
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def busy_cpu_s() -> float:
-    """Seconds of CPU time the whole machine has spent busy since boot (/proc/stat, all cores)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    idle = v[3] + v[4]  # idle + iowait
-    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def step_stats(times: list[float], warmup: int) -> dict:
-    t = times[warmup:] if len(times) > warmup else times
-    return {"median_step_s": round(statistics.median(t), 4), "mean_step_s": round(statistics.fmean(t), 4),
-            "min_step_s": round(min(t), 4), "max_step_s": round(max(t), 4), "timed_steps": len(t)}
-
-
 def flops_per_token() -> dict:
     """4*N_mm + 6*N_adapter + 12*L*ctx*d for the fixed shape (see the module docstring)."""
     d, f, L, h, kv, V = (SHAPE[k] for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"))
@@ -98,64 +76,7 @@ def flops_per_token() -> dict:
     return {"n_mm": n_mm, "n_adapter": n_adapter, "per_token": 4 * n_mm + 6 * n_adapter + attn}
 
 
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "tuneforge"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def llama_model(attn: str = "sdpa"):
-    """The benchmark shape from a plain LlamaConfig (what PEFT and TRL users would build)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    cfg = LlamaConfig(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"], intermediate_size=SHAPE["intermediate"],
-                      num_hidden_layers=SHAPE["layers"], num_attention_heads=SHAPE["heads"],
-                      num_key_value_heads=SHAPE["kv_heads"], max_position_embeddings=4096, tie_word_embeddings=False,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation=attn)
-    return model
-
-
-def load_rows(path: str) -> list[list[int]]:
-    with open(path) as f:
-        return json.load(f)
-
-
 # ------------------------------------------------------------------------------------------------------ children
-def child_peak(a) -> dict:
-    """Best torch.matmul GFLOP/s (C = A @ B, 2 n^3 FLOPs) per dtype over square sizes, best of a few batches."""
-    import torch
-
-    out = {}
-    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        best = 0.0
-        for n in (1024, 2048):
-            g = torch.Generator().manual_seed(0)
-            x, y = torch.randn(n, n, generator=g).to(dt), torch.randn(n, n, generator=g).to(dt)
-            z = torch.empty(n, n, dtype=dt)
-            for _ in range(2):
-                torch.matmul(x, y, out=z)
-            t0 = time.perf_counter()
-            torch.matmul(x, y, out=z)
-            iters = max(1, int(0.5 / max(time.perf_counter() - t0, 1e-6)))
-            for _ in range(3):
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    torch.matmul(x, y, out=z)
-                best = max(best, 2.0 * n**3 * iters / (time.perf_counter() - t0) / 1e9)
-        out[name] = round(best, 1)
-    return {"bench": "matmul_peak", "peak_gflops": out, "torch_threads": torch.get_num_threads()}
-
-
 def child_tuneforge(a) -> dict:
     import torch
 
@@ -173,17 +94,15 @@ def child_tuneforge(a) -> dict:
                   "scheduler": "constant", "precision": a.precision, "progress": False,
                   "tensorboard": not a.no_tensorboard, "log_every": 10**6},
     })
-    stamps: list[float] = []
+    clock, hooks = tuneforge_clock()
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # the data report goes to stdout; keep it for our JSON line
-        out = train(cfg, hooks={"after_clip": lambda loop: stamps.append(time.perf_counter())})
+        out = train(cfg, hooks=hooks)
     wall = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     hist = out.result.history
-    intervals = [b - c for c, b in zip(stamps[:-1], stamps[1:])]  # interval k ends at step k+2
-    # intervals[i] is the period of step i+2; drop the warm-up steps (step 1 has no interval)
-    stats = step_stats(intervals, max(0, a.warmup - 1))
+    stats = tuneforge_intervals(clock.ends, a.warmup)
     inner = step_stats([h["step_s"] for h in hist], a.warmup)
     metric_tps = [h["tokens_per_s"] for h in hist][a.warmup:]
     return {
@@ -194,8 +113,7 @@ def child_tuneforge(a) -> dict:
         "metrics_jsonl_tokens_per_step": hist[-1].get("tokens"),
         "losses": [h["loss"] for h in hist],
         "train_wall_s": round(wall, 2),
-        "cpu_user_s": round(ru1.ru_utime - ru0.ru_utime, 2), "cpu_sys_s": round(ru1.ru_stime - ru0.ru_stime, 2),
-        "minor_faults": ru1.ru_minflt - ru0.ru_minflt,
+        **rusage_delta(ru0, ru1),
         "setup": f"tuneforge.api.train, AdamW(torch default impl), clip 1.0, tensorboard={not a.no_tensorboard}",
         "torch_threads": torch.get_num_threads(),
     }
@@ -230,8 +148,7 @@ def child_peft(a) -> dict:
         **step_stats(times, a.warmup),
         "tokens_per_step": BATCH * SEQ,
         "losses": losses,
-        "cpu_user_s": round(ru1.ru_utime - ru0.ru_utime, 2), "cpu_sys_s": round(ru1.ru_stime - ru0.ru_stime, 2),
-        "minor_faults": ru1.ru_minflt - ru0.ru_minflt,
+        **rusage_delta(ru0, ru1),
         "setup": "get_peft_model + torch.optim.AdamW(torch default impl), no clipping",
         "torch_threads": torch.get_num_threads(),
     }
@@ -241,7 +158,7 @@ def child_trl(a) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, TaskType
-    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from transformers import PreTrainedTokenizerFast
     from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(SEED)
@@ -255,16 +172,7 @@ def child_trl(a) -> dict:
                     seed=SEED, dataloader_num_workers=0)
     peft_cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
                           target_modules=list(TARGETS), bias="none")
-
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.ends: list[float] = []
-            self.losses: list[float] = []
-
-        def on_step_end(self, args, state, control, **kw):
-            self.ends.append(time.perf_counter())
-
-    clock = Clock()
+    clock = trl_clock()
     with contextlib.redirect_stdout(sys.stderr):
         trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_cfg,
                              callbacks=[clock])
@@ -273,16 +181,13 @@ def child_trl(a) -> dict:
         res = trainer.train()
         wall = time.perf_counter() - t0
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    ends = [t0] + clock.ends
-    intervals = [b - c for c, b in zip(ends[:-1], ends[1:])]
     return {
-        **step_stats(intervals, a.warmup),
+        **trl_intervals(t0, clock.ends, a.warmup),
         "tokens_per_step": BATCH * SEQ,
         "train_loss": round(res.training_loss, 4),
         "losses": [r["loss"] for r in trainer.state.log_history if "loss" in r],  # every 10 steps
         "train_wall_s": round(wall, 2),
-        "cpu_user_s": round(ru1.ru_utime - ru0.ru_utime, 2), "cpu_sys_s": round(ru1.ru_stime - ru0.ru_stime, 2),
-        "minor_faults": ru1.ru_minflt - ru0.ru_minflt,
+        **rusage_delta(ru0, ru1),
         "setup": f"SFTTrainer, optim={cfg.optim}, scheduler={cfg.lr_scheduler_type}, clip {cfg.max_grad_norm}",
         "torch_threads": torch.get_num_threads(),
     }
@@ -302,13 +207,9 @@ def run_child(a) -> None:
 def make_data(workdir: str, n_rows: int) -> tuple[str, str, str]:
     """JSONL of {"text": 254 random printable chars} (-> exactly 256 tokens with <s>/</s>), the same rows as token
     ids for PEFT/TRL, and the tokenizer saved for TRL. Every row is checked to tokenize to exactly SEQ tokens."""
-    from tuneforge.models.tiny import PRESETS, char_tokenizer
+    from tuneforge.models.tiny import char_tokenizer
 
-    p = PRESETS["llama-bench"]
-    want = {"hidden": p["hidden_size"], "intermediate": p["intermediate_size"], "layers": p["num_hidden_layers"],
-            "heads": p["num_attention_heads"], "kv_heads": p["num_key_value_heads"], "vocab": p["vocab_size"]}
-    if want != SHAPE:
-        raise SystemExit(f"tiny:llama-bench is {want}, this benchmark expects {SHAPE}")
+    check_bench_preset()
     tok = char_tokenizer()
     alphabet = [chr(c) for c in range(32, 127) if chr(c) != "<"]  # no '<': cannot form <s>, <|user|>, ...
     rng = random.Random(SEED)
@@ -326,21 +227,6 @@ def make_data(workdir: str, n_rows: int) -> tuple[str, str, str]:
     return jsonl, id_file, tok_dir
 
 
-def wait_quiet(a) -> dict:
-    """Wait (holding the lock) until loadavg(1 min) < max_load and the CPU stayed idle for idle_for seconds."""
-    t0, quiet = time.time(), 0.0
-    while True:
-        b0 = busy_cpu_s()
-        time.sleep(1.0)
-        busy = busy_cpu_s() - b0
-        load1 = os.getloadavg()[0]
-        quiet = quiet + 1.0 if busy < a.idle and load1 < a.max_load else 0.0
-        waited = time.time() - t0
-        if quiet >= a.idle_for or waited >= a.max_wait:
-            return {"waited_s": round(waited, 1), "loadavg_1m_before": round(load1, 2),
-                    "busy_cores_before": round(busy, 2), "gave_up_waiting": quiet < a.idle_for}
-
-
 def spawn(a, lib: str, precision: str | None, paths: dict) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", lib, "--workdir", paths["workdir"],
            "--steps", str(a.steps), "--warmup", str(a.warmup)]
@@ -349,43 +235,7 @@ def spawn(a, lib: str, precision: str | None, paths: dict) -> dict:
                 "--tokenizer-dir", paths["tok"]]
     if a.no_tensorboard:
         cmd.append("--no-tensorboard")
-    attempts = []
-    with open(LOCK_PATH, "a") as lock:
-        for attempt in range(1 + a.retries):
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                env_state = wait_quiet(a)
-                r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-                b0, t0 = busy_cpu_s(), time.time()
-                proc = subprocess.run(cmd, capture_output=True, text=True)  # inherits os.environ unchanged
-                wall, b1 = time.time() - t0, busy_cpu_s()
-                r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-            own = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-            foreign = max(0.0, (b1 - b0) - own) / max(wall, 1e-9)
-            line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
-            if proc.returncode != 0 or line is None:
-                log(proc.stderr[-4000:])
-                raise SystemExit(f"{lib} {precision or ''} failed (rc {proc.returncode})")
-            res = json.loads(line)
-            res["runner"] = {"attempt": attempt + 1, "child_wall_s": round(wall, 1), "foreign_cores_avg":
-                             round(foreign, 3), **env_state}
-            attempts.append(res)
-            log(f"  {lib:9s} {precision or '':4s} attempt {attempt + 1}: "
-                + (f"{res['tokens_per_s']:.0f} tok/s, " if "tokens_per_s" in res else "")
-                + f"foreign {foreign:.2f} cores, waited {env_state['waited_s']} s")
-            if foreign <= a.clean and not env_state["gave_up_waiting"]:
-                break
-            time.sleep(random.uniform(5, 20))
-    best = min(attempts, key=lambda r: r["runner"]["foreign_cores_avg"])
-    best["runner"]["attempts_foreign_cores"] = [r["runner"]["foreign_cores_avg"] for r in attempts]
-    best["noisy"] = best["runner"]["foreign_cores_avg"] > a.clean or best["runner"]["gave_up_waiting"]
-    return best
-
-
-def median(xs):
-    return statistics.median(xs) if xs else None
+    return run_isolated(a, cmd, f"{lib:9s} {precision or '':4s}", rate=("tokens_per_s", "tok/s", ".0f"))
 
 
 def summarise(runs: list[dict], peak: dict, fl: dict) -> dict:
@@ -455,12 +305,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="runs of every (library, precision), alternating")
     p.add_argument("--json-out", default=None, help="also write every run + the summary here (JSON lines)")
     p.add_argument("--peak-gflops", default=None, help="'fp32=200,bf16=848' instead of measuring; 'skip' = none")
-    p.add_argument("--max-load", type=float, default=1.0, help="wait until the 1-min load average is below this")
-    p.add_argument("--idle", type=float, default=0.2, help="busy cores below which a second counts as idle")
-    p.add_argument("--idle-for", type=float, default=5.0, help="idle seconds in a row before a run starts")
-    p.add_argument("--max-wait", type=float, default=600.0, help="give up waiting after this (run is noisy)")
-    p.add_argument("--clean", type=float, default=0.1, help="foreign cores above which a run is repeated")
-    p.add_argument("--retries", type=int, default=2, help="extra attempts for a disturbed run")
+    add_runner_args(p)
     p.add_argument("--no-tensorboard", action="store_true", help="tuneforge: train.tensorboard=false")
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     # child-only arguments
@@ -477,14 +322,7 @@ def main() -> None:
     precs = [x.strip() for x in a.precisions.split(",") if x.strip()]
     if not set(libs) <= set(LIBS) or not set(precs) <= set(PRECISIONS) or not libs or not precs:
         raise SystemExit(f"--only takes {','.join(LIBS)}, --precisions takes {','.join(PRECISIONS)}")
-    sink = open(a.json_out, "w") if a.json_out else None
-
-    def emit(obj: dict) -> None:
-        line = json.dumps(obj)
-        print(line, flush=True)
-        if sink:
-            sink.write(line + "\n")
-            sink.flush()
+    emit = JsonLines(a.json_out)
 
     with tempfile.TemporaryDirectory(prefix="tf-lora-bench-") as workdir:
         jsonl, ids, tok_dir = make_data(workdir, (a.warmup + a.steps) * BATCH)
@@ -514,8 +352,7 @@ def main() -> None:
                         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}})
         print_table(summary)
         emit(summary)
-    if sink:
-        sink.close()
+    emit.close()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,358 @@
+"""DPO throughput and peak memory: tuneforge's DPO against TRL's DPOTrainer, both with LoRA and the implicit reference
+(the same model with its adapter switched off).
+
+Both train the same tiny Llama (hidden 512, intermediate 1376, 8 layers, 8 heads, 4 KV heads, vocab 32000, untied
+head: tuneforge's ``tiny:llama-bench`` preset, rebuilt from a ``LlamaConfig`` for TRL) with LoRA r=16, alpha=32,
+dropout 0 on q,k,v,o,gate,up,down, beta 0.1 (sigmoid loss), AdamW lr 5e-5 (weight decay 0), clipping at 1.0, batch 4
+pairs, on the same token ids. A setting ``P+R`` means a prompt of P tokens and two responses of R tokens each, the
+end-of-sequence token included, so each of the 2 x 4 sequences of a step is P+R tokens and R of them are scored.
+The TRL side is the anchor benchmark ../shared/bench/trl_dpo.py (same DPOConfig fields: fp32 without gradient
+checkpointing unless --precisions bf16, precompute_ref_log_probs off, max_length = the sequence length, logging every
+10 steps, no saving), with the anchor's P / R-1 / EOS split: the anchor's 128+128 is --prompt-len 128
+--completion-len 127 + EOS.
+
+    tuneforge  tuneforge.api.train with algorithm {name: dpo} on preference JSONL rows {"prompt", "chosen",
+               "rejected"} -- the real loop: data pipeline, clipping, metrics.jsonl, ledger, TensorBoard, final
+               checkpoint + adapter save; train.precision=fp32|bf16 (bf16: frozen weights stored in bf16)
+    trl        DPOTrainer(peft_config=LoraConfig(...)) on {"prompt", "chosen", "rejected"} strings; Trainer defaults
+               otherwise (adamw_torch_fused, linear decay); bf16 = DPOConfig(bf16=True) (autocast)
+
+Same token ids on both sides: rows are random printable characters through tuneforge's character tokenizer (one token
+per character). tuneforge adds <s> before the prompt and </s> after each response itself; TRL gets the prompt with a
+literal "<s>" in front (one special token) and appends "</s>" to each response, so both build <s> + (P-1) prompt
+characters + (R-1) response characters + </s>. The parent builds tuneforge's dataset from the JSONL and the TRL child
+compares TRL's tokenized dataset with it id for id before training (the run fails on any difference).
+
+pairs/s = 4 / median step period after warm-up, where a period is the wall time between consecutive optimizer steps
+including data loading, the reference forward, logging and the optimizer (tuneforge: between ``after_clip`` hooks;
+TRL: between ``on_step_end`` callbacks). Each (library, setting, precision) run is its own subprocess, so
+``peak_rss_mb`` (the child's ru_maxrss) is that run's peak; ``sys_share`` is the kernel's share of the child's CPU
+time and ``minor_faults_per_step`` its page faults per step, both over the timed steps only. Timing hygiene is
+``_harness.py``'s (exclusive flock, wait for an idle CPU, foreign-load check and retries, environment inherited
+unchanged), as in lora_sft.py; libraries alternate within a repeat and the order flips between repeats.
+
+    python benchmarks/dpo_vs_trl.py                                     # 64+64 and 128+128, fp32, 2 repeats
+    python benchmarks/dpo_vs_trl.py --settings 128+128 --precisions fp32,bf16 --steps 10 --repeats 1
+    python benchmarks/dpo_vs_trl.py --json-out /tmp/dpo_vs_trl.jsonl
+    OMP_NUM_THREADS=1 python benchmarks/dpo_vs_trl.py                   # one thread each side (a shared machine)
+
+Prints one JSON line per run on stdout, then a summary table (and the summary as a last JSON line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import (SEED, SHAPE, TARGETS, JsonLines, add_runner_args, check_bench_preset, llama_model,  # noqa: E402
+                      log, median, peak_rss_mb, run_isolated, rusage_delta, trl_clock, trl_intervals, tuneforge_clock,
+                      tuneforge_intervals, versions)
+
+LIBS = ("tuneforge", "trl")
+PRECISIONS = ("fp32", "bf16")
+SETTINGS = ("64+64", "128+128")
+BATCH, RANK, ALPHA, LR, BETA = 4, 16, 32, 5e-5, 0.1
+TARGET_RATIO = 1.5  # tuneforge pairs/s over TRL's that the project aims for
+# TRL DPOTrainer + LoRA measured by the anchor benchmark (../shared/bench/RESULTS.md): pairs/s, peak RSS MB
+ANCHOR_TRL = {"64+64": (1.11, 2300), "128+128": (0.52, 3900)}
+
+
+def parse_setting(s: str) -> tuple[int, int]:
+    p, r = (int(x) for x in s.split("+"))
+    if p < 2 or r < 2:
+        raise SystemExit(f"setting {s!r}: prompt and response need at least 2 tokens each (<s>/</s> included)")
+    return p, r
+
+
+# ------------------------------------------------------------------------------------------------------ children
+def child_tuneforge(a) -> dict:
+    import torch
+
+    from tuneforge.api import train
+    from tuneforge.config import load_config
+
+    P, R = parse_setting(a.setting)
+    cfg = load_config({
+        "model": {"path": "tiny:llama-bench", "dtype": "float32", "attn_implementation": "sdpa"},
+        "data": {"train": a.data_jsonl, "format": "preference", "max_len": P + R, "truncation": "error"},
+        "method": [{"name": "lora", "rank": RANK, "alpha": ALPHA, "dropout": 0.0, "target_modules": TARGETS}],
+        "algorithm": {"name": "dpo", "beta": BETA, "reference": "adapters_off"},  # TRL's implicit reference
+        "train": {"output_dir": os.path.join(a.workdir, f"tf-{a.setting}-{a.precision}-{os.getpid()}"),
+                  "seed": SEED, "max_steps": a.warmup + a.steps, "batch_size": BATCH, "learning_rate": LR,
+                  "weight_decay": 0.0, "scheduler": "linear", "precision": a.precision, "progress": False,
+                  "tensorboard": not a.no_tensorboard, "log_every": 10**6},
+    })
+    clock, hooks = tuneforge_clock()
+    tick, seen = hooks["after_clip"], {}
+
+    def after_clip(loop):
+        tick(loop)
+        seen.setdefault("reference", loop.algo_state.get("reference_mode"))
+
+    hooks["after_clip"] = after_clip
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # the data report goes to stdout; keep it for our JSON line
+        out = train(cfg, hooks=hooks)
+    wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    hist = out.result.history
+    tokens = out.result.state.tokens / max(len(hist), 1)
+    if tokens != 2 * BATCH * (P + R):
+        raise SystemExit(f"tuneforge trained on {tokens} tokens per step, expected {2 * BATCH * (P + R)}")
+    return {
+        **tuneforge_intervals(clock.ends, a.warmup),
+        "input_tokens_per_step": tokens,
+        "losses": [round(h["loss"], 5) for h in hist],
+        "reward_margin_last": hist[-1].get("reward_margin"),
+        "preference_accuracy_last": hist[-1].get("preference_accuracy"),
+        "train_wall_s": round(wall, 2),
+        **rusage_delta(ru0, ru1),
+        **clock.timed_usage(a.warmup),
+        "setup": f"tuneforge.api.train, dpo reference={seen.get('reference')}, AdamW(torch default impl), "
+                 f"clip 1.0, tensorboard={not a.no_tensorboard}",
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def check_trl_ids(tds, expected: list[list[list[int]]]) -> None:
+    """TRL's tokenized rows must be tuneforge's rows, id for id (prompt, chosen response, rejected response)."""
+    got = list(zip(tds["prompt_ids"], tds["chosen_ids"], tds["rejected_ids"]))
+    if len(got) != len(expected):
+        raise SystemExit(f"TRL kept {len(got)} rows, tuneforge {len(expected)}")
+    for i, (g, e) in enumerate(zip(got, expected)):
+        if [list(x) for x in g] != e:
+            raise SystemExit(f"row {i}: TRL tokenized {[len(x) for x in g]} tokens (prompt, chosen, rejected) "
+                             f"{[list(x)[:8] for x in g]}..., tuneforge {[len(x) for x in e]} {[x[:8] for x in e]}...")
+
+
+def child_trl(a) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, TaskType
+    from transformers import PreTrainedTokenizerFast
+    from trl import DPOConfig, DPOTrainer
+
+    P, R = parse_setting(a.setting)
+    random.seed(SEED)
+    torch.manual_seed(SEED)
+    model = llama_model()
+    tok = PreTrainedTokenizerFast.from_pretrained(a.tokenizer_dir)
+    with open(a.data_trl) as f:
+        data = json.load(f)
+    ds = Dataset.from_dict(data["strings"])
+    cfg = DPOConfig(output_dir=os.path.join(a.workdir, f"trl-{a.setting}-{a.precision}-{os.getpid()}"),
+                    per_device_train_batch_size=BATCH, max_steps=a.warmup + a.steps, max_length=P + R, beta=BETA,
+                    learning_rate=LR, logging_steps=10, save_strategy="no", report_to="none", disable_tqdm=True,
+                    use_cpu=True, bf16=a.precision == "bf16", gradient_checkpointing=False,
+                    precompute_ref_log_probs=False, seed=SEED, dataloader_num_workers=0)
+    peft_cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                          target_modules=list(TARGETS), bias="none")
+    clock = trl_clock()
+    with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its logs; keep stdout for our JSON line
+        trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_cfg,
+                             callbacks=[clock])
+        check_trl_ids(trainer.train_dataset, data["expected_ids"])
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        res = trainer.train()
+        wall = time.perf_counter() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    logs = [r for r in trainer.state.log_history if "loss" in r]
+    return {
+        **trl_intervals(t0, clock.ends, a.warmup),
+        "input_tokens_per_step": 2 * BATCH * (P + R),
+        "losses": [round(r["loss"], 5) for r in logs],  # every 10 steps
+        "reward_margin_last": logs[-1].get("rewards/margins") if logs else None,
+        "train_loss": round(res.training_loss, 5),
+        "train_wall_s": round(wall, 2),
+        **rusage_delta(ru0, ru1),
+        **clock.timed_usage(a.warmup),
+        "setup": f"DPOTrainer, optim={cfg.optim}, scheduler={cfg.lr_scheduler_type}, clip {cfg.max_grad_norm}, "
+                 f"gradient_checkpointing={cfg.gradient_checkpointing}, ref=adapter disabled",
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run_child(a) -> None:
+    res = {"tuneforge": child_tuneforge, "trl": child_trl}[a.child](a)
+    P, R = parse_setting(a.setting)
+    cpu = res.get("timed_cpu_user_s", 0) + res.get("timed_cpu_sys_s", 0)
+    res = {"bench": "dpo_vs_trl", "lib": a.child, "setting": a.setting, "prompt_tokens": P, "response_tokens": R,
+           "precision": a.precision, "batch_pairs": BATCH,
+           "pairs_per_s": round(BATCH / res["median_step_s"], 3),
+           "policy_tokens_per_s": round(2 * BATCH * (P + R) / res["median_step_s"], 1),
+           "sys_share": round(res["timed_cpu_sys_s"] / cpu, 3) if cpu else None,
+           "minor_faults_per_step": round(res["timed_minor_faults"] / res["timed_usage_steps"]) if cpu else None,
+           **res}
+    res["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    print(json.dumps(res), flush=True)
+
+
+# -------------------------------------------------------------------------------------------------------- parent
+def make_data(workdir: str, setting: str, n_rows: int) -> dict:
+    """Preference rows of exact token lengths for both libraries, checked through tuneforge's own data pipeline.
+
+    Returns the paths: tuneforge's JSONL, TRL's strings + the ids TRL must produce, and the tokenizer for TRL."""
+    from tuneforge.data import build_dataset
+    from tuneforge.models.tiny import char_tokenizer
+
+    P, R = parse_setting(setting)
+    tok = char_tokenizer()
+    alphabet = [chr(c) for c in range(32, 127) if chr(c) != "<"]  # no '<': cannot form <s>, <|user|>, ...
+    rng = random.Random(f"{SEED}-{setting}")
+    text = lambda n: "".join(rng.choice(alphabet) for _ in range(n))  # noqa: E731
+    rows = []
+    while len(rows) < n_rows:
+        p, c, r = text(P - 1), text(R - 1), text(R - 1)
+        if c != r:
+            rows.append({"prompt": p, "chosen": c, "rejected": r})
+    d = os.path.join(workdir, setting)
+    os.makedirs(d, exist_ok=True)
+    jsonl, trl_file, tok_dir = (os.path.join(d, n) for n in ("pairs.jsonl", "pairs_trl.json", "tokenizer"))
+    with open(jsonl, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    with contextlib.redirect_stdout(sys.stderr):
+        ds = build_dataset(jsonl, tok, format="preference", max_len=P + R, truncation="error")
+    expected = []
+    for row in ds.rows:
+        ids, rej = row["input_ids"], row["rejected_input_ids"]
+        if len(ids) != P + R or len(rej) != P + R or tok.unk_token_id in ids + rej or ids[:P] != rej[:P]:
+            raise SystemExit(f"{jsonl}: a row does not tokenize to {P}+{R} known tokens")
+        if sum(x != -100 for x in row["labels"]) != R:
+            raise SystemExit(f"{jsonl}: a row does not supervise exactly {R} response tokens")
+        expected.append([ids[:P], ids[P:], rej[P:]])
+    strings = {"prompt": [tok.bos_token + r["prompt"] for r in rows], "chosen": [r["chosen"] for r in rows],
+               "rejected": [r["rejected"] for r in rows]}  # TRL appends tok.eos_token to each response
+    with open(trl_file, "w") as f:
+        json.dump({"strings": strings, "expected_ids": expected}, f)
+    tok.save_pretrained(tok_dir)
+    return {"jsonl": jsonl, "trl": trl_file, "tok": tok_dir}
+
+
+def spawn(a, lib: str, setting: str, precision: str, paths: dict, workdir: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", lib, "--workdir", workdir, "--setting", setting,
+           "--precision", precision, "--steps", str(a.steps), "--warmup", str(a.warmup),
+           "--data-jsonl", paths["jsonl"], "--data-trl", paths["trl"], "--tokenizer-dir", paths["tok"]]
+    if a.no_tensorboard:
+        cmd.append("--no-tensorboard")
+    return run_isolated(a, cmd, f"{lib:9s} {setting:8s} {precision:4s}", rate=("pairs_per_s", "pairs/s", ".3f"))
+
+
+def summarise(runs: list[dict]) -> dict:
+    rows, ratios = [], []
+    for setting in dict.fromkeys(r["setting"] for r in runs):
+        for prec in PRECISIONS:
+            per_lib = {}
+            for lib in LIBS:
+                rs = [r for r in runs if (r["lib"], r["setting"], r["precision"]) == (lib, setting, prec)]
+                if not rs:
+                    continue
+                clean = [r for r in rs if not r["noisy"]] or rs
+                pps = median([r["pairs_per_s"] for r in clean])
+                rss = max(r["peak_rss_mb"] for r in rs)
+                per_lib[lib] = (pps, rss)
+                rows.append({"setting": setting, "precision": prec, "lib": lib, "pairs_per_s": round(pps, 3),
+                             "pairs_per_s_all": [r["pairs_per_s"] for r in rs], "peak_rss_mb": rss,
+                             "sys_share": median([r["sys_share"] for r in clean if r["sys_share"] is not None]),
+                             "minor_faults_per_step": median([r["minor_faults_per_step"] for r in clean
+                                                              if r["minor_faults_per_step"] is not None]),
+                             "runs": len(rs), "noisy_runs": sum(r["noisy"] for r in rs),
+                             "max_foreign_cores": max(r["runner"]["foreign_cores_avg"] for r in rs)})
+            if "tuneforge" in per_lib and "trl" in per_lib:
+                (tp, tr), (op, orss) = per_lib["tuneforge"], per_lib["trl"]
+                ratios.append({"setting": setting, "precision": prec, "tuneforge/trl_pairs_per_s": round(tp / op, 3),
+                               "peak_rss_mb": {"tuneforge": tr, "trl": orss}, "rss_tuneforge/trl": round(tr / orss, 3),
+                               "meets_target": tp / op >= TARGET_RATIO and tr < orss})
+    return {"bench": "dpo_vs_trl_summary", "rows": rows, "ratios": ratios, "target_ratio": TARGET_RATIO,
+            "anchor_trl": {k: {"pairs_per_s": v[0], "peak_rss_mb": v[1]} for k, v in ANCHOR_TRL.items()}}
+
+
+def print_table(s: dict) -> None:
+    hdr = (f"{'setting':8s} {'prec':5s} {'library':10s} {'pairs/s':>8s} {'(all runs)':>16s} {'peak RSS':>9s}"
+           f" {'sys CPU':>8s} {'faults/step':>11s} {'noisy':>6s}")
+    log("")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in s["rows"]:
+        allr = ",".join(f"{x:.2f}" for x in r["pairs_per_s_all"])
+        sys_share = "-" if r["sys_share"] is None else f"{r['sys_share']:.1%}"
+        faults = "-" if r["minor_faults_per_step"] is None else f"{r['minor_faults_per_step']:.0f}"
+        print(f"{r['setting']:8s} {r['precision']:5s} {r['lib']:10s} {r['pairs_per_s']:8.3f} {allr:>16s} "
+              f"{r['peak_rss_mb']:7.0f}MB {sys_share:>8s} {faults:>11s} "
+              f"{r['noisy_runs']}/{r['runs']:<4d}")
+    for q in s["ratios"]:
+        ok = "meets" if q["meets_target"] else "misses"
+        print(f"{q['setting']} {q['precision']}: tuneforge/TRL pairs/s = {q['tuneforge/trl_pairs_per_s']:.2f}x, "
+              f"peak RSS {q['peak_rss_mb']['tuneforge']:.0f} vs {q['peak_rss_mb']['trl']:.0f} MB "
+              f"({q['rss_tuneforge/trl']:.2f}x) -> {ok} the target (>= {s['target_ratio']}x and lower RSS)")
+    print("anchor TRL figures (../shared/bench/RESULTS.md): "
+          + ", ".join(f"{k} {v['pairs_per_s']} pairs/s, {v['peak_rss_mb'] / 1000:.1f} GB"
+                      for k, v in s["anchor_trl"].items()))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=12, help="timed steps after warm-up")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps")
+    p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated PROMPT+RESPONSE token counts")
+    p.add_argument("--only", default=",".join(LIBS), help="comma-separated subset of tuneforge,trl")
+    p.add_argument("--precisions", default="fp32", help="comma-separated subset of fp32,bf16")
+    p.add_argument("--repeats", type=int, default=2, help="runs of every (library, setting, precision), alternating")
+    p.add_argument("--json-out", default=None, help="also write every run + the summary here (JSON lines)")
+    p.add_argument("--no-tensorboard", action="store_true", help="tuneforge: train.tensorboard=false")
+    add_runner_args(p)
+    # child-only arguments
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--setting", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--data-jsonl", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--data-trl", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--tokenizer-dir", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        return run_child(a)
+
+    libs = [x.strip() for x in a.only.split(",") if x.strip()]
+    precs = [x.strip() for x in a.precisions.split(",") if x.strip()]
+    settings = [x.strip() for x in a.settings.split(",") if x.strip()]
+    if not set(libs) <= set(LIBS) or not set(precs) <= set(PRECISIONS) or not libs or not precs or not settings:
+        raise SystemExit(f"--only takes {','.join(LIBS)}, --precisions takes {','.join(PRECISIONS)}")
+    for s in settings:
+        parse_setting(s)
+    check_bench_preset()
+    emit = JsonLines(a.json_out)
+    with tempfile.TemporaryDirectory(prefix="tf-dpo-bench-") as workdir:
+        data = {s: make_data(workdir, s, (a.warmup + a.steps) * BATCH) for s in settings}
+        runs = []
+        for rep in range(a.repeats):
+            order = libs if rep % 2 == 0 else libs[::-1]  # who goes first flips between repeats
+            for setting in settings:
+                for prec in precs:
+                    for lib in order:
+                        log(f"repeat {rep + 1}/{a.repeats}: {lib} {setting} {prec}")
+                        res = spawn(a, lib, setting, prec, data[setting], workdir)
+                        res["repeat"] = rep + 1
+                        runs.append(res)
+                        emit(res)
+        summary = summarise(runs)
+        summary.update({"steps": a.steps, "warmup": a.warmup, "batch_pairs": BATCH, "shape": SHAPE,
+                        "lora": {"r": RANK, "alpha": ALPHA, "dropout": 0.0, "targets": TARGETS}, "beta": BETA,
+                        "lr": LR, "versions": versions(), "cpus": os.cpu_count(),
+                        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}})
+        print_table(summary)
+        emit(summary)
+    emit.close()
+
+
+if __name__ == "__main__":
+    main()
