@@ -132,3 +132,25 @@ def test_onednn_linears_agree_with_f_linear_and_are_restored(method):
               seeds=[3], tokenizer=tok)
     enc = [encode_prompt(tok, "copy abc:")]
     assert sample(model, enc, **kw).completion_ids(0) == sample(model, enc, fast_linear=False, **kw).completion_ids(0)
+
+
+def test_onednn_linears_in_bf16_match_autocast():
+    """bf16-stored frozen weights under bf16 autocast (train.precision: bf16): packed in bf16, LoRA folded in."""
+    from tuneforge.methods import METHODS, apply_methods
+    from tuneforge.train.precision import cast_frozen_matmul_weights_
+    from tuneforge.train.rollout import onednn_linears
+
+    model, tok = _model("llama")
+    apply_methods(model, [METHODS["lora"].Config(rank=4)])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    assert cast_frozen_matmul_weights_(model) > 0
+    ids = torch.tensor([encode_prompt(tok, "sort qwertyuiop:")])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(input_ids=ids).logits.float()
+        with onednn_linears(model, 1) as n:
+            fast = model(input_ids=ids).logits.float()
+    assert n > 0
+    assert (fast - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 rounding of a folded vs a split matmul
