@@ -143,3 +143,30 @@ def test_bf16_rollouts_put_the_fp32_weights_back_untouched():
     assert r.tokens.shape == (1, 6)
     after = model.state_dict()
     assert all(after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]) for k in before)
+
+
+def test_ppo_and_grpo_score_with_a_trained_reward_model(tmp_path):
+    """A reward run's adapter + head is a reward for the online algorithms (same vocabulary: ids scored as
+    generated, eos appended where the head reads)."""
+    from tuneforge.tasks import preference_pairs
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs("reverse", 16, seed=1))
+    rm = base_config(tmp_path, pairs, output_dir=str(tmp_path / "rm"), max_steps=2)
+    rm["algorithm"] = {"name": "reward"}
+    saved = train(load_config(rm)).saved
+    scorer = R.build(R.RewardModel(path=str(saved), base="tiny:llama"))
+    from tuneforge.models.tiny import char_tokenizer
+
+    tok = char_tokenizer()
+    a = scorer([[1, 70, 71]], [[72, 73]], (["p"], ["c"]), tok)
+    b = scorer([[1, 70, 71]], [[72, 73, tok.eos_token_id]], (["p"], ["c"]), tok)
+    assert a == b and math.isfinite(a[0])  # eos is appended once, not twice
+    data = write_jsonl(tmp_path / "pc.jsonl", make_examples("copy", 8, seed=3))
+    for name in ("ppo", "grpo"):
+        cfg = base_config(tmp_path, data, output_dir=str(tmp_path / name), max_steps=2, batch_size=2)
+        cfg["algorithm"] = {"name": name, "max_new_tokens": 4,
+                            "rewards": [{"name": "reward_model", "path": str(saved), "base": "tiny:llama"}]}
+        hist = train(load_config(cfg)).result.history
+        assert all(math.isfinite(h["loss"]) and math.isfinite(h["reward"]) and h["reward"] != 0 for h in hist)
+    with pytest.raises(ValueError, match="set reward_model.base"):
+        R.build(R.RewardModel(path=str(saved)))
