@@ -56,3 +56,28 @@ def test_two_processes_match_one(tmp_path, pc_file, micro, accum, port):
         cfg = load_config(ddp, [f"train.max_steps={steps + 2}"])
         with pytest.raises(CheckpointError, match="2 process"):
             train(cfg, resume="auto", allow_config_change=True)
+
+
+@pytest.mark.parametrize("algorithm,port", [
+    ({"name": "grpo", "num_generations": 4, "max_new_tokens": 5,
+      "rewards": [{"name": "length", "target": 3}, {"name": "similarity"}]}, 29521),
+    ({"name": "online_dpo", "max_new_tokens": 5, "rewards": [{"name": "exact_match"}]}, 29522),
+], ids=["grpo", "online_dpo_mostly_skipped"])
+def test_online_algorithms_two_processes_match_one(tmp_path, pc_file, algorithm, port):
+    """Rollouts are seeded per request, so 2 processes sample exactly what 1 process samples for the same global
+    batch; rewards, losses and weights agree. Online DPO with an exact-match reward on an untrained model skips
+    most pairs, so a process often has nothing to train on in a step and must still join every collective."""
+    steps = 4
+    single = base_config(tmp_path, pc_file, max_steps=steps, batch_size=4, output_dir=str(tmp_path / "single"))
+    single["algorithm"] = algorithm
+    train(load_config(single))
+    ddp = base_config(tmp_path, pc_file, max_steps=steps, batch_size=2, output_dir=str(tmp_path / "ddp"))
+    ddp["algorithm"] = algorithm
+    _torchrun(ddp, tmp_path / "ddp.yaml", port)
+    a, b = _records(tmp_path / "single"), _records(tmp_path / "ddp")
+    for ra, rb in zip(a, b):
+        assert ra.get("reward", 0) == pytest.approx(rb.get("reward", 0), abs=1e-9) and ra["samples"] == rb["samples"]
+        assert abs(ra["loss"] - rb["loss"]) < 1e-5
+    pa = load_safetensors(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
+    pb = load_safetensors(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.allclose(pa[k], pb[k], atol=1e-5) for k in pa)

@@ -62,6 +62,15 @@ def all_reduce_grads_(params: list[torch.nn.Parameter], d: Dist) -> None:
         offset += n
 
 
+def union_keys(keys, d: Dist) -> list[str]:
+    """The sorted union of every rank's metric names (a rank may have had nothing to report this step)."""
+    if d.world == 1:
+        return sorted(keys)
+    gathered: list = [None] * d.world
+    td.all_gather_object(gathered, sorted(keys))
+    return sorted(set().union(*gathered))
+
+
 def barrier(d: Dist) -> None:
     if d.world > 1:
         td.barrier()

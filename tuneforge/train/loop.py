@@ -234,6 +234,8 @@ class Loop:
         losses, gnorm, tokens = [], 0.0, 0
         for batches, norm in zip(exp.updates, norms):
             loss, metrics = self._forward_backward(batches, norm)
+            # a process whose share of this update is empty (every sample skipped) still joins the collectives
+            metrics = {k: metrics.get(k, 0) for k in D.union_keys(metrics, self.dist)}
             loss, metrics, gnorm = self._apply_update(loss, metrics, rows)
             losses.append(loss)
             tokens += int(metrics.pop("input_tokens", 0))
