@@ -113,8 +113,3 @@ def chunks(items: list, size: int) -> list[list]:
 
 def device_of(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def response_mask_len(rows: list[dict]) -> int:
-    """Longest completion among training rows (for padding per-token tensors to the batch's T-1)."""
-    return max(len(r["input_ids"]) for r in rows) - 1

@@ -16,9 +16,6 @@ import torch
 from tuneforge.algorithms._logps import sequence_logps_from_model, token_logps_from_model
 from tuneforge.methods._scope import adapter_layers, adapter_scope
 
-MODES = ("auto", "adapters_off", "copy", "precomputed")
-
-
 def adapters_cover_trainable(model) -> bool:
     """True when switching adapters off leaves exactly the untouched base (every trainable tensor is an adapter's)."""
     base_ids = set()

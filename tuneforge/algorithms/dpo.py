@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuneforge.algorithms._logps import sequence_logps_from_model
-from tuneforge.algorithms._reference import (adapters_cover_trainable, precompute_sequence_logps,  # noqa: F401
-                                             prepare_reference, reference_sequence_logps)
+from tuneforge.algorithms._reference import (precompute_sequence_logps, prepare_reference,
+                                             reference_sequence_logps)
 
 
 DATA_FORMATS = ("preference",)  # {"prompt", "chosen", "rejected"}

@@ -129,6 +129,7 @@ def make_experience(model, rows: list[dict], cfg: Config, ctx):
     ok = valid.view(-1, G) & group_ok[:, None]
     metrics = {"reward": float(rewards[ok.flatten()].sum()), "invalid_reward_rate": float((~valid).sum()),
                "completion_len": float(roll.mask.sum()),
+               # per completion, its group's reward spread (the loop divides by completions: mean within-group std)
                "reward_std": float(rewards.view(-1, G).float().std(1).nan_to_num(0.0)[group_ok].sum()) * G}
     return Experience(updates=[micro] * cfg.num_iterations, weights=[float(n_ok)] * cfg.num_iterations,
                       metrics=metrics, samples=len(owner))
