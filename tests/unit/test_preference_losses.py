@@ -49,6 +49,46 @@ def test_log1mexp_is_finite_near_zero_and_far_away():
     assert torch.isfinite(orpo.log1mexp(T([-1e-30]))).all()
 
 
+def _old_odds_ratio_loss(c, r):
+    """The formula before the P → 1 fix (a textbook ``where`` over both branches), kept as the reference."""
+    def lme(x):
+        return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    return -torch.nn.functional.logsigmoid((c - r) - (lme(c) - lme(r)))
+
+
+def test_orpo_loss_and_gradient_are_finite_when_the_policy_is_certain():
+    # P_w = 1 (mean log-prob 0) and just below it: the old formula's gradient was NaN here (skipped steps)
+    c = T([0.0, -1e-9, -1e-7, 0.0, -1e-30], requires_grad=True)
+    r = T([-1.0, -1.0, -1.0, 0.0, -2.0], requires_grad=True)
+    l_or, _ = orpo.odds_ratio_loss(c, r)
+    l_or.sum().backward()
+    assert torch.isfinite(l_or).all() and torch.isfinite(c.grad).all() and torch.isfinite(r.grad).all()
+    c0, r0 = T([0.0, -1e-9], requires_grad=True), T([-1.0, -1.0])
+    _old_odds_ratio_loss(c0, r0).sum().backward()
+    assert torch.isnan(c0.grad).all()  # what the fix removes
+    # golden, P_w capped one fp32 ulp below 1: log(1 − P_w) = log ε = −15.942385, log(1 − e^−1) = −0.458675;
+    # log odds = 1 + 15.942385 − 0.458675 = 16.483710; L = log(1 + e^−16.483710) = 6.9377e-8
+    assert l_or[0].item() == pytest.approx(math.log1p(math.exp(-16.483710)), rel=1e-4)
+    assert l_or[3].item() == pytest.approx(math.log(2.0), abs=1e-7)  # both certain: no preference, log 2
+    assert c.grad[3].item() == pytest.approx(-0.5, abs=1e-6) and r.grad[3].item() == pytest.approx(0.5, abs=1e-6)
+    # within one ulp of P = 1 the loss is ~1e-7: any cap moves it by less than 1e-6
+    assert torch.allclose(l_or[:3], _old_odds_ratio_loss(c, r)[:3].detach(), atol=1e-6)
+
+
+def test_orpo_loss_is_unchanged_away_from_certainty():
+    g = torch.Generator().manual_seed(1)
+    c = -torch.rand(256, generator=g) * 5 - 1.2e-7
+    r = torch.cat([-torch.rand(128, generator=g) * 5, -torch.rand(128, generator=g) * 1e-3]) - 1.2e-7
+    for dtype in (torch.float32, torch.float64):
+        cc, rr = c.to(dtype).requires_grad_(), r.to(dtype).requires_grad_()
+        ours, _ = orpo.odds_ratio_loss(cc, rr)
+        old = _old_odds_ratio_loss(cc.float(), rr.float())
+        assert torch.allclose(ours, old, atol=1e-6, rtol=0)
+        g_new = torch.autograd.grad(ours.sum(), (cc, rr))
+        g_old = torch.autograd.grad(old.sum(), (cc, rr))
+        assert all(torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6) for a, b in zip(g_new, g_old))
+
+
 def test_orpo_matches_trl_odds_ratio_loss():
     trl_orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
     from types import SimpleNamespace

@@ -7,7 +7,7 @@ https://arxiv.org/abs/2403.07691, eqs. 6–7):
 SFT alone raises the likelihood of rejected responses too (they share most tokens with chosen ones); the odds-ratio
 term penalises that relative to the chosen response, at the cost of one extra forward of the rejected response and
 no reference model at all. Computed in log space: log odds = log P − log(1 − P) with log(1 − P) = log1mexp(log P),
-which stays finite as P → 1 where the naive form overflows.
+which, unlike the naive form (and TRL's ``log1p(−exp(log P))``), keeps the loss and its gradient finite as P → 1.
 
 The SFT term here is each pair's mean token NLL of the chosen response, averaged over pairs (TRL averages over all
 chosen tokens of the batch instead); per pair keeps the step's mean independent of how pairs fall into micro-batches.
@@ -34,8 +34,19 @@ class Config(BaseModel):
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 − exp(x)) for x < 0, accurate everywhere (Mächler 2012: expm1 near 0, log1p far from it)."""
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    """log(1 − exp(x)) for x ≤ 0, accurate everywhere (Mächler 2012: expm1 near 0, log1p far from it), with a
+    finite value and gradient at and near x = 0 (a response the policy is certain of).
+
+    Two things make the textbook ``where`` NaN there. ``torch.where`` differentiates both branches, and the unused
+    ``log1p(−exp(x))`` is −inf with an infinite slope once exp(x) rounds to 1 (|x| ≲ 6e-8 in fp32): 0 × inf = NaN.
+    Each branch therefore only ever sees inputs from its own half. And at x = 0 itself log(1 − p) is −inf for real:
+    x is capped at log(1 − ε) (ε = the dtype's machine epsilon), i.e. P is taken as at most one ulp below 1 — the
+    resolution of the fp32 token log-probs x is averaged from, so no distinguishable value changes.
+    """
+    x = x.clamp_max(math.log1p(-torch.finfo(x.dtype).eps))
+    near = x > -math.log(2)
+    safe_near, safe_far = torch.where(near, x, -1.0), torch.where(near, -1.0, x)
+    return torch.where(near, torch.log(-torch.expm1(safe_near)), torch.log1p(-torch.exp(safe_far)))
 
 
 def odds_ratio_loss(chosen_mean_logp: torch.Tensor, rejected_mean_logp: torch.Tensor
