@@ -7,6 +7,9 @@ skips the largest matmul for every masked token — prompts are often most of an
 
 from __future__ import annotations
 
+import logging
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,12 +24,53 @@ def shift(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:]
 
 
-def _head(model: nn.Module) -> nn.Module | None:
+_HEAD_CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+log = logging.getLogger("tuneforge")
+
+
+def _head(model: nn.Module, inputs: dict | None = None) -> nn.Module | None:
+    """The output head when logits are exactly ``head(base_model(...).last_hidden_state)``, else None.
+
+    The fused paths below skip the model's own forward after the decoder, so anything a model does between the
+    decoder and its logits would be lost: soft-capping (Gemma 2), Cohere's ``logit_scale``, Granite's division by
+    ``logits_scaling``, MiniCPM's hidden-state scaling, FalconH1's ``lm_head_multiplier``... Rather than list every
+    such model, the first call for a model proves the assumption on one row of its batch (``head_matches_logits``)
+    and falls back to the model's own forward, with a log line, when it does not hold.
+    """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     cfg = getattr(model, "config", None)
     if head is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-        return None  # logits need more than the head: use the model's own forward
-    return head
+        return None  # known not to be a plain head: use the model's own forward
+    if model not in _HEAD_CHECKED and inputs is not None:
+        ok, diff = head_matches_logits(model, head, inputs)
+        _HEAD_CHECKED[model] = ok
+        if not ok:
+            log.warning("%s: logits are not the output head applied to the last hidden state (max |difference| "
+                        "%.3g on one row); token log-probs use the model's own forward", type(model).__name__, diff)
+    return head if _HEAD_CHECKED.get(model, True) else None
+
+
+@torch.no_grad()
+def head_matches_logits(model: nn.Module, head: nn.Module, inputs: dict) -> tuple[bool, float]:
+    """Whether ``head(base_model(x).last_hidden_state)`` equals ``model(x).logits`` on the first row of ``inputs``.
+
+    Both forwards run under one forked RNG state seeded alike, so dropout draws the same masks in both and the
+    training run's random stream is untouched (resume stays exact). The tolerance is relative to the logits' size
+    and wide enough for bf16/fp16 rounding (different matmul shapes), far below any real scaling (x1/8, x10...).
+    """
+    row = {k: v[:1] for k, v in inputs.items()}
+    dev = row["input_ids"].device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(0)
+        ref = model(**row, use_cache=False).logits  # (1, T, V)
+        torch.manual_seed(0)
+        fused = head(model.base_model(**row, use_cache=False).last_hidden_state)
+    if fused.shape != ref.shape:
+        return False, float("inf")
+    diff = float((fused.float() - ref.float()).abs().max())
+    exact = ref.dtype == fused.dtype == torch.float32  # fp32 logits: only summation order differs
+    tol = 1e-4 if exact else 3e-2  # half-precision logits: a few ulps of their size
+    return diff <= tol * (1.0 + float(ref.float().abs().max())), diff
 
 
 def supervised_logits(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,12 +81,24 @@ def supervised_logits(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torc
     targets = shift(batch["labels"])  # (B, T-1)
     keep = targets != IGNORE  # (B, T-1)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    head = _head(model)
+    head = _head(model, inputs)
     if head is None:
         logits = model(**inputs, use_cache=False).logits[:, :-1]  # (B, T-1, V)
         return logits[keep], targets[keep]
     hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
     return head(hidden[keep]), targets[keep]  # (N, V), (N,)
+
+
+def tempered(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits (or, for a bias-free head, the hidden states it multiplies) divided by the sampling temperature T.
+
+    The online algorithms sample from softmax(z / T) (``train/rollout.py``), so π, π_old and π_ref must all be
+    scored at the same T: an untempered π would make every update off-policy with no correction and the KL terms
+    compare other distributions than the ones sampled (TRL tempers policy and reference logits alike). Top-k/top-p
+    truncation is not renormalised here, as in TRL: with either on, the sampled distribution is the truncated one and
+    the ratios carry that (documented) bias.
+    """
+    return x if temperature == 1.0 else x / temperature
 
 
 def _inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -51,31 +107,33 @@ def _inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
     return targets, targets != IGNORE, inputs
 
 
-def _fused(model: nn.Module, batch: dict):
+def _fused(model: nn.Module, batch: dict, temperature: float = 1.0):
     """(hidden (B, T-1, H), log p (N,), keep (B, T-1)) through the chunked head+softmax, or None when the model's
     head cannot be fused (an adapted or quantised head, soft-capped logits)."""
-    head = _head(model)
-    if head is None or not fusable_head(head):
-        return None
     targets, keep, inputs = _inputs(batch)
+    head = _head(model, inputs)
+    if head is None or not fusable_head(head) or (temperature != 1.0 and head.bias is not None):
+        return None  # (a biased head: z / T ≠ W (h / T) + b, so tempered log-probs take the model's own head)
     hidden = model.base_model(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
-    return hidden, head_token_logps(head, hidden[keep], targets[keep]), keep
+    return hidden, head_token_logps(head, tempered(hidden[keep], temperature), targets[keep]), keep
 
 
-def supervised_token_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p of every supervised next token (N,) in fp32, and the (B, T-1) mask of where they sit.
+def supervised_token_logps(model: nn.Module, batch: dict, temperature: float = 1.0
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p of every supervised next token (N,) in fp32, and the (B, T-1) mask of where they sit; with a
+    ``temperature`` T, log softmax(z / T): the distribution the rollout engine samples from.
 
     A plain linear head goes through the chunked head+softmax of ``_head_logps`` (no (N, V) logits are kept);
     anything else (an adapted or quantised head, soft-capped logits) through the model's own head.
     """
-    fused = _fused(model, batch)
+    fused = _fused(model, batch, temperature)
     if fused is not None:
         return fused[1], fused[2]
     _, keep, _ = _inputs(batch)
     logits, picked = supervised_logits(model, batch)  # (N, V), (N,)
     if picked.numel() == 0:
         return logits.sum(-1) * 0.0, keep
-    return -F.cross_entropy(logits.float(), picked, reduction="none"), keep
+    return -F.cross_entropy(tempered(logits.float(), temperature), picked, reduction="none"), keep
 
 
 def token_cross_entropy_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
@@ -106,24 +164,27 @@ def sequence_logps_from_model(model: nn.Module, batch: dict) -> tuple[torch.Tens
     return per_row.sum(1), keep.sum(1)
 
 
-def token_logps_from_model(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logps_from_model(model: nn.Module, batch: dict, temperature: float = 1.0
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the supervised next tokens laid out as (B, T-1) (0 elsewhere), and the (B, T-1)
-    float mask of where they sit: what the policy-gradient losses (PPO, GRPO) take."""
-    logps, keep = supervised_token_logps(model, batch)  # (N,), (B, T-1)
+    float mask of where they sit: what the policy-gradient losses (PPO, GRPO) take, at their sampling temperature."""
+    logps, keep = supervised_token_logps(model, batch, temperature)  # (N,), (B, T-1)
     per_token = torch.zeros(keep.shape, dtype=logps.dtype, device=logps.device).masked_scatter(keep, logps)
     return per_token, keep.to(logps.dtype)
 
 
-def token_logps_and_hidden(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_logps_and_hidden(model: nn.Module, batch: dict, temperature: float = 1.0
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """As ``token_logps_from_model``, plus the decoder's last hidden states (B, T-1, H) from the same forward: an
     actor-critic (PPO) reads its value head off the trunk that produced the policy, in one pass."""
-    fused = _fused(model, batch)
+    fused = _fused(model, batch, temperature)
     if fused is not None:
         hidden, logps, keep = fused
     else:
         targets, keep, inputs = _inputs(batch)
         out = model(**inputs, use_cache=False, output_hidden_states=True)
         hidden = out.hidden_states[-1][:, :-1]
-        logps = -F.cross_entropy(out.logits[:, :-1][keep].float(), targets[keep], reduction="none")
+        logits = tempered(out.logits[:, :-1][keep].float(), temperature)  # (N, V)
+        logps = -F.cross_entropy(logits, targets[keep], reduction="none")
     per_token = torch.zeros(keep.shape, dtype=logps.dtype, device=logps.device).masked_scatter(keep, logps)
     return per_token, keep.to(logps.dtype), hidden
