@@ -14,19 +14,28 @@ import copy
 import torch
 
 from tuneforge.algorithms._logps import sequence_logps_from_model, token_logps_from_model
-from tuneforge.methods._scope import adapter_layers, adapter_scope
+from tuneforge.methods import adapter_tensors
+from tuneforge.methods._scope import adapter_scope
+
+HEADS = ("reward_head", "value_head")  # trained beside the policy, never part of what the reference computes
+
+
+def _trainable(model) -> dict[str, torch.nn.Parameter]:
+    heads = {id(p) for n in HEADS if hasattr(model, n) for p in getattr(model, n).parameters()}
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in heads}
+
+
+def trained_base_tensors(model) -> list[str]:
+    """Names of the trainable tensors that are the model's own (not an adapter method's), heads aside. The adapter
+    methods say which tensors are theirs (``methods.adapter_tensors``), so a composition such as ``[lora, ia3]``,
+    whose LoRA tensors sit under the IA3 wrapper's ``base_layer``, still counts as adapters only."""
+    owned = adapter_tensors(model)
+    return [n for n, p in _trainable(model).items() if id(p) not in owned]
+
 
 def adapters_cover_trainable(model) -> bool:
     """True when switching adapters off leaves exactly the untouched base (every trainable tensor is an adapter's)."""
-    base_ids = set()
-    adapter_ids = set()
-    for layer in adapter_layers(model):
-        for name, p in layer.named_parameters():
-            leaf = name.split(".")[0]
-            (base_ids if leaf in ("weight", "bias", "base_layer") else adapter_ids).add(id(p))
-    heads = {id(p) for n in ("reward_head", "value_head") if hasattr(model, n) for p in getattr(model, n).parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in heads]
-    return bool(trainable) and all(id(p) in adapter_ids - base_ids for p in trainable)
+    return bool(_trainable(model)) and not trained_base_tensors(model)
 
 
 def prepare_reference(model, mode: str, state: dict, who: str = "algorithm") -> None:
@@ -36,8 +45,11 @@ def prepare_reference(model, mode: str, state: dict, who: str = "algorithm") -> 
     if mode == "auto":
         mode = "adapters_off" if adapters_cover_trainable(model) else "copy"
     if mode == "adapters_off" and not adapters_cover_trainable(model):
+        base = trained_base_tensors(model)
+        what = (f"this run also trains the model's own {', '.join(base[:3])}{' ...' if len(base) > 3 else ''}"
+                if base else "this run trains no adapter")
         raise ValueError(f"{who}.reference=adapters_off needs every trainable parameter to be an adapter's (lora, "
-                         "ia3, lokr, ...); this run trains base weights too — use reference: copy")
+                         f"ia3, lokr, ...); {what} — use reference: copy")
     state["reference_mode"] = mode
     if mode == "precomputed":
         state["reference_table"] = {}

@@ -8,6 +8,11 @@ This package composes them: ``apply_methods`` freezes the base once and applies 
 ``[freeze(top_k=1), lora]`` trains the top block plus LoRA everywhere); ``save_adapter``/``load_adapter`` write and
 read ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's layout when the run is one PEFT-native method,
 tuneforge's ``"tuneforge_method"`` list otherwise).
+
+Which tensor belongs to whom is asked of the methods, never read off names or shapes: each adapter layer type says
+which of its tensors its method added and whether they take weight decay (``AdapterLayer.ADAPTER_TENSORS``), so
+``adapter_tensors`` tells an adapter's tensor from a base weight even when one method's layer wraps another's (in
+``[lora, ia3]`` the LoRA tensors sit under the IA3 wrapper's ``base_layer``). Everything else is the model's own.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from torch import nn
 
 from tuneforge.methods import bitfit, diff_pruning, freeze, full, ia3, lokr, lora, qlora, sparse
 from tuneforge.methods._inject import count_parameters, freeze_all
-from tuneforge.methods._scope import adapter_scope, set_active
+from tuneforge.methods._scope import adapter_layers, adapter_scope, set_active
 
 METHODS = {"full": full, "freeze": freeze, "bitfit": bitfit, "diff_pruning": diff_pruning, "sparse": sparse,
            "lora": lora, "qlora": qlora, "lokr": lokr, "ia3": ia3}
@@ -33,7 +38,7 @@ for _name, _mod in METHODS.items():
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
 __all__ = ["METHODS", "METHOD_CONFIGS", "apply_methods", "prepare_methods", "regularizer", "finalize_methods", "adapter_scope", "set_active", "merge_methods",
-           "save_adapter", "load_adapter", "method_state_dict", "count_parameters"]
+           "save_adapter", "load_adapter", "method_state_dict", "count_parameters", "adapter_tensors"]
 
 
 class NothingToTrainError(ValueError):
@@ -48,6 +53,16 @@ def apply_methods(model: nn.Module, cfgs: list, adapter: str = "default") -> Non
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise NothingToTrainError(f"methods {[c.name for c in cfgs]} leave no trainable parameter in this model")
+
+
+def adapter_tensors(model: nn.Module) -> dict[int, bool]:
+    """id(tensor) -> whether it takes weight decay, for every tensor an adapter method added to ``model`` (any
+    adapter name, trainable or not). A tensor not in it is the model's own: a base weight, a bias, a head."""
+    out: dict[int, bool] = {}
+    for layer in adapter_layers(model):
+        for p, decays in layer.adapter_tensors().values():
+            out[id(p)] = decays
+    return out
 
 
 def prepare_methods(model: nn.Module, cfgs: list, losses, adapter: str = "default") -> None:

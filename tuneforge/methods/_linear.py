@@ -51,6 +51,13 @@ class LinearWrapper(AdapterLayer):
     def owns_weight(self) -> bool:
         return "weight" in self._parameters
 
+    def base_parameters(self) -> list[nn.Parameter]:
+        """The wrapped module's tensors: the base ``weight``/``bias``, or everything under ``base_layer`` (a quantised
+        base, or another method's wrapper with its own adapters)."""
+        if self.owns_weight:
+            return [p for p in (self.weight, self.bias) if p is not None]
+        return list(self.base_layer.parameters())
+
     def base_weight(self) -> torch.Tensor:
         """The float weight Parameter the adapters fold into (transposed layout for Conv1D)."""
         if self.owns_weight:

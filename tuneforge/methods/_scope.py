@@ -43,8 +43,29 @@ class AdapterLayer(nn.Module):
     active: tuple[str, ...] | PerExample
     is_adapter_layer = True  # read by models.arch, which must not import methods
 
+    # The attributes (ModuleDict/ParameterDict) holding this method's tensors -> whether AdamW's weight decay applies
+    # to them. Decoupled decay (Loshchilov & Hutter 2019) pulls a tensor toward 0, a useful prior only for tensors
+    # whose identity value is 0 (LoRA's A/B, a weight update ΔW); a tensor whose identity is another value (IA3's
+    # scaling vectors, 1; DoRA's magnitude, ||W0||) is left out of decay instead of being pulled away from it.
+    # Empty = undeclared: see ``adapter_tensors``.
+    ADAPTER_TENSORS: dict[str, bool] = {}
+
     def adapter_names(self) -> list[str]:  # overridden by each layer type
         raise NotImplementedError
+
+    def base_parameters(self) -> list[nn.Parameter]:
+        """The tensors of the module this layer adapts (its base); overridden by each layer type."""
+        return []
+
+    def adapter_tensors(self) -> dict[str, tuple[nn.Parameter, bool]]:
+        """name -> (tensor, decays) for the tensors this layer's method added (never its base's, even when the base
+        is another method's layer: that layer reports its own). A layer type that declares no ``ADAPTER_TENSORS``
+        gets every tensor that is not its base's, without weight decay."""
+        if self.ADAPTER_TENSORS:
+            return {f"{attr}.{n}": (p, decays) for attr, decays in self.ADAPTER_TENSORS.items()
+                    for n, p in getattr(self, attr).named_parameters()}
+        base = {id(p) for p in self.base_parameters()}
+        return {n: (p, False) for n, p in self.named_parameters() if id(p) not in base}
 
     def batch_groups(self, x: torch.Tensor) -> list[tuple[str, torch.Tensor | None]]:
         """(adapter, row index or None for "all rows") pairs this forward must add."""

@@ -56,6 +56,9 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
 
 
 class LoKrLayer(DeltaLayer):
+    # Every factor decays, as LoRA's A and B do: ΔW = 0 (the unchanged layer) is where decay pulls the update.
+    ADAPTER_TENSORS = {f: True for f in FACTORS}
+
     def __init__(self, base: nn.Module):
         super().__init__(base)
         for name in FACTORS:

@@ -54,6 +54,10 @@ class Config(BaseModel):
 class LoraLayer(LinearWrapper):
     """A Linear/Conv1D (or a nested/quantised base) with named LoRA adapters, optionally DoRA-decomposed."""
 
+    # A and B decay (toward B A = 0, the unchanged layer), as in PEFT/HF Trainer practice; DoRA's magnitude starts at
+    # ||W0||_c, so decay toward 0 would shrink the layer's rows rather than keep it close to the base.
+    ADAPTER_TENSORS = {"lora_A": True, "lora_B": True, "lora_magnitude_vector": False}
+
     def __init__(self, base: nn.Module):
         super().__init__(base)
         self.lora_A = nn.ModuleDict()

@@ -45,6 +45,10 @@ def budget(numel: int, density: float) -> int:
 
 
 class SparseLayer(DeltaLayer):
+    # The values are entries of ΔW, whose identity value is 0: they decay like LoRA's A/B (toward the pretrained
+    # weight), not like the weight itself would in full fine-tuning (toward 0).
+    ADAPTER_TENSORS = {"sp_values": True}
+
     def __init__(self, base: nn.Module):
         super().__init__(base)
         self.sp_values = nn.ParameterDict()
