@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tuneforge.methods import METHOD_CONFIGS
 from tuneforge.algorithms import ALGORITHM_CONFIGS
+from tuneforge.models.code_pin import pin_format_error
 
 
 class Strict(BaseModel):
@@ -32,13 +33,17 @@ class ModelConfig(Strict):
     path: str = Field(description="local Hugging Face model directory, or tiny:<preset> to build one in code")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
-    revision: str | None = Field(None, description="pinned revision; required with trust_remote_code")
+    revision: str | None = Field(None, description="pins the checkpoint's code, required with trust_remote_code: "
+                                 "sha256:<digest of the folder's .py files> or a hub snapshot's commit")
     attn_implementation: str | None = "sdpa"
 
     @model_validator(mode="after")
     def _remote_code_needs_revision(self):
         if self.trust_remote_code and not self.revision:
             raise ValueError("trust_remote_code=true needs a pinned model.revision (the code you agreed to run)")
+        bad = pin_format_error(self.revision)
+        if bad:
+            raise ValueError(bad)
         return self
 
 

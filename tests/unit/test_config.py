@@ -67,3 +67,12 @@ def test_invalid_yaml_names_line(tmp_path):
 def test_remote_code_needs_revision(tmp_path, pc_file):
     with pytest.raises(ConfigError, match="revision"):
         load_config(base_config(tmp_path, pc_file), ["model.trust_remote_code=true"])
+
+
+@pytest.mark.parametrize("revision", ["main", "v1.0", "0123abc", "sha256:xyz"])
+def test_revision_must_be_a_pin_that_can_be_checked(tmp_path, pc_file, revision):
+    """A branch name or short hash pins nothing for a local folder: refused when the config is read."""
+    with pytest.raises(ConfigError, match="cannot pin checkpoint code"):
+        load_config(base_config(tmp_path, pc_file), ["model.trust_remote_code=true", f"model.revision={revision}"])
+    ok = load_config(base_config(tmp_path, pc_file), ["model.trust_remote_code=true", "model.revision=sha256:" + "0" * 64])
+    assert ok.model.revision == "sha256:" + "0" * 64

@@ -1,4 +1,5 @@
-"""SE-3: a checkpoint's own Python files never run unless the user opted in and pinned a revision.
+"""SE-3: a checkpoint's own Python files never run unless the user opted in and pinned them (model.revision), and
+the pin is checked: transformers ignores ``revision`` for local folders, so tuneforge verifies it itself.
 
 Each fixture directory carries ``configuration_evil.py`` / ``modeling_evil.py`` / ``tokenization_evil.py`` that
 write a sentinel file the moment they are imported, and an ``auto_map`` pointing the relevant Auto* loader at
@@ -18,6 +19,7 @@ import transformers
 import transformers.dynamic_module_utils as dynamic_modules
 
 from tuneforge.models import load
+from tuneforge.models.code_pin import code_digest, git_blob_id
 from tuneforge.models.load import ModelLoadError, load_model, load_tokenizer, meta_model
 from tuneforge.models.tiny import save_tiny
 
@@ -136,11 +138,12 @@ def test_trust_and_revision_reach_every_sub_loader(tmp_path, monkeypatch):
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(cls, "from_pretrained", spy)
-    load_model(mcfg(tmp_path, trust=True, revision="0123456789abcdef"))
+    pin = code_digest(tmp_path)
+    load_model(mcfg(tmp_path, trust=True, revision=pin))
     assert set(seen) == {"AutoConfig", "AutoModelForCausalLM", "AutoTokenizer"}
     for name, kwargs in seen.items():
         assert kwargs["trust_remote_code"] is True, name
-        assert kwargs["revision"] == "0123456789abcdef", name
+        assert kwargs["revision"] == pin, name
         assert kwargs["local_files_only"] is True, name
 
 
@@ -149,5 +152,74 @@ def test_positive_control_trusted_code_does_run(evil, component, isolated_module
     """Proves the fixture: opting in (trust + pinned revision) imports the shipped module, writing the sentinel."""
     model_dir, sentinel = evil(component)
     with pytest.raises(ModelLoadError):  # the evil modules define no classes, so loading fails after import
-        load_model(mcfg(model_dir, trust=True, revision="0123456789abcdef"))
+        load_model(mcfg(model_dir, trust=True, revision=code_digest(model_dir)))
     assert sentinel.exists()
+
+
+# ------------------------------------------------------------------ the pin is verified (transformers ignores it)
+@pytest.mark.parametrize("loader", list(LOADERS))
+def test_made_up_commit_on_a_plain_folder_is_refused_before_any_code_runs(evil, loader):
+    """The reviewed defect: a folder that is no git repository, with an invented 40-hex revision, still ran its
+    configuration_*.py. Now the pin is checked first, and the refusal prints the digest to pin."""
+    model_dir, sentinel = evil("config")
+    with pytest.raises(ModelLoadError) as info:
+        LOADERS[loader](mcfg(model_dir, trust=True, revision="0123456789abcdef0123456789abcdef01234567"))
+    assert "not the hub cache snapshot" in str(info.value) and code_digest(model_dir) in str(info.value)
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("change", ["edit", "add", "rename", "delete"])
+def test_digest_pin_catches_any_change_to_the_code(evil, change):
+    model_dir, sentinel = evil("config")
+    pin = code_digest(model_dir)
+    target = model_dir / "configuration_evil.py"
+    if change == "edit":
+        target.write_text(target.read_text() + "\n# one more line\n")
+    elif change == "add":
+        (model_dir / "helpers.py").write_text("x = 1\n")
+    elif change == "rename":
+        target.rename(model_dir / "configuration_evil2.py")
+    else:
+        (model_dir / "tokenization_evil.py").unlink()
+    assert code_digest(model_dir) != pin
+    with pytest.raises(ModelLoadError, match="does not match model.revision"):
+        load_model(mcfg(model_dir, trust=True, revision=pin))
+    assert not sentinel.exists()
+
+
+def test_digest_ignores_files_that_are_not_code_and_hidden_folders(tmp_path):
+    (tmp_path / "modeling_x.py").write_text("A = 1\n")
+    pin = code_digest(tmp_path)
+    (tmp_path / "README.md").write_text("docs")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "hook.py").write_text("not shipped code")
+    assert code_digest(tmp_path) == pin
+    assert pin == code_digest(tmp_path) and pin.startswith("sha256:") and len(pin) == 7 + 64
+
+
+def _snapshot(root: Path, files: dict[str, str]) -> tuple[Path, str]:
+    """A hub-cache layout: snapshots/<commit>/<file> -> ../../blobs/<git blob id>."""
+    commit = "a" * 40
+    snap, blobs = root / "snapshots" / commit, root / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for name, text in files.items():
+        blob = blobs / git_blob_id(text.encode())
+        blob.write_text(text)
+        (snap / name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    return snap, commit
+
+
+def test_hub_snapshot_commit_pin_verifies_each_code_blob(tmp_path):
+    snap, commit = _snapshot(tmp_path, {"modeling_x.py": "A = 1\n"})
+    load._remote_code_policy(mcfg(snap, trust=True, revision=commit))  # matches: no error
+    with pytest.raises(ModelLoadError, match="not the hub cache snapshot"):
+        load._remote_code_policy(mcfg(snap, trust=True, revision="b" * 40))
+    (snap / "modeling_x.py").resolve().write_text("A = 2  # edited in the cache\n")
+    with pytest.raises(ModelLoadError, match="not the blob of commit"):
+        load._remote_code_policy(mcfg(snap, trust=True, revision=commit))
+
+
+def test_git_blob_id_matches_git():
+    assert git_blob_id(b"") == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # git hash-object /dev/null
+    assert git_blob_id(b"hello\n") == "ce013625030ba8dba906f756967f9e9ca394464a"

@@ -4,7 +4,8 @@ Security stance (why this module is stricter than plain ``from_pretrained``):
 
 * Nothing is downloaded: every sub-loader gets ``local_files_only=True``.
 * Repository code never runs unless the user opted in with ``trust_remote_code`` *and* pinned a ``revision``
-  (the version of the code they reviewed). The check lives here as well as in the config schema, so library
+  (the version of the code they reviewed), and the folder's code matches that pin (``code_pin.py``: transformers
+  itself ignores ``revision`` for local folders). The check lives here as well as in the config schema, so library
   callers that build a config object by hand get the same protection. ``trust_remote_code`` and ``revision`` are
   passed to *every* sub-loader (config, model, tokenizer): one loader left at a default is enough for a
   checkpoint to smuggle code in through it.
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 from tuneforge.models import arch
+from tuneforge.models.code_pin import CodePinError, verify_code_pin
 from tuneforge.models.tiny import PRESETS, build_tiny, char_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,8 +72,15 @@ def _remote_code_policy(mcfg: Any) -> tuple[bool, str | None]:
     if trust and not revision:
         raise ModelLoadError(
             f"{mcfg.path}: trust_remote_code=true runs code shipped with the checkpoint; pin the exact code you "
-            "reviewed with model.revision (a commit hash), or set trust_remote_code=false"
+            "reviewed with model.revision (sha256:<digest of its .py files>, or a hub snapshot's commit), or set "
+            "trust_remote_code=false"
         )
+    folder = Path(str(mcfg.path)).expanduser()
+    if trust and not str(mcfg.path).startswith("tiny:") and folder.is_dir():
+        try:  # transformers ignores revision for local folders: the pin is checked here (models/code_pin.py)
+            verify_code_pin(folder, revision)
+        except CodePinError as exc:
+            raise ModelLoadError(str(exc)) from None
     return trust, revision
 
 
