@@ -463,3 +463,22 @@ def test_bad_arguments_fail_without_leaving_files(tmp_path, kwargs, error):
         save_checkpoint(**args)
     root = tmp_path / "run"
     assert not root.exists() or list(root.iterdir()) == []
+
+
+def test_rng_state_per_rank_round_trips_and_old_shared_state_still_restores():
+    from tuneforge.train.checkpoint import capture_rng, rank_rng, ranks_rng_to_tensors, restore_rng
+
+    torch.manual_seed(1)
+    r0 = capture_rng()
+    torch.manual_seed(2)
+    r1 = capture_rng()
+    tensors, info = ranks_rng_to_tensors([r0, r1])
+    for rank, (want, _) in enumerate([r0, r1]):
+        got, got_info = rank_rng(tensors, info, rank)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        restore_rng(got, got_info)
+        assert torch.equal(torch.get_rng_state(), want["torch.cpu"])
+    shared, shared_info = rank_rng(*r0, rank=1)  # a checkpoint written before per-rank states: one state for all
+    assert shared is r0[0] and shared_info is r0[1]
+    with pytest.raises(CheckpointError, match="2 process"):
+        rank_rng(tensors, info, 2)

@@ -35,6 +35,7 @@ from tuneforge.safeio import (ChunkedHashWriter, fsync_dir, iter_safetensors_byt
 __all__ = [
     "CheckpointError", "save_checkpoint", "list_checkpoints", "latest_checkpoint", "clean_stale",
     "load_checkpoint", "optimizer_to_tensors", "optimizer_from_tensors", "capture_rng", "restore_rng",
+    "ranks_rng_to_tensors", "rank_rng",
 ]
 
 FORMAT = "tuneforge-checkpoint"
@@ -403,6 +404,27 @@ def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
             tensors[f"torch.cuda.{i}"] = s
         info["cuda_device_count"] = len(cuda_states)
     return tensors, info
+
+
+def ranks_rng_to_tensors(states: list[tuple[dict[str, torch.Tensor], dict]]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every process's ``capture_rng()`` in one checkpoint entry: tensors prefixed ``rank<r>.``, infos in rank order.
+
+    Why per rank: each process draws its own dropout masks (and samples) from its own generators, and they drift
+    apart as soon as ranks see batches of different shapes; restoring rank 0's state everywhere makes a resumed
+    multi-process run differ from the uninterrupted one (CK-1/CK-8 at world size > 1)."""
+    tensors = {f"rank{r}.{k}": t for r, (ts, _) in enumerate(states) for k, t in ts.items()}
+    return tensors, {"format_version": 2, "per_rank": [info for _, info in states]}
+
+
+def rank_rng(tensors: dict[str, torch.Tensor], info: dict, rank: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """This rank's ``(tensors, info)`` for ``restore_rng``; a checkpoint from before per-rank states (one shared
+    state) gives that state to every rank."""
+    if "per_rank" not in info:
+        return tensors, info
+    if rank >= len(info["per_rank"]):
+        raise CheckpointError(f"checkpoint holds RNG state for {len(info['per_rank'])} process(es), not rank {rank}")
+    prefix = f"rank{rank}."
+    return {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}, info["per_rank"][rank]
 
 
 def restore_rng(tensors: dict[str, torch.Tensor], info: dict) -> None:

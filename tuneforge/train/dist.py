@@ -76,6 +76,15 @@ def barrier(d: Dist) -> None:
         td.barrier()
 
 
+def all_gather_object(obj, d: Dist) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (small picklable objects: RNG states, metric names)."""
+    if d.world == 1:
+        return [obj]
+    gathered: list = [None] * d.world
+    td.all_gather_object(gathered, obj)
+    return gathered
+
+
 def broadcast_object(obj, d: Dist):
     if d.world == 1:
         return obj

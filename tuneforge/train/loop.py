@@ -102,10 +102,11 @@ class Loop:
     # ------------------------------------------------------------------------------------------ checkpoints
     def save(self) -> Path | None:
         path = None
+        rngs = D.all_gather_object(ckpt.capture_rng(), self.dist)  # every process's generators, for exact resume
         if self.dist.main:
             model_t = {n: p.detach().cpu() for n, p in self.params.items()}
             opt_t, opt_info = ckpt.optimizer_to_tensors(self.opt)
-            rng_t, rng_info = ckpt.capture_rng()
+            rng_t, rng_info = ckpt.ranks_rng_to_tensors(rngs)
             state = {"loop": asdict(self.state), "optimizer": opt_info, "rng": rng_info}
             meta = {**self.meta, "seed": self.tcfg.seed, "world_size": self.dist.world}
             path = ckpt.save_checkpoint(self.ckpt_root, self.state.step, {"model": model_t, "optimizer": opt_t,
@@ -128,7 +129,7 @@ class Loop:
                     raise ckpt.CheckpointError(f"{path}: model.safetensors lacks trainable tensor {n}")
                 p.copy_(tensors["model"][n])
         ckpt.optimizer_from_tensors(self.opt, tensors["optimizer"], state["optimizer"])
-        ckpt.restore_rng(tensors["rng"], state["rng"])
+        ckpt.restore_rng(*ckpt.rank_rng(tensors["rng"], state["rng"], self.dist.rank))
         self.state = LoopState(**state["loop"])
 
     # ---------------------------------------------------------------------------------------------- one step
