@@ -33,7 +33,7 @@ def model(seed=1, d_in=64, d_out=64):
 
 
 def groups(m, wd=0.01):
-    """The layout tuneforge's make_optimizer builds: decay on matrices, none on vectors."""
+    """The layout tuneforge's make_optimizer builds for a plain linear layer: decay on its weight, none on its bias."""
     return [{"params": [m.weight], "weight_decay": wd}, {"params": [m.bias], "weight_decay": 0.0}]
 
 

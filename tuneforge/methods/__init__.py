@@ -37,8 +37,8 @@ for _name, _mod in METHODS.items():
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
-__all__ = ["METHODS", "METHOD_CONFIGS", "apply_methods", "prepare_methods", "regularizer", "finalize_methods", "adapter_scope", "set_active", "merge_methods",
-           "save_adapter", "load_adapter", "method_state_dict", "count_parameters", "adapter_tensors"]
+__all__ = ["METHODS", "METHOD_CONFIGS", "apply_methods", "prepare_methods", "regularizer", "step_methods", "finalize_methods", "adapter_scope", "set_active", "merge_methods",
+           "save_adapter", "load_adapter", "method_state_dict", "count_parameters", "adapter_tensors", "weight_decays"]
 
 
 class NothingToTrainError(ValueError):
@@ -65,6 +65,31 @@ def adapter_tensors(model: nn.Module) -> dict[int, bool]:
     return out
 
 
+def _is_norm(module: nn.Module) -> bool:
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
+    return isinstance(module, norms) or "norm" in type(module).__name__.lower()  # LlamaRMSNorm, T5LayerNorm, ...
+
+
+def _own_tensors_without_decay(model: nn.Module) -> set[int]:
+    """The model's biases and normalisation gains/shifts: what AdamW practice (HF Trainer, PEFT) leaves undecayed,
+    since pulling them toward 0 is no useful prior. Decided by the module that holds each tensor, not its shape."""
+    out = set()
+    for module in model.modules():
+        norm = _is_norm(module)
+        for name, p in module.named_parameters(recurse=False):
+            if norm or name == "bias":
+                out.add(id(p))
+    return out
+
+
+def weight_decays(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, bool]:
+    """name -> whether AdamW's weight decay applies, for the trainable ``params`` of ``model``: an adapter's tensor
+    as its method declares; the model's own tensors (full, freeze, BitFit, reward/value heads) all but biases and
+    norm parameters."""
+    adapters, plain = adapter_tensors(model), _own_tensors_without_decay(model)
+    return {n: adapters[id(p)] if id(p) in adapters else id(p) not in plain for n, p in params.items()}
+
+
 def prepare_methods(model: nn.Module, cfgs: list, losses, adapter: str = "default") -> None:
     """Data-dependent set-up before training (sparse fine-tuning's gradient selection); ``losses()`` returns a
     fresh iterator of calibration losses, computed by the caller on the training data."""
@@ -82,6 +107,19 @@ def regularizer(model: nn.Module, cfgs: list, adapter: str = "default") -> torch
 
 def has_regularizer(cfgs: list) -> bool:
     return any(hasattr(METHODS[c.name], "regularizer") for c in cfgs)
+
+
+def step_methods(model: nn.Module, cfgs: list, step: int, total: int, adapter: str = "default") -> None:
+    """Per-step schedules (diff pruning's projection at a fraction of the run), called by the loop before optimizer
+    step ``step`` (0-based) of ``total``. Each method decides from the step and its own weights alone, so a resumed
+    run and every process decide the same."""
+    for cfg in cfgs:
+        if hasattr(METHODS[cfg.name], "on_step"):
+            METHODS[cfg.name].on_step(model, cfg, step, total, adapter)
+
+
+def has_step_hook(cfgs: list) -> bool:
+    return any(hasattr(METHODS[c.name], "on_step") for c in cfgs)
 
 
 def finalize_methods(model: nn.Module, cfgs: list, adapter: str = "default") -> None:

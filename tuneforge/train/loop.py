@@ -84,14 +84,16 @@ class Loop:
 
     def __init__(self, model, algorithm, algo_cfg, train_ds, tcfg, out_dir, collate: Callable, *,
                  dist: D.Dist = D.Dist(), eval_fn: Callable | None = None, meta: dict | None = None,
-                 hooks: dict | None = None, regularizer: Callable | None = None, algo_state: dict | None = None):
+                 hooks: dict | None = None, regularizer: Callable | None = None, algo_state: dict | None = None,
+                 on_step: Callable | None = None):
         self.model, self.algo, self.algo_cfg, self.ds, self.tcfg = model, algorithm, algo_cfg, train_ds, tcfg
         self.out, self.collate, self.dist, self.eval_fn = Path(out_dir), collate, dist, eval_fn
         self.meta, self.hooks = dict(meta or {}), hooks or {}
         self.regularizer = regularizer  # a method's penalty (diff pruning's L0), once per optimizer step
+        self.on_step = on_step  # (model, step, total) before each step: a method's schedule (diff pruning's projection)
         self.algo_state = {} if algo_state is None else algo_state  # kept across steps (DPO's reference, ...)
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.opt = make_optimizer(self.params, tcfg)
+        self.opt = make_optimizer(self.params, tcfg, model)  # the methods decide which tensors decay
         self.order = GlobalOrder(len(train_ds), tcfg.batch_size * tcfg.grad_accum * dist.world, tcfg.seed)
         self.total = total_steps(tcfg, self.order)
         self.warmup = warmup_steps(tcfg, self.total)
@@ -199,6 +201,8 @@ class Loop:
 
     def train_step(self, rows: list[int]) -> dict:
         t0 = time.perf_counter()
+        if self.on_step is not None:
+            self.on_step(self.model, self.state.step, self.total)
         set_lr(self.opt, self.tcfg.learning_rate * lr_factor(self.state.step, self.total, self.warmup,
                                                              self.tcfg.scheduler, self.tcfg.min_lr_ratio))
         if hasattr(self.algo, "make_experience"):
