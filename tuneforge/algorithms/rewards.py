@@ -6,6 +6,10 @@ the last assistant turn of chat data). Built-ins cover the verifiable-reward set
 match, a format regex, a length target); ``python`` imports the user's own function; ``reward_model`` scores with a
 model trained by ``algorithm: reward``. Several combine with weights: r = Σ_k w_k r_k.
 
+A scoring model (the reward model here, the RLAIF judge) is frozen and runs once per rollout batch, so it lives where
+the policy lives and in the policy's dtype (``placement``): a GPU run scores on its GPU, a bf16 policy gets a bf16
+scorer, and its forwards run under the loop's autocast like the policy's.
+
 Failure policy (never a silent NaN in the loss): a reward function that raises stops training with
 ``RewardError`` naming the function and the data rows; a non-finite or missing value marks that sample invalid —
 the algorithm drops it (GRPO: its whole group, whose advantages would be meaningless) and counts it in the
@@ -119,24 +123,54 @@ def import_function(spec: str) -> Callable:
     return fn
 
 
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def run_device() -> torch.device:
+    """This process's training device when no policy is at hand: the one ``train.dist.init`` picks (the current
+    CUDA device, which it set to the local rank's, else the CPU)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def placement(like=None) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) for a frozen scoring model next to the policy ``like``: the policy's device and the dtype its
+    base was loaded in, read off its input embedding (adapters keep their own fp32 tensors, QLoRA quantises only
+    linear layers, and ``frozen_bf16`` casts later, so the embedding is what ``model.dtype`` gave). Without a policy
+    (``tuneforge label``): the run's device, in fp32."""
+    if like is None:
+        return run_device(), torch.float32
+    emb = like.get_input_embeddings() if hasattr(like, "get_input_embeddings") else None
+    w = emb.weight if emb is not None else next(p for p in like.parameters() if p.is_floating_point())
+    return w.device, w.dtype
+
+
+def load_scoring_model(path: str, like=None):
+    """``(model, tokenizer)`` of a frozen scoring model, loaded at ``placement(like)`` (a dtype the loader has no
+    name for, such as fp64, loads as fp32)."""
+    from types import SimpleNamespace
+
+    from tuneforge.models.load import load_model
+
+    device, dtype = placement(like)
+    mcfg = SimpleNamespace(path=path, dtype=_DTYPE_NAMES.get(dtype, "float32"), trust_remote_code=False,
+                           revision=None, attn_implementation="sdpa")
+    return load_model(mcfg, device=str(device))
+
+
 class ModelScorer:
     """Scores (prompt ids, completion ids) with a trained reward head. When the reward model shares the policy's
     vocabulary the token ids are scored as generated (plus eos, where the head was trained to read the score);
-    otherwise the texts are re-tokenized with the reward model's tokenizer."""
+    otherwise the texts are re-tokenized with the reward model's tokenizer. ``like``: the policy it scores for
+    (see ``placement``)."""
 
-    def __init__(self, cfg: RewardModel):
-        from types import SimpleNamespace
-
+    def __init__(self, cfg: RewardModel, like=None):
         from tuneforge.algorithms.reward import load_head
         from tuneforge.methods import load_adapter
-        from tuneforge.models.load import load_model
 
         adapter = (Path(cfg.path) / "adapter_config.json").exists()
         if adapter and not cfg.base:
             raise ValueError(f"reward_model.path {cfg.path} is an adapter: set reward_model.base to its base model")
-        mcfg = SimpleNamespace(path=cfg.base if adapter else cfg.path, dtype="float32", trust_remote_code=False,
-                               revision=None, attn_implementation="sdpa")
-        self.model, self.tok = load_model(mcfg)
+        self.model, self.tok = load_scoring_model(cfg.base if adapter else cfg.path, like)
         if adapter:
             load_adapter(self.model, cfg.path)
         load_head(self.model, cfg.path)
@@ -166,11 +200,11 @@ class ModelScorer:
         return out
 
 
-def build(cfg) -> Callable:
-    """A config -> the callable (text functions) or a ``ModelScorer`` (token-level)."""
+def build(cfg, like=None) -> Callable:
+    """A config -> the callable (text functions) or a ``ModelScorer`` (token-level) placed next to ``like``."""
     table = {"exact_match": lambda c: exact_match, "similarity": lambda c: similarity, "regex": lambda c: regex(c.pattern),
              "length": lambda c: length(c.target), "python": lambda c: import_function(c.function),
-             "reward_model": ModelScorer}
+             "reward_model": lambda c: ModelScorer(c, like)}
     return table[cfg.name](cfg)
 
 
@@ -209,5 +243,7 @@ def combined_rewards(fns: list[tuple], prompts: list[str], completions: list[str
     return total, valid
 
 
-def reward_functions(cfgs: list) -> list[tuple]:
-    return [(f"{i}:{c.name}", c.weight, build(c)) for i, c in enumerate(cfgs)]
+def reward_functions(cfgs: list, like=None) -> list[tuple]:
+    """(label, weight, callable) per config; reward models load next to the policy ``like`` (its device and dtype),
+    or on the run's device in fp32 when no policy is given."""
+    return [(f"{i}:{c.name}", c.weight, build(c, like)) for i, c in enumerate(cfgs)]

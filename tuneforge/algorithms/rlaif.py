@@ -59,15 +59,11 @@ class Config(online_dpo.Config):
 class LMJudge:
     """A judge LM scoring P(first response better) from the logits of the two choice tokens."""
 
-    def __init__(self, cfg: Judge):
-        from types import SimpleNamespace
-
+    def __init__(self, cfg: Judge, like=None):
+        from tuneforge.algorithms.rewards import load_scoring_model
         from tuneforge.methods import load_adapter
-        from tuneforge.models.load import load_model
 
-        mcfg = SimpleNamespace(path=cfg.model, dtype="float32", trust_remote_code=False, revision=None,
-                               attn_implementation="sdpa")
-        self.model, self.tok = load_model(mcfg)
+        self.model, self.tok = load_scoring_model(cfg.model, like)  # next to the policy ``like``, in its dtype
         if cfg.adapter:
             load_adapter(self.model, cfg.adapter)
         self.model.eval().requires_grad_(False)
@@ -105,13 +101,15 @@ def debiased(first_better, prompts: list[str], a: list[str], b: list[str]) -> to
     return 0.5 * (forward + 1.0 - backward)
 
 
-def build_judge(cfg: Judge):
+def build_judge(cfg: Judge, like=None):
+    """A judge callable; an LM judge loads next to the policy ``like`` (its device and dtype), or on the run's device
+    in fp32 without one (``tuneforge label``)."""
     if cfg.function:
         from tuneforge.algorithms.rewards import import_function
 
         fn = import_function(cfg.function)
         return lambda p, a, b: debiased(lambda *x: [float(fn(*t)) for t in zip(*x)], p, a, b)
-    return LMJudge(cfg)
+    return LMJudge(cfg, like)
 
 
 def judge_labeler(judge):
@@ -129,7 +127,7 @@ def judge_labeler(judge):
 # ------------------------------------------------------------------------------------------- the algorithm
 def prepare(model, cfg: Config, state: dict) -> None:
     prepare_reference(model, cfg.reference, state, "rlaif")
-    state["labeler"] = judge_labeler(build_judge(cfg.judge))
+    state["labeler"] = judge_labeler(build_judge(cfg.judge, like=model))
 
 
 make_experience = online_dpo.make_experience
