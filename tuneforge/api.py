@@ -20,6 +20,7 @@ import yaml
 
 from tuneforge import __version__
 from tuneforge.algorithms import ALGORITHMS
+from tuneforge.algorithms._dropout import disable_dropout, dropout_disabled
 from tuneforge.config import ConfigError, RunConfig
 from tuneforge.data import build_dataset, collate, collate_packed, collate_preference, pack_rows
 from tuneforge.eval.metrics import eval_loss
@@ -124,6 +125,8 @@ def train(cfg: RunConfig, resume: str | None = None, allow_config_change: bool =
     coll = _collate_fn(cfg, tok, train_ds.report.format)
     data = PackedView(train_ds, cfg.data.max_len) if cfg.data.packing else train_ds
     algo, algo_state = ALGORITHMS[cfg.algorithm.name], {"tokenizer": tok, "data_path": cfg.data.train}
+    if dropout_disabled(cfg.train.disable_dropout, algo):  # after the methods: their own dropout goes too
+        disable_dropout(model)
     if hasattr(algo, "prepare"):  # before resume loads trained weights: DPO's reference is the starting model
         algo.prepare(model, cfg.algorithm, algo_state)  # (and before the loop collects the trainable parameters)
     prepare_methods(model, cfg.method, lambda: _calibration_losses(model, cfg, data, coll, d.device, algo_state))

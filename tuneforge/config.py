@@ -91,6 +91,10 @@ class TrainConfig(Strict):
     progress: bool = True
     tensorboard: bool = True
     deterministic: bool = False
+    disable_dropout: bool | None = Field(
+        None, description="set every dropout probability (the model's and the methods') to 0; null = the "
+                          "algorithm's default: on for dpo, orpo, online_dpo, rlaif, grpo, ppo, off for sft, reward, "
+                          "rejection_sampling")
     num_threads: int = Field(0, ge=0, description="torch threads; 0 = torch default")
 
     @model_validator(mode="after")

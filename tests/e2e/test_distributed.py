@@ -62,11 +62,16 @@ def test_two_processes_match_one(tmp_path, pc_file, micro, accum, port):
     ({"name": "grpo", "num_generations": 4, "max_new_tokens": 5,
       "rewards": [{"name": "length", "target": 3}, {"name": "similarity"}]}, 29521),
     ({"name": "online_dpo", "max_new_tokens": 5, "rewards": [{"name": "exact_match"}]}, 29522),
-], ids=["grpo", "online_dpo_mostly_skipped"])
+    ({"name": "ppo", "max_new_tokens": 5, "ppo_epochs": 2, "num_minibatches": 2, "whiten_advantages": True,
+      "temperature": 0.7, "ptx_coef": 0.1, "rewards": [{"name": "length", "target": 3}, {"name": "similarity"}]},
+     29523),
+], ids=["grpo", "online_dpo_mostly_skipped", "ppo_whitened_minibatches"])
 def test_online_algorithms_two_processes_match_one(tmp_path, pc_file, algorithm, port):
     """Rollouts are seeded per request, so 2 processes sample exactly what 1 process samples for the same global
     batch; rewards, losses and weights agree. Online DPO with an exact-match reward on an untrained model skips
-    most pairs, so a process often has nothing to train on in a step and must still join every collective."""
+    most pairs, so a process often has nothing to train on in a step and must still join every collective. PPO
+    whitens advantages over the global batch and splits the global batch into its minibatches, so with whitening
+    and 2 minibatches per epoch each update trains exactly what it trains in one process."""
     steps = 4
     single = base_config(tmp_path, pc_file, max_steps=steps, batch_size=4, output_dir=str(tmp_path / "single"))
     single["algorithm"] = algorithm

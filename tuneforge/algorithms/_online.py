@@ -8,6 +8,11 @@ the ``exact_match`` reward compares against and PPO-ptx trains on.
 Each completion j of data row r at loop step s is sampled from its own generator seeded by (run seed, s, r, j).
 Sampling is therefore reproducible per request, independent of batch composition and of the number of
 processes, and a resumed run (same step counter) draws exactly the rollouts the uninterrupted run drew.
+
+The sampling temperature T is part of the policy: completions are drawn from softmax(z / T), and the
+policy-gradient algorithms (PPO, GRPO) score π, π_old and π_ref at the same T, as TRL does. Top-k / top-p truncation
+is not renormalised when scoring (TRL neither): with it on, what is sampled is the truncated distribution, and the
+ratios and KL terms carry that known bias; keep ``top_k: 0`` and ``top_p: 1`` for exactly on-policy updates.
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuneforge.algorithms import rewards as R
+from tuneforge.algorithms._logps import token_logps_from_model
+from tuneforge.algorithms._reference import _with_reference
 from tuneforge.data import collate
+from tuneforge.train import dist as D
 from tuneforge.train.precision import frozen_weights_as
 from tuneforge.train.rollout import Rollout, eos_ids_of, pad_id_of, request_seed, sample
 
@@ -33,9 +41,10 @@ class Sampling(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     max_new_tokens: int = Field(32, gt=0)
-    temperature: float = Field(1.0, gt=0, description="sampling temperature (> 0: online algorithms explore)")
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, gt=0, description="sampling temperature T (> 0: online algorithms explore); "
+                                                      "PPO/GRPO train the policy softmax(z / T) they sample")
+    top_k: int = Field(0, ge=0, description="0 = off; truncation is not renormalised in PPO/GRPO's ratios (as TRL)")
+    top_p: float = Field(1.0, gt=0, le=1, description="1 = off; as top_k, a known bias of the ratios when on")
     stop: list[str] = Field(default_factory=list, description="stop strings that end a completion")
     rollout_precision: Literal["auto", "bf16"] = Field(
         "auto", description="auto = sample in the run's precision (exactly on-policy); bf16 = sample with frozen "
@@ -97,6 +106,26 @@ def score(roll: Rollout, rows: list[dict], owner: list[int], fns: list[tuple], c
         log.warning("%d completion(s) got a non-finite reward and are skipped (rows %s)", int((~valid).sum()),
                     ", ".join(bad[:8]))
     return total, valid
+
+
+def reference_token_logps(model, batch: dict, state: dict, temperature: float) -> torch.Tensor:
+    """Per-token response log-probs (B, T-1) under π_ref at the sampling temperature: KL(π || π_ref) must compare
+    the tempered policy with the reference tempered alike."""
+    return _with_reference(model, state, lambda m: token_logps_from_model(m, batch, temperature)[0])
+
+
+def gather_ids(ids: list[int], dist: D.Dist) -> list[int]:
+    """Every process's integer ids, in rank order (two sums over processes, no pickling): what an algorithm needs
+    to make a choice that depends on the global batch rather than on how it is split over processes."""
+    if dist.world == 1:
+        return list(ids)
+    counts = torch.zeros(dist.world, dtype=torch.int64, device=dist.device)
+    counts[dist.rank] = len(ids)
+    D.all_reduce_sum_(counts, dist)
+    start, total = int(counts[:dist.rank].sum()), int(counts.sum())
+    buf = torch.zeros(total, dtype=torch.int64, device=dist.device)
+    buf[start:start + len(ids)] = torch.tensor(ids, dtype=torch.int64, device=dist.device)
+    return D.all_reduce_sum_(buf, dist).tolist()
 
 
 def to_device(batch: dict, device) -> dict:

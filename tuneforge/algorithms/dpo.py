@@ -34,6 +34,7 @@ from tuneforge.algorithms._reference import (precompute_sequence_logps, prepare_
 
 
 DATA_FORMATS = ("preference",)  # {"prompt", "chosen", "rejected"}
+DISABLE_DROPOUT_DEFAULT = True  # policy and reference must agree at equal weights (L = log 2 at the start), as TRL
 
 
 class Config(BaseModel):
@@ -65,7 +66,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     """Per-pair DPO losses from summed response log-probs (all shape (B,)); returns (losses, stats).
 
     stats: the implicit rewards β·log(π/π_ref) of chosen and rejected, their margin, and whether the chosen one is
-    ahead (preference accuracy) — the metrics users watch to see DPO working.
+    ahead (preference accuracy) — the metrics users watch to see DPO working. A tie counts ½ (a coin flip), so the
+    accuracy starts at exactly 0.5 where policy = reference (TRL counts a tie as wrong, starting at 0).
     """
     chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
     if loss_type == "ipo":
@@ -79,7 +81,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose from {sorted(LOSSES)}")
     r_c, r_r = (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
     return losses, {"reward_chosen": r_c, "reward_rejected": r_r, "reward_margin": r_c - r_r,
-                    "preference_accuracy": (r_c > r_r).float()}
+                    "preference_accuracy": (r_c > r_r).float() + 0.5 * (r_c == r_r).float()}
 
 
 # ------------------------------------------------------------------------------------------------- training step

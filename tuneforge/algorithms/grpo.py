@@ -15,6 +15,12 @@ http://joschu.net/blog/kl-approx.html). Loss normalisation is a local dict of va
 * ``dr_grpo`` (Liu et al. 2025, "Understanding R1-Zero-Like Training", https://arxiv.org/abs/2503.20783): sum over
   tokens divided by a constant (the maximum completion length), removing the per-response length bias that makes
   long wrong answers cheap, and (with ``scale_rewards=False``) the std division that overweights easy prompts.
+
+π, π_old and π_ref are all scored at the sampling temperature T (log softmax(z / T)), the distribution the
+completions were drawn from: otherwise ρ would be an off-policy ratio with no correction and the KL would compare
+other distributions than the sampled one (TRL tempers both the same way; top-k/top-p truncation is not
+renormalised, a documented bias). Dropout is off by default (``train.disable_dropout``): π_old and π_ref are
+computed without it, so with it on ρ ≠ 1 and KL ≠ 0 at identical weights.
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ from pydantic import Field
 from tuneforge.algorithms import _online as O
 from tuneforge.algorithms import rewards as R
 from tuneforge.algorithms._logps import token_logps_from_model
-from tuneforge.algorithms._reference import prepare_reference, reference_token_logps
+from tuneforge.algorithms._reference import prepare_reference
 
 DATA_FORMATS = ("prompt_completion", "messages")  # prompts, with reference answers for exact-match rewards
+DISABLE_DROPOUT_DEFAULT = True  # ρ = π/π_old and the KL to π_ref compare forwards that must agree at equal weights
 
 
 class Config(O.Sampling):
@@ -121,9 +128,9 @@ def make_experience(model, rows: list[dict], cfg: Config, ctx):
         batch = O.collate_rows([train_rows[i] for i in idx], tok, dev)
         batch["advantages"] = adv[idx].to(dev)
         if cfg.beta:
-            batch["ref_logps"] = reference_token_logps(model, batch, ctx.algo_state)
+            batch["ref_logps"] = O.reference_token_logps(model, batch, ctx.algo_state, cfg.temperature)
         if cfg.num_iterations > 1:  # π_old must be the sampling policy, fixed across the μ updates
-            batch["old_logps"] = token_logps_from_model(model, batch)[0]
+            batch["old_logps"] = token_logps_from_model(model, batch, cfg.temperature)[0]
         micro.append(batch)
     n_ok = int(group_ok.sum()) * G
     ok = valid.view(-1, G) & group_ok[:, None]
@@ -138,7 +145,7 @@ def make_experience(model, rows: list[dict], cfg: Config, ctx):
 def step(model, batch: dict, cfg: Config, ctx) -> tuple[torch.Tensor, dict]:
     """The clipped GRPO objective on one micro-batch of completions, scaled by its share of the update's
     completions so that micro-batches and processes add up to the loss of the whole update."""
-    logp, mask = token_logps_from_model(model, batch)  # (B, T-1) each
+    logp, mask = token_logps_from_model(model, batch, cfg.temperature)  # (B, T-1) each, at the sampling T
     old = batch.get("old_logps")
     loss, stats = grpo_loss(logp, logp.detach() if old is None else old, batch.get("ref_logps"),
                             batch["advantages"], mask, cfg.clip_eps, cfg.beta, cfg.loss_type, cfg.max_new_tokens)

@@ -24,6 +24,7 @@ from tuneforge.algorithms import rewards as R
 from tuneforge.algorithms._reference import prepare_reference
 
 DATA_FORMATS = ("prompt_completion", "messages")
+DISABLE_DROPOUT_DEFAULT = True  # DPO's: policy and reference agree at equal weights (as TRL's online DPO)
 
 
 class Config(O.Sampling):

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tuneforge.algorithms._logps import sequence_logps_from_model
 
 DATA_FORMATS = ("preference",)
+DISABLE_DROPOUT_DEFAULT = True  # as TRL's ORPO: chosen and rejected are scored without dropout noise in the odds
 
 
 class Config(BaseModel):

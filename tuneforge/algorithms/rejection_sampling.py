@@ -23,6 +23,7 @@ from tuneforge.algorithms import rewards as R
 from tuneforge.algorithms._logps import token_cross_entropy_sum
 
 DATA_FORMATS = ("prompt_completion", "messages")
+DISABLE_DROPOUT_DEFAULT = False  # SFT's loss on kept samples: no ratio or reference to agree with
 
 
 class Config(O.Sampling):

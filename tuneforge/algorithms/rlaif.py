@@ -27,6 +27,7 @@ from tuneforge.algorithms import online_dpo
 from tuneforge.algorithms._reference import prepare_reference
 
 DATA_FORMATS = online_dpo.DATA_FORMATS
+DISABLE_DROPOUT_DEFAULT = online_dpo.DISABLE_DROPOUT_DEFAULT
 
 RUBRIC = ("Compare two responses to the request. The better response is correct, follows the instruction exactly, "
           "and is harmless.\nRequest: {prompt}\nResponse A: {a}\nResponse B: {b}\nBetter response: ")

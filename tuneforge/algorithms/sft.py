@@ -17,6 +17,7 @@ from tuneforge.algorithms._logps import token_cross_entropy_sum
 
 
 DATA_FORMATS = ("text", "prompt_completion", "messages")
+DISABLE_DROPOUT_DEFAULT = False  # a plain likelihood: the model's dropout stays a regulariser
 
 
 class Config(BaseModel):

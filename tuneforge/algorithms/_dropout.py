@@ -1,0 +1,48 @@
+"""Dropout policy: which algorithms train with dropout off, and switching it off everywhere in a model.
+
+The preference and policy-gradient losses compare forwards of the same weights: DPO's policy and reference, PPO's
+and GRPO's π and π_old (ratio ρ = π/π_old), and their KL terms to π_ref. The reference, π_old and the rollout are
+computed in eval mode (no dropout), so with dropout on during training the two sides differ even at identical
+weights — DPO's first loss is not log 2, ρ ≠ 1 on PPO's first epoch, GRPO's KL ≠ 0 — and the noise enters the
+gradient as if it were signal. TRL therefore disables model dropout by default for DPO, online DPO and ORPO (and its
+former PPO trainer always did). tuneforge does the same for those and for GRPO and PPO, whose importance ratios
+assume it (TRL's GRPO leaves it to the user); SFT, reward modelling and rejection sampling (plain likelihood
+losses, no second forward to agree with) keep the model's dropout as a regulariser. ``train.disable_dropout``
+overrides the algorithm's default either way.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def dropout_disabled(setting: bool | None, algorithm) -> bool:
+    """``train.disable_dropout`` when set, else the algorithm module's ``DISABLE_DROPOUT_DEFAULT`` (False if none)."""
+    return bool(getattr(algorithm, "DISABLE_DROPOUT_DEFAULT", False)) if setting is None else setting
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Set every dropout probability in ``model`` to 0, in place; returns how many were non-zero.
+
+    Three kinds: dropout modules (``p``; LoRA's ``lora_dropout`` is one), probabilities that attention layers keep
+    as plain float attributes and pass to the attention kernel (Llama's ``attention_dropout``, OPT's ``dropout``),
+    and LoKr's rank and module dropout (drawn in its forward while training). Train mode is kept: nothing else in
+    the model changes behaviour, and the model config is untouched (a saved model keeps its own dropout settings).
+    """
+    from tuneforge.methods.lokr import LoKrLayer
+
+    changed = 0
+    for m in model.modules():
+        if isinstance(m, DROPOUT_MODULES) and m.p:
+            m.p, changed = 0.0, changed + 1
+        for name, value in list(vars(m).items()):
+            if "dropout" in name and type(value) is float and value > 0:
+                setattr(m, name, 0.0)
+                changed += 1
+        if isinstance(m, LoKrLayer):
+            for adapter, (rank_p, rescale, module_p) in list(m.dropouts.items()):
+                changed += (rank_p > 0) + (module_p > 0)
+                m.dropouts[adapter] = (0.0, rescale, 0.0)
+    return changed
