@@ -152,5 +152,8 @@ def test_onednn_linears_in_bf16_match_autocast():
         ref = model(input_ids=ids).logits.float()
         with onednn_linears(model, 1) as n:
             fast = model(input_ids=ids).logits.float()
-    assert n > 0
+    from tuneforge.train.rollout import onednn_bf16_supported
+
+    # packed in bf16 where the CPU supports it; an AVX2-only CPU keeps every bf16 layer on its own forward
+    assert n > 0 if onednn_bf16_supported() else n == 0
     assert (fast - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 rounding of a folded vs a split matmul

@@ -18,6 +18,7 @@ left-padded so every row's next token sits at the last position, and position id
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -115,16 +116,25 @@ class Rollout:
 
 # ---------------------------------------------------------------------------------------------- the engine
 class _Stopper:
-    """Per-row end detection: eos ids, and stop strings checked on the decoded completion."""
+    """Per-row end detection: eos ids, and stop strings checked on the decoded completion.
+
+    Only the completion's tail is decoded at each token: a stop string first appears in the text ending at the
+    newest token (earlier occurrences would have stopped the row already), and a string of L characters spans at
+    most L tokens that decode to something, so the last L + ``TAIL_SLACK`` tokens hold it (the slack covers tokens
+    that decode to nothing, and a partial UTF-8 byte at the window's start). Decoding the whole completion at every
+    token would cost O(n²) in its length."""
+
+    TAIL_SLACK = 8
 
     def __init__(self, tokenizer, eos_ids: set[int], stop: list[str] | None):
         self.tok, self.eos, self.stop = tokenizer, eos_ids, [s for s in (stop or []) if s]
+        self.window = max((len(s) for s in self.stop), default=0) + self.TAIL_SLACK
 
     def done(self, token: int, completion: list[int]) -> bool:
         if token in self.eos:
             return True
         if self.stop and self.tok is not None:
-            text = self.tok.decode(completion, skip_special_tokens=True)
+            text = self.tok.decode(completion[-self.window:], skip_special_tokens=True)
             return any(s in text for s in self.stop)
         return False
 
@@ -184,9 +194,19 @@ def onednn_linears(model: nn.Module, batch_hint: int):
     speed at 8 rows). fp32 results agree with ``F.linear`` to float32 rounding (summation order). The packed copies
     live only for the call; the layers are restored on exit and their weights are never written.
     """
+    patched: list = []
+    try:  # from the first patched layer on: an error part-way must not leave packed forwards installed
+        _pack_linears(model, batch_hint, patched)
+        yield len(patched)
+    finally:
+        for m, name in patched:
+            delattr(m, name)
+
+
+def _pack_linears(model: nn.Module, batch_hint: int, patched: list) -> None:
+    """Install a packed oneDNN forward on every eligible linear layer, recording each in ``patched`` as it goes."""
     from tuneforge.methods._linear import LinearWrapper
 
-    patched = []
     usable = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     for m in model.modules() if usable else ():
@@ -199,6 +219,8 @@ def onednn_linears(model: nn.Module, batch_hint: int):
         dtype = torch.bfloat16 if torch.bfloat16 in (w.dtype, autocast) else w.dtype
         if dtype not in (torch.float32, torch.bfloat16) or w.dtype not in (torch.float32, torch.bfloat16):
             continue
+        if dtype == torch.bfloat16 and not onednn_bf16_supported():
+            continue  # e.g. an AVX2-only CPU: oneDNN refuses bf16 weights; the layer keeps its own forward
         folded = _folded_weight(m) if wrapped else None
         weight = (w if folded is None else folded).detach().to(dtype)
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
@@ -211,11 +233,17 @@ def onednn_linears(model: nn.Module, batch_hint: int):
             name, fast = ("forward" if plain else "base_forward"), _fast(m, packed, bias, dtype, own, None)
         setattr(m, name, fast)
         patched.append((m, name))
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_bf16_supported() -> bool:
+    """Whether this CPU's oneDNN packs bf16 weights (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; AVX2-only
+    machines raise). Probed once on a tiny weight."""
     try:
-        yield len(patched)
-    finally:
-        for m, name in patched:
-            delattr(m, name)
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=torch.bfloat16), 1)
+        return True
+    except RuntimeError:
+        return False
 
 
 def _fast(m, packed, bias, dtype, own, active):
