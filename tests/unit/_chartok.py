@@ -2,14 +2,15 @@
 
 Every printable ASCII character is one token, which makes token counts predictable (``len(text)``) and lets tests
 reason about exact label spans. Variants cover the awkward tokenizers the pipeline must survive: no bos, pad == eos,
-no chat template.
+no chat template. With ``bos=True`` the tokenizer itself puts ``<s>`` before every text (as Llama's does), which is
+what makes the pipeline start rows with it.
 """
 
 from __future__ import annotations
 
 import string
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -28,6 +29,9 @@ def char_tokenizer(*, bos: bool = True, pad_is_eos: bool = False, chat_template:
     # [\s\S] rather than "." so that "\n" is split into its own token too.
     core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
+    if bos:
+        core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                            special_tokens=[("<s>", vocab["<s>"])])
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token="<s>" if bos else None,

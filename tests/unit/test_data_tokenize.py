@@ -120,7 +120,7 @@ def test_truncation_right_and_left(tmp_path, tok):
     right = build_dataset(path, tok, max_len=10, truncation="right")
     assert right[0]["input_ids"] == [BOS] + ids_of(tok, "pppp" + "c" * 5)
     left = build_dataset(path, tok, max_len=10, truncation="left")
-    assert left[0]["input_ids"] == ids_of(tok, "c" * 9) + [EOS]
+    assert left[0]["input_ids"] == [BOS] + ids_of(tok, "c" * 8) + [EOS]  # the tokenizer's bos survives the cut
     for ds in (right, left):
         assert ds.report.exceeded == 1 and ds.report.truncated == 1 and len(ds) == 2
         assert "1 row(s) exceeded max_len=10" in ds.report.summary().splitlines()[1]

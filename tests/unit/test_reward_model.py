@@ -83,20 +83,23 @@ def test_ranking_of_k_expands_to_k_choose_2_pairs_with_the_better_first():
     assert [(a, b) for a, b in pairs] == [("best", "mid"), ("best", "worst"), ("mid", "worst")]
 
 
-def test_ranking_rows_expand_to_all_pairs_better_first(tmp_path):
-    from tuneforge.data import build_dataset
+def test_a_ranking_row_stays_one_row_whose_pairs_are_better_first(tmp_path):
+    """A ranking is one training row (its K-choose-2 comparisons train together, InstructGPT sec. 3.5); its pairs
+    come out of collate_preference, the better response first."""
+    from tuneforge.data import build_dataset, collate_preference
     from tuneforge.data.report import DataError
     from tuneforge.models.tiny import char_tokenizer
 
     rows = [{"prompt": "rev ab:", "ranking": ["ba", "bb", "ab"]}, {"prompt": "rev cd:", "chosen": "dc", "rejected": "cd"}]
     ds = build_dataset(write_jsonl(tmp_path / "rank.jsonl", rows), char_tokenizer(), max_len=32)
-    assert ds.report.format == "preference" and len(ds) == 4  # 3 choose 2 + 1
+    assert ds.report.format == "preference" and len(ds) == 2
     tok = char_tokenizer()
-    decoded = [(tok.decode([t for t, l in zip(r["input_ids"], r["labels"]) if l != -100], skip_special_tokens=True),
-                tok.decode([t for t, l in zip(r["rejected_input_ids"], r["rejected_labels"]) if l != -100],
-                           skip_special_tokens=True)) for r in ds.rows]
+    batch = collate_preference(ds.rows, tok.pad_token_id)
+    text = [tok.decode([t for t, l in zip(ids.tolist(), lab.tolist()) if l != -100], skip_special_tokens=True)
+            for ids, lab in zip(batch["input_ids"], batch["labels"])]
+    decoded = [(text[c], text[r]) for c, r in zip(batch["chosen_index"].tolist(), batch["rejected_index"].tolist())]
     assert decoded == [("ba", "bb"), ("ba", "ab"), ("bb", "ab"), ("dc", "cd")]
-    assert [r["line"] for r in ds.rows] == [1, 1, 1, 2]
+    assert [r["line"] for r in ds.rows] == [1, 2]
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "ranking": ["a"]}, {"prompt": "p", "ranking": ["a", "a"]}])
     with pytest.raises(DataError) as e:
         build_dataset(bad, char_tokenizer(), max_len=32)

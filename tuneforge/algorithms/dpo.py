@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tuneforge.algorithms._logps import sequence_logps_from_model
 from tuneforge.algorithms._reference import (precompute_sequence_logps, prepare_reference,
                                              reference_sequence_logps)
+from tuneforge.data.collate import pair_index
 
 
 DATA_FORMATS = ("preference",)  # {"prompt", "chosen", "rejected"}
@@ -107,16 +108,16 @@ def reference_logps(model, batch: dict, state: dict) -> torch.Tensor:
 
 
 def step(model, batch: dict, cfg: Config, ctx) -> tuple[torch.Tensor, dict]:
-    """One micro-batch of pairs: chosen rows first, rejected after (``collate_preference``)."""
+    """One micro-batch of preference rows (``collate_preference``: each response once, pairs by index; a ranking's
+    pairs averaged through ``pair_weight`` so every row counts once)."""
     if "reference_mode" not in ctx.algo_state:
         prepare(model, cfg, ctx.algo_state)
-    logps, counts = sequence_logps_from_model(model, batch)  # (2B,), (2B,)
+    logps, counts = sequence_logps_from_model(model, batch)  # (N,), (N,)
     ref = reference_logps(model, batch, ctx.algo_state)
-    b = logps.shape[0] // 2
-    losses, stats = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta=cfg.beta, loss_type=cfg.loss_type,
-                             label_smoothing=cfg.label_smoothing, chosen_tokens=counts[:b],
-                             rejected_tokens=counts[b:])
+    c, r, w = pair_index(batch)  # (P,) each
+    losses, stats = dpo_loss(logps[c], logps[r], ref[c], ref[r], beta=cfg.beta, loss_type=cfg.loss_type,
+                             label_smoothing=cfg.label_smoothing, chosen_tokens=counts[c], rejected_tokens=counts[r])
     norm = max(ctx.normaliser, 1.0)
-    metrics = {k: float(v.sum()) / norm for k, v in stats.items()}
-    metrics["pairs"] = b
-    return losses.sum() / norm, metrics
+    metrics = {k: float((w * v).sum()) / norm for k, v in stats.items()}
+    metrics["pairs"] = int(c.numel())
+    return (w * losses).sum() / norm, metrics

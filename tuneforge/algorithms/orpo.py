@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuneforge.algorithms._logps import sequence_logps_from_model
+from tuneforge.data.collate import pair_index
 
 DATA_FORMATS = ("preference",)
 DISABLE_DROPOUT_DEFAULT = True  # as TRL's ORPO: chosen and rejected are scored without dropout noise in the odds
@@ -72,13 +73,15 @@ def row_weight(dataset, i: int) -> int:
 
 
 def step(model, batch: dict, cfg: Config, ctx) -> tuple[torch.Tensor, dict]:
-    logps, counts = sequence_logps_from_model(model, batch)  # (2B,)
-    b = logps.shape[0] // 2
+    """One micro-batch of preference rows (``collate_preference``); a ranking's pairs are averaged (``pair_weight``)."""
+    logps, counts = sequence_logps_from_model(model, batch)  # (N,)
+    c, r, w = pair_index(batch)  # (P,) each
     mean = logps / counts.clamp_min(1)
-    l_or, log_odds = odds_ratio_loss(mean[:b], mean[b:])
-    per_pair = -mean[:b] + cfg.lam * l_or
+    l_or, log_odds = odds_ratio_loss(mean[c], mean[r])
+    per_pair = -mean[c] + cfg.lam * l_or
     norm = max(ctx.normaliser, 1.0)
-    metrics = {"sft_loss": float(-mean[:b].detach().sum()) / norm, "or_loss": float(l_or.detach().sum()) / norm,
-               "log_odds_ratio": float(log_odds.detach().sum()) / norm,
-               "preference_accuracy": float((log_odds > 0).float().sum()) / norm, "pairs": b}
-    return per_pair.sum() / norm, metrics
+    metrics = {"sft_loss": float((w * -mean[c].detach()).sum()) / norm,
+               "or_loss": float((w * l_or.detach()).sum()) / norm,
+               "log_odds_ratio": float((w * log_odds.detach()).sum()) / norm,
+               "preference_accuracy": float((w * (log_odds > 0)).sum()) / norm, "pairs": int(c.numel())}
+    return (w * per_pair).sum() / norm, metrics

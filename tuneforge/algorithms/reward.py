@@ -6,7 +6,11 @@
 P(y_w ≻ y_l) = σ(r_w − r_l) is the Bradley-Terry probability that the chosen response wins; ``margin`` m (Llama 2,
 Touvron et al. 2023, eq. 2) asks for a larger gap on pairs labelled as clearly better. InstructGPT collects
 rankings of K responses and trains on all K-choose-2 pairs of each ranking together (``ranking_pairs``), which it
-found both cheaper (one forward per response, not per pair) and less prone to over-fitting than shuffled pairs.
+found both cheaper (one forward per response, not per pair) and less prone to over-fitting than shuffled pairs
+(sec. 3.5: each response would otherwise enter K-1 separate updates). So a ranking is one dataset row and one batch
+element: ``collate_preference`` puts its K responses in the batch once each with the indices of its pairs, ``step``
+scores each response with one forward, and the ranking's loss is the mean over its pairs (eq. 1's 1/(K choose 2)),
+so every row, pair or ranking, counts once in the step's mean.
 
 The score r(x, y) is a linear head on the decoder's hidden state at the response's last token (its eos): the
 ``score`` head of a sequence-classification model (``*ForSequenceClassification`` with one label, trained in place),
@@ -109,18 +113,25 @@ def load_head(model: nn.Module, directory: str | Path) -> None:
 
 @torch.no_grad()
 def score_dataset(model: nn.Module, dataset, pad_id: int, batch_size: int = 32) -> list[float] | list[tuple]:
-    """Scores of every row (prompt/completion or text rows), or (chosen, rejected) score pairs of preference rows."""
-    from tuneforge.data import collate, collate_preference
+    """Scores of every row (prompt/completion or text rows), or per preference row the tuple of its responses'
+    scores, best first: (chosen, rejected) for a pair, K scores for a ranking."""
+    from tuneforge.data import collate
+    from tuneforge.data.collate import preference_responses
 
-    pairs = bool(len(dataset)) and "rejected_input_ids" in dataset[0]
+    pairs = bool(len(dataset)) and _is_preference(dataset[0])
     out: list = []
     dev = next(model.parameters()).device
     for start in range(0, len(dataset), batch_size):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = {k: v.to(dev) for k, v in (collate_preference if pairs else collate)(rows, pad_id).items()}
-        r = scores(model, batch).tolist()
-        out += list(zip(r[:len(rows)], r[len(rows):])) if pairs else r
+        groups = [preference_responses(r) for r in rows] if pairs else [[(r["input_ids"], r["labels"])] for r in rows]
+        seqs = [{"input_ids": ids, "labels": labels} for g in groups for ids, labels in g]
+        r = iter(scores(model, {k: v.to(dev) for k, v in collate(seqs, pad_id).items()}).tolist())
+        out += [tuple(next(r) for _ in g) for g in groups] if pairs else list(r)
     return out
+
+
+def _is_preference(row: dict) -> bool:
+    return "rejected_input_ids" in row or "ranking_input_ids" in row
 
 
 # ------------------------------------------------------------------------------------------------- training step
@@ -129,14 +140,20 @@ def prepare(model, cfg: Config, state: dict) -> None:
 
 
 def row_weight(dataset, i: int) -> int:
+    """Each preference row, a pair or a whole ranking, counts once in the step's mean."""
     return 1
 
 
 def step(model, batch: dict, cfg: Config, ctx) -> tuple[torch.Tensor, dict]:
-    r = scores(model, batch)  # (2B,): chosen rows first
-    b = r.shape[0] // 2
-    losses, _ = bradley_terry_loss(r[:b], r[b:], cfg.margin)
+    """One micro-batch of preference rows (``collate_preference``): one score per response, a Bradley-Terry loss per
+    pair, each row's pairs averaged (``pair_weight``), summed over rows and divided by the step's row count."""
+    from tuneforge.data.collate import pair_index
+
+    r = scores(model, batch)  # (N,): every response of the micro-batch once
+    chosen, rejected, weight = pair_index(batch)  # (P,) each
+    losses, _ = bradley_terry_loss(r[chosen], r[rejected], cfg.margin)  # (P,)
     norm = max(ctx.normaliser, 1.0)
-    gap = (r[:b] - r[b:]).detach()
-    return losses.sum() / norm, {"pairwise_accuracy": float((gap > 0).float().sum()) / norm,
-                                 "reward_gap": float(gap.sum()) / norm, "pairs": b}
+    gap = (r[chosen] - r[rejected]).detach()
+    return (weight * losses).sum() / norm, {"pairwise_accuracy": float((weight * (gap > 0)).sum()) / norm,
+                                            "reward_gap": float((weight * gap).sum()) / norm,
+                                            "pairs": int(chosen.numel())}

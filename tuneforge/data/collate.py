@@ -6,6 +6,8 @@ Labels stay UNshifted (HF convention: ``logits[:, :-1]`` predict ``labels[:, 1:]
 
 from __future__ import annotations
 
+from itertools import combinations
+
 import torch
 
 from tuneforge.data.tokenize import IGNORE
@@ -32,12 +34,61 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def preference_responses(row: dict) -> list[tuple[list[int], list[int]]]:
+    """A preference row's ``(input_ids, labels)`` sequences, best first: chosen and rejected of a pair, or all K
+    responses of a ranking (``ranking_input_ids`` / ``ranking_labels``)."""
+    if "ranking_input_ids" in row:
+        return list(zip(row["ranking_input_ids"], row["ranking_labels"]))
+    return [(row["input_ids"], row["labels"]), (row["rejected_input_ids"], row["rejected_labels"])]
+
+
 def collate_preference(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Preference rows -> one right-padded batch of 2B sequences, all chosen first then all rejected, so a single
-    forward scores both (DPO's concatenated forward) and ``[:B]`` / ``[B:]`` split them again."""
-    chosen = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
-    rejected = [{"input_ids": r["rejected_input_ids"], "labels": r["rejected_labels"]} for r in rows]
-    return collate(chosen + rejected, pad_id)
+    """Preference rows (pairs and rankings) -> one right-padded batch holding each response once, so a single forward
+    scores them all, plus which responses each pair compares.
+
+    Sequences are laid out by rank: every row's best response, then every row's second, and so on. For pairs alone
+    that is all chosen then all rejected, DPO's concatenated forward. A ranking of K responses contributes K
+    sequences and its K-choose-2 (better, worse) pairs, all in this batch element: InstructGPT (Ouyang et al. 2022,
+    sec. 3.5) found that shuffling a ranking's comparisons into separate examples over-fits the reward model, since
+    each response then enters K-1 independent updates, and that one forward per response is also much cheaper.
+
+    Returns ``collate()``'s keys for the N sequences and, per pair (P,): ``chosen_index`` / ``rejected_index`` (long,
+    into the N sequences) and ``pair_weight`` (float, 1 / the number of pairs of its row), so that a weighted sum of
+    per-pair losses counts every row once with its pairs averaged (InstructGPT's eq. 1 divides by K-choose-2).
+    These three keys are not model inputs: pass the model ``input_ids`` / ``attention_mask`` only.
+    """
+    if not rows:
+        raise ValueError("collate_preference() needs at least one row")
+    per_row = [preference_responses(r) for r in rows]
+    slot: dict[tuple[int, int], int] = {}
+    seqs: list[dict] = []
+    for k in range(max(len(resp) for resp in per_row)):
+        for b, resp in enumerate(per_row):
+            if k < len(resp):
+                slot[b, k] = len(seqs)
+                seqs.append({"input_ids": resp[k][0], "labels": resp[k][1]})
+    chosen, rejected, weight = [], [], []
+    for b, resp in enumerate(per_row):
+        pairs = list(combinations(range(len(resp)), 2))
+        chosen += [slot[b, i] for i, _ in pairs]
+        rejected += [slot[b, j] for _, j in pairs]
+        weight += [1.0 / len(pairs)] * len(pairs)
+    batch = collate(seqs, pad_id)
+    batch["chosen_index"] = torch.tensor(chosen, dtype=torch.long)  # (P,)
+    batch["rejected_index"] = torch.tensor(rejected, dtype=torch.long)  # (P,)
+    batch["pair_weight"] = torch.tensor(weight, dtype=torch.float32)  # (P,)
+    return batch
+
+
+def pair_index(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(chosen_index, rejected_index, pair_weight)`` of a preference batch. A batch built without them (online
+    DPO's fresh pairs: chosen rows first, rejected after) is read as its two halves, each pair weighing 1."""
+    if "chosen_index" in batch:
+        return batch["chosen_index"], batch["rejected_index"], batch["pair_weight"]
+    n = batch["input_ids"].shape[0]
+    b = n // 2
+    idx = torch.arange(b, device=batch["input_ids"].device)
+    return idx, idx + b, torch.ones(b, device=idx.device)
 
 
 def pack_rows(rows: list[dict], max_len: int) -> list[list[dict]]:

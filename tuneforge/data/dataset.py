@@ -14,10 +14,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from tuneforge.data.collate import preference_responses
 from tuneforge.data.readers import RawRow, iter_raw_rows
 from tuneforge.data.report import NO_SUPERVISED, TOO_LONG_DROPPED, DataError, DataReport, Problem
 from tuneforge.data.schema import FORMATS, RowError, detect_format, validate
-from tuneforge.data.tokenize import TRUNCATIONS, Encoder, n_supervised, truncate
+from tuneforge.data.tokenize import IGNORE, TRUNCATIONS, Encoder, n_supervised, truncate, truncate_shared
 
 NO_SUPERVISED_WARN_FRACTION = 0.05
 SKIP_HINT = "Fix these rows, or set skip_bad_rows=True (config: data.skip_bad_rows: true) to drop and report them."
@@ -25,6 +26,10 @@ SKIP_HINT = "Fix these rows, or set skip_bad_rows=True (config: data.skip_bad_ro
 
 class TokenizedDataset:
     """In-memory, list-backed dataset of rows ``{"input_ids", "labels", "row_id", "line"}`` (labels UNshifted).
+
+    A preference row is one pair (``rejected_input_ids`` / ``rejected_labels`` beside the chosen ones) or one whole
+    ranking (``ranking_input_ids`` / ``ranking_labels``: its K responses best first); ``collate_preference`` batches
+    both.
 
     ``row_id`` is the 0-based index of the row among the file's non-blank rows and ``line`` where it sits in the
     file, so any training-time anomaly can be traced back to its source row.
@@ -200,27 +205,29 @@ def _tokenize_all(scan: _Scan, encoder: Encoder, max_len: int, truncation: str) 
     report, path = scan.report, encoder.path
     report.tokenized = True
     for row_id, line, payload in scan.good:
-        if encoder.fmt == "preference":  # a ranking row is several pairs, each its own training row
-            pairs = payload if isinstance(payload, list) else [payload]
-            rows = [_fit_pair(scan, path, line, encoder.encode_pair(p), max_len, truncation) for p in pairs]
+        if encoder.fmt == "preference":  # a pair or a whole ranking: one row, its prompt shared by every response
+            head, tails = encoder.encode_responses(*payload)
+            row = _fit_shared(scan, path, line, head, tails, max_len, truncation, encoder.keep(head))
         else:
             try:
                 ids, labels = encoder.encode(payload, line)
             except RowError as e:
                 report.bad_rows.append((path, line, str(e)))
                 continue
-            rows = [_fit(scan, path, line, ids, labels, max_len, truncation)]
-        for row in rows:
-            if row is None:
-                continue
-            row["row_id"] = row_id
-            scan.rows.append(row)
-            report.total_tokens += len(row["input_ids"]) + len(row.get("rejected_input_ids", ()))
-            report.supervised_tokens += n_supervised(row["labels"]) + n_supervised(row.get("rejected_labels", [0]))
+            row = _fit(scan, path, line, ids, labels, max_len, truncation, encoder.keep(ids))
+        if row is None:
+            continue
+        row["row_id"] = row_id
+        scan.rows.append(row)
+        seqs = preference_responses(row) if encoder.fmt == "preference" else [(row["input_ids"], row["labels"])]
+        for ids, labels in seqs:
+            report.total_tokens += len(ids)
+            report.supervised_tokens += n_supervised(labels)
     report.used_rows = len(scan.rows)
 
 
-def _fit(scan: _Scan, path: str, line: int, ids: list[int], labels: list[int], max_len: int, mode: str):
+def _fit(scan: _Scan, path: str, line: int, ids: list[int], labels: list[int], max_len: int, mode: str,
+         keep: int = 0):
     """Apply the length policy to one row; returns the row dict or None when it was dropped/rejected (counted)."""
     report = scan.report
     cut = len(ids) > max_len
@@ -232,7 +239,7 @@ def _fit(scan: _Scan, path: str, line: int, ids: list[int], labels: list[int], m
         if mode == "error":
             scan.too_long.append((path, line, f"{len(ids)} tokens > max_len={max_len}"))
             return None
-        ids, labels = truncate(ids, labels, max_len, mode)
+        ids, labels = truncate(ids, labels, max_len, mode, keep)
     if n_supervised(labels) == 0:
         report.drop(NO_SUPERVISED if cut else "no supervised tokens")
         return None
@@ -241,22 +248,41 @@ def _fit(scan: _Scan, path: str, line: int, ids: list[int], labels: list[int], m
     return {"input_ids": ids, "labels": labels, "line": line}
 
 
-def _fit_pair(scan: _Scan, path: str, line: int, pair, max_len: int, mode: str):
-    """Both sequences of a preference row under the length policy; if either is dropped (a prompt that leaves no
-    room for its response, with right truncation), the pair is dropped and counted once."""
-    (ids_c, lab_c), (ids_r, lab_r) = pair
-    before = (scan.report.exceeded, scan.report.truncated, dict(scan.report.dropped))
-    chosen = _fit(scan, path, line, ids_c, lab_c, max_len, mode)
-    rejected = _fit(scan, path, line, ids_r, lab_r, max_len, mode)
-    if chosen is None or rejected is None:
-        scan.report.exceeded, scan.report.truncated, scan.report.dropped = before
-        scan.report.exceeded += int(len(ids_c) > max_len or len(ids_r) > max_len)
+def _fit_shared(scan: _Scan, path: str, line: int, head: list[int], tails: list[list[int]], max_len: int,
+                mode: str, keep: int):
+    """The length policy for a preference pair or ranking as one row: the shared prompt is cut once, identically for
+    every response (``truncate_shared``). If any response is left nothing to learn (a prompt that fills
+    ``max_len`` with right truncation), the whole row is dropped and counted once."""
+    report = scan.report
+    longest = len(head) + max(len(t) for t in tails)
+    cut = longest > max_len
+    if cut:
+        report.exceeded += 1
+        if mode == "drop":
+            report.drop(TOO_LONG_DROPPED)
+            return None
         if mode == "error":
-            return None  # _fit listed it in too_long
-        scan.report.drop(NO_SUPERVISED if mode in ("right", "left") else TOO_LONG_DROPPED)
+            scan.too_long.append((path, line, f"{longest} tokens > max_len={max_len}"))
+            return None
+        head, tails = truncate_shared(head, tails, max_len, mode, keep)
+    seqs = [(head + t, [IGNORE] * len(head) + t) for t in tails]
+    if any(n_supervised(labels) == 0 for _, labels in seqs):
+        report.drop(NO_SUPERVISED if cut else "no supervised tokens")
         return None
-    chosen.update(rejected_input_ids=rejected["input_ids"], rejected_labels=rejected["labels"])
-    return chosen
+    if cut:
+        report.truncated += 1
+    return _preference_row(seqs, line)
+
+
+def _preference_row(seqs: list[tuple[list[int], list[int]]], line: int) -> dict:
+    """``input_ids`` / ``labels`` are the best response (what eval loss and ``n_supervised`` read); a pair adds
+    ``rejected_*``, a ranking of K > 2 lists all K sequences best first in ``ranking_*``."""
+    row = {"input_ids": seqs[0][0], "labels": seqs[0][1], "line": line}
+    if len(seqs) == 2:
+        row.update(rejected_input_ids=seqs[1][0], rejected_labels=seqs[1][1])
+    else:
+        row.update(ranking_input_ids=[s[0] for s in seqs], ranking_labels=[s[1] for s in seqs])
+    return row
 
 
 # --- failure and warning policy -----------------------------------------------------------------------------------

@@ -37,8 +37,8 @@ def detect_format(value: dict) -> str | None:
 def validate(value: dict, fmt: str) -> Any:
     """Return the row's payload for ``fmt`` or raise ``RowError``.
 
-    Payloads: ``text`` -> str; ``prompt_completion`` -> (prompt, completion); ``preference`` -> (prompt, chosen,
-    rejected); ``messages`` -> list of ``{"role", "content"}`` dicts (other per-turn keys are dropped so rendering depends only on what we validated).
+    Payloads: ``text`` -> str; ``prompt_completion`` -> (prompt, completion); ``preference`` -> (prompt, responses
+    best first: [chosen, rejected] or a ranking's K); ``messages`` -> list of ``{"role", "content"}`` dicts (other per-turn keys are dropped so rendering depends only on what we validated).
     """
     if fmt == "text":
         return _string(value, "text", allow_empty=False)
@@ -52,10 +52,11 @@ def validate(value: dict, fmt: str) -> Any:
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
-def _preference(value: dict) -> tuple[str, str, str] | list[tuple[str, str, str]]:
-    """(prompt, chosen, rejected): two non-empty responses that differ (identical ones carry no preference and
-    would give DPO a zero gradient while still counting in its mean). A ``ranking`` of K responses, best first,
-    is the list of its K-choose-2 (prompt, better, worse) pairs (InstructGPT's reward-model data)."""
+def _preference(value: dict) -> tuple[str, list[str]]:
+    """(prompt, [chosen, rejected]): two non-empty responses that differ (identical ones carry no preference and
+    would give DPO a zero gradient while still counting in its mean). A ``ranking`` of K responses, best first, is
+    (prompt, [best, ..., worst]) (InstructGPT's reward-model data); it stays one row, so the prompt is tokenized and
+    truncated once for all K and its K-choose-2 comparisons train together."""
     if "ranking" in value and not ("chosen" in value and "rejected" in value):
         return _ranking(value)
     prompt = _string(value, "prompt", allow_empty=True)
@@ -63,12 +64,10 @@ def _preference(value: dict) -> tuple[str, str, str] | list[tuple[str, str, str]
     rejected = _string(value, "rejected", allow_empty=False)
     if chosen == rejected:
         raise RowError("chosen, rejected: identical responses (no preference to learn)")
-    return prompt, chosen, rejected
+    return prompt, [chosen, rejected]
 
 
-def _ranking(value: dict) -> list[tuple[str, str, str]]:
-    from itertools import combinations
-
+def _ranking(value: dict) -> tuple[str, list[str]]:
     prompt = _string(value, "prompt", allow_empty=True)
     ranking = value["ranking"]
     if not isinstance(ranking, list) or len(ranking) < 2:
@@ -77,7 +76,7 @@ def _ranking(value: dict) -> list[tuple[str, str, str]]:
     responses = [_string({"r": r}, "r", allow_empty=False, where=f"ranking[{i}]") for i, r in enumerate(ranking)]
     if len(set(responses)) != len(responses):
         raise RowError("ranking: repeated responses (no preference between them)")
-    return [(prompt, a, b) for a, b in combinations(responses, 2)]
+    return prompt, responses
 
 
 def _string(obj: dict, key: str, *, allow_empty: bool, where: str | None = None) -> str:

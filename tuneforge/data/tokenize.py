@@ -3,9 +3,21 @@
 Loss spans are computed from our own knowledge of where each part of a row lives, never from the tokenizer's pad or
 special-token masks: a tokenizer with ``pad == eos`` would otherwise silently stop the model learning to stop.
 
-Each part of a row (prompt, completion, each chat turn) is tokenized on its own and the ids concatenated. That makes
-the supervised boundary exact, and it is also what happens at inference: the prompt is tokenized alone and the model
-generates the rest token by token, so training on the same split avoids a train/serve mismatch at the seam.
+Special tokens follow the tokenizer. A sequence starts with whatever the tokenizer itself puts in front of a single
+text (``tok(text)["input_ids"]``): ``[bos]`` for Llama-2/3 and Mistral, nothing for GPT-2, Qwen2 or SmolLM2 (whose
+``bos_token`` is the chat marker ``<|im_start|>``: prepending it would start every row with a role-less turn the model
+never saw in pre-training). Chat rows get exactly what the chat template renders. eos is appended to text rows and to
+completions by us, whatever the tokenizer does, so the model learns to stop.
+
+Seams: a row is tokenized as one text (prompt + completion, or the whole rendered conversation), so its ids are exactly
+the tokenizer's encoding of that text. Encoding the pieces apart and concatenating is not the same: SentencePiece-style
+tokenizers (Llama-2, Mistral; a Metaspace pre-tokenizer) prepend "▁" to every string they encode, so a completion
+encoded alone gains a space that is not in the data (``"...?\\n" + "yes"`` would train as ``"\\n▁yes"``). The
+supervised boundary is where the encoding of the text before it stops agreeing with the encoding of the whole. In the
+usual case they agree all the way, so the prompt's ids are exactly what generation from that prompt starts from
+(``train/rollout.py`` encodes prompts with the same functions). When the tokenizer merges across the seam (a prompt
+ending in a space: ``"Answer: " + "yes"`` -> ``"▁yes"``) the merged token goes to the part after it, so no
+character of a response is left unsupervised.
 """
 
 from __future__ import annotations
@@ -24,6 +36,40 @@ def n_supervised(labels: list[int]) -> int:
     return sum(1 for t in labels[1:] if t != IGNORE)
 
 
+def leading_specials(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before a single text on its own (``add_special_tokens=True``), found by encoding a
+    probe both ways; ``[]`` when it adds none (or only trailing ones, such as an eos we add ourselves anyway)."""
+    probe = "a"
+    bare = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for i in range(len(full) - len(bare) + 1):
+        if full[i : i + len(bare)] == bare:
+            return full[:i]
+    return []
+
+
+def with_start(specials: list[int], ids: list[int], bos_id: int | None) -> list[int]:
+    """``specials + ids``, except that an empty context becomes ``[bos]``: a first token needs something to be
+    predicted from, and ``transformers``' ``generate`` likewise starts from ``bos_token_id`` when given no input."""
+    head = list(specials) + list(ids)
+    return head if head or bos_id is None else [bos_id]
+
+
+def encode_prompt_text(tokenizer, prompt: str, specials: list[int] | None = None) -> list[int]:
+    """A prompt string as generation sees it, and as a prompt/completion row whose prompt is that string starts."""
+    specials = leading_specials(tokenizer) if specials is None else specials
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    return with_start(specials, ids, tokenizer.bos_token_id)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two id lists (one C-level comparison in the usual full match)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    return next(i for i in range(n) if a[i] != b[i])
+
+
 class Encoder:
     """Encodes one file's payloads for one tokenizer; holds the special ids so each row does not look them up."""
 
@@ -31,7 +77,8 @@ class Encoder:
         self.tok = tokenizer
         self.fmt = fmt
         self.path = path
-        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self.start = leading_specials(tokenizer)
+        self.bos_id = tokenizer.bos_token_id
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         if fmt == "messages" and not getattr(tokenizer, "chat_template", None):
             raise DataError(
@@ -46,18 +93,33 @@ class Encoder:
         if self.fmt == "text":
             return self._text(payload)
         if self.fmt == "prompt_completion":
-            return self._prompt_completion(*payload)
+            prompt, completion = payload
+            head, (tail,) = self.encode_responses(prompt, [completion])
+            return head + tail, [IGNORE] * len(head) + tail
         if self.fmt == "preference":
-            raise TypeError("preference rows encode to two sequences: use encode_pair()")
+            raise TypeError("preference rows encode to several sequences: use encode_responses()")
         return self._messages(payload, line)
 
-    def encode_pair(self, payload: tuple[str, str, str]) -> tuple[tuple[list[int], list[int]], ...]:
-        """A preference row as two prompt/completion sequences (chosen, rejected) sharing the prompt's tokens."""
-        prompt, chosen, rejected = payload
-        return self._prompt_completion(prompt, chosen), self._prompt_completion(prompt, rejected)
+    def keep(self, ids: list[int]) -> int:
+        """How many leading ids left truncation must keep: the tokenizer's own start specials (bos), when present."""
+        n = len(self.start)
+        return n if n and ids[:n] == self.start else 0
+
+    def encode_responses(self, prompt: str, responses: list[str]) -> tuple[list[int], list[list[int]]]:
+        """``(head, tails)``: one shared head (start specials + prompt ids) and, per response, the ids that follow it
+        (+ eos), so that ``head + tails[k]`` is the tokenizer's encoding of ``prompt + responses[k]``.
+
+        The head is the longest prefix of the prompt's own encoding that every joint encoding shares, so every response
+        of a preference pair or ranking is scored after the very same prompt tokens.
+        """
+        alone, *joint = self._ids([prompt] + [prompt + r for r in responses])
+        m = min(common_prefix(alone, j) for j in joint)
+        head = with_start(self.start, alone[:m], self.bos_id)
+        return head, [j[m:] + self.eos for j in joint]
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
-        """Tokenize each piece alone, in one batched call (the Rust side is much cheaper per string in a batch)."""
+        """Tokenize each text without added specials, in one batched call (the Rust side is much cheaper per string
+        in a batch)."""
         out: list[list[int]] = [[] for _ in texts]
         todo = [i for i, t in enumerate(texts) if t]
         if todo:
@@ -67,24 +129,22 @@ class Encoder:
         return out
 
     def _text(self, text: str) -> tuple[list[int], list[int]]:
-        ids = self.bos + self._ids([text])[0] + self.eos
+        ids = self.start + self._ids([text])[0] + self.eos
         return ids, list(ids)  # every token supervised; labels[0] is never predicted anyway
 
-    def _prompt_completion(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-        p, c = self._ids([prompt, completion])
-        head = self.bos + p
-        tail = c + self.eos
-        return head + tail, [IGNORE] * len(head) + tail
-
     def _messages(self, turns: list[dict], line: int) -> tuple[list[int], list[int]]:
+        """The rendered conversation encoded as one text; each assistant turn's character span is mapped to tokens by
+        comparing the encoding of the text before each cut with the encoding of the whole."""
         full, cuts = self._turn_cuts(turns, line)
-        bounds = [0] + [b for pair in cuts for b in pair] + [len(full)]
-        pieces = [full[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        ids: list[int] = []
-        labels: list[int] = []
-        for k, piece in enumerate(self._ids(pieces)):
-            ids += piece
-            labels += piece if k % 2 == 1 else [IGNORE] * len(piece)  # odd pieces are assistant turns
+        flat = [c for pair in cuts for c in pair]
+        ids, *prefixes = self._ids([full] + [full[:c] for c in flat])
+        bounds, last = [], 0
+        for enc in prefixes:
+            last = max(last, common_prefix(enc, ids))  # monotone even if a merge swallows a whole span
+            bounds.append(last)
+        labels = [IGNORE] * len(ids)
+        for a, b in zip(bounds[0::2], bounds[1::2]):
+            labels[a:b] = ids[a:b]
         return ids, labels
 
     def _turn_cuts(self, turns: list[dict], line: int) -> tuple[str, list[tuple[int, int]]]:
@@ -128,13 +188,42 @@ class Encoder:
         )
 
 
-def truncate(ids: list[int], labels: list[int], max_len: int, mode: str) -> tuple[list[int], list[int]]:
-    """Cut to ``max_len`` tokens: ``right`` keeps the start, ``left`` keeps the end (``drop``/``error`` are decided
-    by the caller, which needs to count and report them)."""
+def truncate(ids: list[int], labels: list[int], max_len: int, mode: str, keep: int = 0
+             ) -> tuple[list[int], list[int]]:
+    """Cut to ``max_len`` tokens: ``right`` keeps the start, ``left`` keeps the first ``keep`` tokens (the
+    tokenizer's bos: the model never saw a sequence without it) and the end (``drop``/``error`` are decided by the
+    caller, which needs to count and report them)."""
     if len(ids) <= max_len:
         return ids, labels
     if mode == "right":
         return ids[:max_len], labels[:max_len]
     if mode == "left":
-        return ids[-max_len:], labels[-max_len:]
+        keep = min(keep, max_len - 1)
+        tail = max_len - keep
+        return ids[:keep] + ids[-tail:], labels[:keep] + labels[-tail:]
     raise ValueError(f"truncate() handles right|left, got {mode!r}")
+
+
+def truncate_shared(head: list[int], tails: list[list[int]], max_len: int, mode: str, keep: int = 0
+                    ) -> tuple[list[int], list[list[int]]]:
+    """Cut a shared prompt and its responses (a preference pair or a ranking) so that ``head + tail <= max_len`` for
+    every response, with the prompt cut once and identically for all of them: a pair whose two sides saw different
+    prompts no longer compares two answers to one question.
+
+    ``right`` keeps the start: the head as is, each response loses its end. ``left`` keeps the first ``keep`` head
+    tokens (bos) and the end of the prompt, dropping its oldest tokens until the longest response fits; a response
+    that does not fit even after an empty prompt loses its end. A head that leaves a response no room yields an
+    empty tail, which the caller drops as having no supervised tokens.
+    """
+    longest = max(len(t) for t in tails)
+    if len(head) + longest <= max_len:
+        return head, tails
+    if mode == "left":
+        keep = min(keep, len(head), max_len - 1)
+        room = max(max_len - keep - longest, 0)  # prompt tokens that still fit beside the longest response
+        body = head[keep:]
+        head = head[:keep] + body[len(body) - min(room, len(body)):]
+    elif mode != "right":
+        raise ValueError(f"truncate_shared() handles right|left, got {mode!r}")
+    head = head[:max_len]
+    return head, [t[: max_len - len(head)] for t in tails]

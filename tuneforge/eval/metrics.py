@@ -44,6 +44,7 @@ def preference_accuracy(model, dataset, pad_id: int, batch_size: int = 32, devic
     one, and the mean log-prob margin (chosen − rejected), summed over response tokens."""
     from tuneforge.algorithms._logps import sequence_logps_from_model
     from tuneforge.data import collate_preference
+    from tuneforge.data.collate import pair_index
 
     was = model.training
     model.eval()
@@ -53,11 +54,11 @@ def preference_accuracy(model, dataset, pad_id: int, batch_size: int = 32, devic
             rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = {k: v.to(device) if device else v for k, v in collate_preference(rows, pad_id).items()}
             lp, _ = sequence_logps_from_model(model, batch)
-            b = len(rows)
-            diff = lp[:b] - lp[b:]
+            c, r, _ = pair_index(batch)  # every pair of every row (a ranking has K-choose-2)
+            diff = lp[c] - lp[r]
             wins += int((diff > 0).sum())
             margin += float(diff.sum())
-            n += b
+            n += int(c.numel())
     finally:
         model.train(was)
     return {"preference_accuracy": wins / max(n, 1), "logp_margin": margin / max(n, 1), "pairs": n}

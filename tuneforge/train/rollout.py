@@ -8,10 +8,10 @@ sample must depend only on its prompt and its seed, not on which other rows shar
 ``torch.Generator`` and samples by inverse CDF from one uniform number per step. The loop is also leaner than
 ``generate`` (no logits-processor/stopping-criteria machinery, the output head on the last position only).
 
-Prompts are encoded exactly as training rows encode them (bos + prompt tokens, or the chat template with the
-generation prompt for message lists) so a fine-tuned model sees at inference what it saw in training. Batches are
-left-padded so every row's next token sits at the last position, and position ids count real tokens only (as
-``generate`` computes them), so a padded row's positions equal the unpadded ones and greedy output equals
+Prompts are encoded exactly as training rows encode them (``data/tokenize.py``: the tokenizer's own leading special
+tokens + prompt tokens, or the chat template with the generation prompt for message lists) so a fine-tuned model
+sees at inference what it saw in training. Batches are left-padded so every row's next token sits at the last
+position, and position ids count real tokens only (as ``generate`` computes them), so a padded row's positions equal the unpadded ones and greedy output equals
 ``model.generate``'s.
 """
 
@@ -25,16 +25,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tuneforge.data.tokenize import encode_prompt_text
+
 IGNORE = -100
 
 
 def encode_prompt(tokenizer, prompt) -> list[int]:
-    """Token ids of a prompt string (with bos when the tokenizer has one) or a chat message list."""
+    """Token ids of a prompt string (after the special tokens the tokenizer itself puts first, e.g. Llama's bos;
+    none for SmolLM2, whose bos is the chat marker ``<|im_start|>``) or a chat message list."""
     if isinstance(prompt, list):
         return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
                                                   return_dict=False))
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+    return encode_prompt_text(tokenizer, prompt)
 
 
 def pad_id_of(tokenizer) -> int:
