@@ -84,6 +84,19 @@ def test_reward_model_and_judge_load_next_to_a_bf16_policy(monkeypatch, reward_a
     assert calls == [("tiny:llama", "bfloat16", "meta"), ("tiny:llama", "bfloat16", "cpu")]
 
 
+@pytest.mark.parametrize("algo", ["grpo", "ppo", "rejection_sampling", "online_dpo"])
+def test_online_algorithms_load_their_reward_model_next_to_the_policy(monkeypatch, reward_adapter, algo):
+    """Each online algorithm's ``prepare`` hands the policy to the reward builder: a bf16 policy on another device
+    (meta here) gets a bf16 reward model on that device."""
+    from tuneforge.algorithms import ALGORITHMS
+
+    calls = _recording_loader(monkeypatch)
+    mod = ALGORITHMS[algo]
+    cfg = mod.Config(rewards=[{"name": "reward_model", "path": reward_adapter, "base": "tiny:llama"}])
+    mod.prepare(_policy(torch.bfloat16, device="meta"), cfg, {"tokenizer": char_tokenizer()})
+    assert calls and calls[0] == ("tiny:llama", "bfloat16", "meta")
+
+
 # ------------------------------------------------------------------------------------------ end to end on CPU
 @pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")  # the head's weights, on meta
 def test_reward_model_on_a_meta_policy_is_all_on_meta(reward_adapter):

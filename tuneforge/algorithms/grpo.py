@@ -107,7 +107,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 def prepare(model, cfg: Config, state: dict) -> None:
     if cfg.beta:
         prepare_reference(model, cfg.reference, state, "grpo")
-    state["reward_fns"] = R.reward_functions(cfg.rewards)
+    state["reward_fns"] = R.reward_functions(cfg.rewards, like=model)
 
 
 @torch.no_grad()

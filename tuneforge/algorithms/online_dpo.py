@@ -44,7 +44,7 @@ def dpo_config(cfg) -> dpo.Config:
 
 def prepare(model, cfg: Config, state: dict) -> None:
     prepare_reference(model, cfg.reference, state, cfg.name)
-    state["labeler"] = reward_labeler(R.reward_functions(cfg.rewards))
+    state["labeler"] = reward_labeler(R.reward_functions(cfg.rewards, like=model))
 
 
 def reward_labeler(fns: list[tuple]):

@@ -145,7 +145,7 @@ def attach_value_head(model: nn.Module) -> nn.Linear:
 def prepare(model, cfg: Config, state: dict) -> None:
     prepare_reference(model, cfg.reference, state, "ppo")
     attach_value_head(model)
-    state["reward_fns"] = R.reward_functions(cfg.rewards)
+    state["reward_fns"] = R.reward_functions(cfg.rewards, like=model)
 
 
 def policy_and_values(model, batch: dict, temperature: float = 1.0

@@ -35,7 +35,7 @@ class Config(O.Sampling):
 
 
 def prepare(model, cfg: Config, state: dict) -> None:
-    state["reward_fns"] = R.reward_functions(cfg.rewards)
+    state["reward_fns"] = R.reward_functions(cfg.rewards, like=model)
 
 
 def best_of(rewards: torch.Tensor, valid: torch.Tensor, n: int, threshold: float | None) -> list[int]:
