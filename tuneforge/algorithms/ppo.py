@@ -18,11 +18,11 @@ Choices that make the update the one the equations describe:
 * Advantages are whitened with the statistics of the whole global rollout batch (sums over processes), and the
   minibatches of each epoch are a seeded split of the global batch's completions, not of one process's: 2
   processes take exactly the updates 1 process takes (DT-2).
-* The critic is a value head on the policy's own trunk (one forward gives log-probs and values): its loss, weighted
-  by ``vf_coef``, also trains the policy's adapters (or weights, under full fine-tuning), as in InstructGPT-style
-  shared actor-critics with a small value coefficient. TRL instead trains a separate value model (a second
-  network, initialised from the reward model); that halves the interference between the two losses at the cost of
-  a second model's memory and forward, which tuneforge does not offer.
+* The critic is a value head on the policy's own trunk (one forward gives log-probs and values), as in TRL's
+  former ``AutoModelForCausalLMWithValueHead``: its loss, weighted by ``vf_coef``, also trains the policy's adapters
+  (or weights, under full fine-tuning), so keep ``vf_coef`` small. InstructGPT and TRL's later PPO trainer train a
+  separate value model (initialised from the reward model) instead: no interference between the two losses, at the
+  cost of a second network's memory and forward per step; tuneforge does not offer that.
 """
 
 from __future__ import annotations
