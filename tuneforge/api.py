@@ -24,8 +24,8 @@ from tuneforge.algorithms._dropout import disable_dropout, dropout_disabled
 from tuneforge.config import ConfigError, RunConfig
 from tuneforge.data import build_dataset, collate, collate_packed, collate_preference, pack_rows
 from tuneforge.eval.metrics import eval_loss
-from tuneforge.methods import (apply_methods, count_parameters, finalize_methods, has_regularizer, prepare_methods,
-                               regularizer, save_adapter)
+from tuneforge.methods import (apply_methods, count_parameters, finalize_methods, has_regularizer, has_step_hook,
+                               prepare_methods, regularizer, save_adapter, step_methods)
 from tuneforge.methods._inject import TargetError
 from tuneforge.models.load import load_model, load_tokenizer, meta_model
 from tuneforge.train.precision import autocast_context, cast_frozen_matmul_weights_, resolve_precision
@@ -154,7 +154,8 @@ def train(cfg: RunConfig, resume: str | None = None, allow_config_change: bool =
         _write_run_files(out, cfg, model)
     loop = Loop(model, algo, cfg.algorithm, data, cfg.train, out, coll, dist=d, algo_state=algo_state,
                 eval_fn=eval_fn if has_eval else None, meta={"config_hash": cfg.hash(), "config": cfg.trajectory(), "tuneforge": __version__},
-                hooks=hooks, regularizer=(lambda m: regularizer(m, cfg.method)) if has_regularizer(cfg.method) else None)
+                hooks=hooks, regularizer=(lambda m: regularizer(m, cfg.method)) if has_regularizer(cfg.method) else None,
+                on_step=(lambda m, s, t: step_methods(m, cfg.method, s, t)) if has_step_hook(cfg.method) else None)
     result = loop.run(resume_path, allow_config_change)
     finalize_methods(model, cfg.method)
     saved = _save_final(model, tok, cfg, out) if d.main else None

@@ -44,7 +44,7 @@ def test_diff_pruning_l0_penalty_closes_gates_in_training(tmp_path, pc_file):
     from tuneforge import api
 
     d = base_config(tmp_path, pc_file, max_steps=6, learning_rate=0.1)
-    d["method"] = [{"name": "diff_pruning", "l0_coef": 10.0, "density": 0.01}]
+    d["method"] = [{"name": "diff_pruning", "l0_coef": 10.0, "density": 0.01, "project_at": 1.0}]  # L0 phase only
     seen = {}
     out = api.train(RunConfig.model_validate(d), hooks={"after_clip": lambda loop: seen.setdefault("loop", loop)})
     history = out.result.history
