@@ -1,7 +1,16 @@
 """Every method learns the demo's held-out task (string reversal, 0% before) on the demo's pretrained base, with the
-set-ups of ``tuneforge.demo.LEARNING_SETUPS`` (the table in benchmarks/method_learning.py). The margin asserted is
-half of what the benchmark measured for that method, and at least 5 points, so the test tolerates seed noise but
-fails if a method stops learning."""
+set-ups of ``tuneforge.demo.LEARNING_SETUPS`` (the table in benchmarks/method_learning.py).
+
+Where the numbers come from: ``python benchmarks/method_learning.py --seeds 0,1,2,3,4`` (results in
+benchmarks/results/method_learning.json; AMD EPYC, AVX2 kernels, 2 shared cores) ran each set-up with 5 fine-tuning
+seeds. ``WORST_OF_SEEDS`` is the lowest held-out exact match of the 5. The spread is wide for the methods that only
+learn part of the task (freeze 20.5–42%, bitfit 47.5–72%, ia3 21–34%, sparse 68–88.5%), and another CPU's float
+rounding (AVX-512 vs AMX matmul kernels) moves a run as another seed does: a trajectory that rounds differently early
+ends elsewhere in that range (diff pruning's former set-up, projected only at the end: 17.5% in the previous table,
+18.5% here, 7.5% on an Intel AMX machine). So the test asserts, for seed 0, ``after >= before +
+max(0.05, worst/2)``: half of the worst seed measured, at least 5 points. That leaves ≥ 10 points below the worst seed
+for every method (≥ 23 for all but freeze and ia3), and still fails when a method stops learning (0% before).
+"""
 
 import pytest
 
@@ -9,10 +18,18 @@ from tuneforge.demo import LEARNING_SETUPS, DemoPlan, finetune
 
 pytestmark = pytest.mark.slow
 
-# measured held-out exact match after fine-tuning (benchmarks/results/method_learning.json)
-MEASURED = {"full": 0.995, "freeze (top 2 blocks)": 0.31, "bitfit (added biases)": 0.49, "diff_pruning (5%)": 0.175,
-            "sparse (FISH 5%)": 0.62, "lora r8": 0.955, "dora r8": 0.97, "qlora r8 (nf4)": 0.94,
-            "lokr r8": 0.87, "ia3": 0.355}
+# lowest held-out exact match over fine-tuning seeds 0-4 (benchmarks/results/method_learning.json, "after_min")
+WORST_OF_SEEDS = {"full": 1.0, "freeze (top 2 blocks)": 0.205, "bitfit (added biases)": 0.475,
+                  "diff_pruning (5%)": 0.98, "sparse (FISH 5%)": 0.68, "lora r8": 0.99, "dora r8": 0.99,
+                  "qlora r8 (nf4)": 0.985, "lokr r8": 0.965, "ia3": 0.21}
+
+
+def margin(label: str) -> float:
+    return max(0.05, WORST_OF_SEEDS[label] / 2)
+
+
+def test_every_setup_has_a_measured_margin():
+    assert set(WORST_OF_SEEDS) == set(LEARNING_SETUPS)
 
 
 @pytest.mark.parametrize("label", list(LEARNING_SETUPS))
@@ -20,6 +37,6 @@ def test_method_lifts_held_out_exact_match(demo_base, tmp_path, label):
     base, _ = demo_base
     method, lr = LEARNING_SETUPS[label]
     r = finetune(base, tmp_path, DemoPlan(), method=method, lr=lr, log=lambda *_: None)
-    margin = max(0.05, MEASURED[label] / 2)
     assert r["exact_match_before"] < 0.05, r
-    assert r["exact_match_after"] >= r["exact_match_before"] + margin, (label, r["exact_match_after"], margin)
+    assert r["exact_match_after"] >= r["exact_match_before"] + margin(label), (label, r["exact_match_after"],
+                                                                                margin(label))
