@@ -121,7 +121,10 @@ def test_online_accumulation_equals_the_full_batch(tmp_path, loss_type):
     a, ha = _grpo_weights(tmp_path, "full", 4, 1)
     b, hb = _grpo_weights(tmp_path, "accum", 2, 2)
     assert [h["reward"] for h in ha] == [h["reward"] for h in hb]
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert all(abs(x["loss"] - y["loss"]) < 1e-6 for x, y in zip(ha, hb))
+    # Adam divides by sqrt(v) + eps: an element whose gradient is below eps (1e-8) turns a 1e-10 rounding
+    # difference between the two summation orders into an update difference of up to lr; 2 steps at lr 1e-3.
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)
     assert math.isfinite(ha[-1]["loss"])
 

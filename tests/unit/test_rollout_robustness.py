@@ -73,4 +73,4 @@ def test_stop_strings_tail_decoding_equals_full_decoding_and_is_bounded():
         counting = _CountingTok(tok)
         got = _first_stop_stopper(R._Stopper(counting, set(), stop), ids)
         assert got == _first_stop_full_decode(tok, ids, stop), (trial, stop)
-        assert max(counting.lengths) <= max(map(len, stop)) + R._Stopper.TAIL_SLACK  # bounded work per token
+        assert max(counting.lengths) <= max(len(x.encode()) for x in stop) + R._Stopper.TAIL_SLACK  # bounded work per token

@@ -121,8 +121,9 @@ class _Stopper:
     """Per-row end detection: eos ids, and stop strings checked on the decoded completion.
 
     Only the completion's tail is decoded at each token: a stop string first appears in the text ending at the
-    newest token (earlier occurrences would have stopped the row already), and a string of L characters spans at
-    most L tokens that decode to something, so the last L + ``TAIL_SLACK`` tokens hold it (the slack covers tokens
+    newest token (earlier occurrences would have stopped the row already), and a string of L UTF-8 bytes spans at
+    most L tokens that decode to something (byte-level tokenizers spend up to 4 tokens on one character), so the
+    last L + ``TAIL_SLACK`` tokens hold it (the slack covers tokens
     that decode to nothing, and a partial UTF-8 byte at the window's start). Decoding the whole completion at every
     token would cost O(n²) in its length."""
 
@@ -130,7 +131,7 @@ class _Stopper:
 
     def __init__(self, tokenizer, eos_ids: set[int], stop: list[str] | None):
         self.tok, self.eos, self.stop = tokenizer, eos_ids, [s for s in (stop or []) if s]
-        self.window = max((len(s) for s in self.stop), default=0) + self.TAIL_SLACK
+        self.window = max((len(s.encode()) for s in self.stop), default=0) + self.TAIL_SLACK
 
     def done(self, token: int, completion: list[int]) -> bool:
         if token in self.eos:
