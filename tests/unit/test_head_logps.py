@@ -102,7 +102,11 @@ def test_fused_sft_loss_equals_plain(monkeypatch, preset):
     b = _loss_and_grads(model, batch, False, monkeypatch)
     assert a[1] == b[1] == 3 * 8
     assert a[0] == pytest.approx(b[0], abs=1e-4)
-    assert all(torch.allclose(a[2][k], b[2][k], atol=1e-6) for k in a[2])
+    # The loss is a sum over 24 tokens, so gradients reach ~16: fp32 rounding of the two summation orders is
+    # ~1e-6 relative, and differs between CPUs; compare relative to each tensor's scale.
+    for k in a[2]:
+        scale = float(b[2][k].abs().max()) + 1e-12
+        assert torch.allclose(a[2][k], b[2][k], rtol=1e-4, atol=1e-5 * scale), k
 
 
 def test_frozen_bf16_weights_change_nothing_under_autocast(monkeypatch):
