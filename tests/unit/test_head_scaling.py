@@ -89,3 +89,38 @@ def test_check_leaves_the_rng_stream_alone_and_sees_through_dropout():
                                                                              if k != "labels"})
     assert ok and diff < 1e-5
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_check_never_computes_full_sequence_logits():
+    """The check compares only the last CHECK_POSITIONS positions: the output head never sees (T, V) logits, which
+    for a large vocabulary and a long row would be gigabytes on the first batch."""
+    model = _tiny("granite").eval()
+    T = 3 * L.CHECK_POSITIONS
+    ids = torch.randint(1, 96, (1, T))
+    widths = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: widths.append(o.shape[1]))
+    try:
+        ok, _ = L.head_matches_logits(model, model.get_output_embeddings(),
+                                      {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    finally:
+        hook.remove()
+    assert not ok  # Granite divides by logits_scaling: still caught on the last positions
+    assert widths and max(widths) == L.CHECK_POSITIONS
+
+
+def test_check_runs_under_a_per_example_adapter_selection():
+    """A mixed-task batch names one adapter per row; the one-row check must not slice against that (it crashed)."""
+    from tuneforge.methods import lora
+    from tuneforge.methods._scope import adapter_scope
+
+    model = _tiny("llama")
+    for name in ("a", "b"):
+        lora.apply(model, lora.Config(rank=2, init="gaussian"), adapter=name)
+    model.eval()
+    batch = _batch()
+    L._HEAD_CHECKED.pop(model, None)
+    with torch.no_grad(), adapter_scope(model, ["a", "b"]):
+        ours, _ = L.supervised_token_logps(model, batch)
+        want = _reference_logps(model, batch)
+    assert L._HEAD_CHECKED[model] is True
+    assert torch.allclose(ours, want, atol=1e-4)

@@ -7,6 +7,8 @@ skips the largest matmul for every masked token — prompts are often most of an
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 import weakref
 
@@ -50,27 +52,47 @@ def _head(model: nn.Module, inputs: dict | None = None) -> nn.Module | None:
     return head if _HEAD_CHECKED.get(model, True) else None
 
 
+CHECK_POSITIONS = 16  # the head check compares the last 16 positions' logits: (1, 16, V), never (1, T, V)
+
+
 @torch.no_grad()
 def head_matches_logits(model: nn.Module, head: nn.Module, inputs: dict) -> tuple[bool, float]:
     """Whether ``head(base_model(x).last_hidden_state)`` equals ``model(x).logits`` on the first row of ``inputs``.
 
-    Both forwards run under one forked RNG state seeded alike, so dropout draws the same masks in both and the
-    training run's random stream is untouched (resume stays exact). The tolerance is relative to the logits' size
-    and wide enough for bf16/fp16 rounding (different matmul shapes), far below any real scaling (x1/8, x10...).
+    Only the last ``CHECK_POSITIONS`` positions are compared (``logits_to_keep`` where the model takes it), so the
+    check never holds a full (T, V) logits tensor: a 150k-token vocabulary at T = 4096 would be 2.4 GB in fp32.
+    Both forwards run under one forked RNG state seeded alike (every CUDA device forked, as ``manual_seed`` seeds
+    them all), so dropout draws the same masks in both and the training run's random stream is untouched (resume
+    stays exact). A per-example adapter selection names one adapter per batch row; the single-row check runs under
+    the first row's. The tolerance is relative to the logits' size and wide enough for bf16/fp16 rounding (different
+    matmul shapes), far below any real scaling (x1/8, x10...).
     """
+    from tuneforge.methods._scope import PerExample, adapter_layers, adapter_scope
+
     row = {k: v[:1] for k, v in inputs.items()}
-    dev = row["input_ids"].device
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    k = min(CHECK_POSITIONS, row["input_ids"].shape[1])
+    per_example = [m.active for m in adapter_layers(model) if isinstance(m.active, PerExample)]
+    scope = adapter_scope(model, per_example[0].names[0]) if per_example else contextlib.nullcontext()
+    keep = {"logits_to_keep": k} if _accepts(model, "logits_to_keep") else {}
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with scope, torch.random.fork_rng(devices=devices):
         torch.manual_seed(0)
-        ref = model(**row, use_cache=False).logits  # (1, T, V)
+        ref = model(**row, use_cache=False, **keep).logits[:, -k:]  # (1, k, V)
         torch.manual_seed(0)
-        fused = head(model.base_model(**row, use_cache=False).last_hidden_state)
+        fused = head(model.base_model(**row, use_cache=False).last_hidden_state[:, -k:])
     if fused.shape != ref.shape:
         return False, float("inf")
     diff = float((fused.float() - ref.float()).abs().max())
     exact = ref.dtype == fused.dtype == torch.float32  # fp32 logits: only summation order differs
     tol = 1e-4 if exact else 3e-2  # half-precision logits: a few ulps of their size
     return diff <= tol * (1.0 + float(ref.float().abs().max())), diff
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def supervised_logits(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
