@@ -20,7 +20,7 @@ import yaml
 
 from tuneforge import __version__
 from tuneforge.algorithms import ALGORITHMS
-from tuneforge.algorithms._dropout import disable_dropout, dropout_disabled
+from tuneforge.algorithms._dropout import config_dropout_restored, disable_dropout, dropout_disabled
 from tuneforge.config import ConfigError, RunConfig
 from tuneforge.data import build_dataset, collate, collate_packed, collate_preference, pack_rows
 from tuneforge.eval.metrics import eval_loss
@@ -220,7 +220,8 @@ def _save_final(model, tok, cfg: RunConfig, out: Path) -> Path:
     if whole:
         heads = {n: model._modules.pop(n) for n in ("reward_head", "value_head") if n in model._modules}
         try:  # the reward head is saved on its own below, not as an unknown HF weight; PPO's critic is not kept
-            model.save_pretrained(tmp, safe_serialization=True)
+            with config_dropout_restored(model):  # the model's own dropout rates, not the training run's zeros
+                model.save_pretrained(tmp, safe_serialization=True)
         finally:
             for n, h in heads.items():
                 setattr(model, n, h)

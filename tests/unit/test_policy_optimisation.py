@@ -16,7 +16,7 @@ from tuneforge import api
 from tuneforge.algorithms import ALGORITHMS, grpo, ppo
 from tuneforge.algorithms import _online as O
 from tuneforge.algorithms import rewards as R
-from tuneforge.algorithms._dropout import disable_dropout, dropout_disabled
+from tuneforge.algorithms._dropout import config_dropout_restored, disable_dropout, dropout_disabled
 from tuneforge.algorithms._logps import token_logps_and_hidden, token_logps_from_model
 from tuneforge.config import load_config
 from tuneforge.data import build_dataset, collate
@@ -156,6 +156,31 @@ def test_disable_dropout_makes_train_mode_forwards_equal_the_eval_forward(method
             torch.manual_seed(seed)
             assert torch.allclose(model(input_ids=x).logits, ref, atol=1e-6)
     assert model.training and disable_dropout(model) == 0
+
+
+def test_disable_dropout_reaches_rates_read_from_the_config_and_saving_keeps_them(tmp_path):
+    """Falcon reads hidden_dropout / attention_dropout from its config at every forward (no module holds them):
+    switching modules off alone (TRL's way) leaves train-mode forwards noisy. The saved model keeps its rates."""
+    from transformers import AutoModelForCausalLM, FalconConfig
+
+    cfg = FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       hidden_dropout=0.3, attention_dropout=0.3)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    x = torch.randint(3, 60, (2, 12))
+    with torch.no_grad():
+        ref = model.eval()(input_ids=x).logits
+        model.train()
+        assert not torch.allclose(model(input_ids=x).logits, ref, atol=1e-4)
+        assert disable_dropout(model) > 0
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            assert torch.allclose(model(input_ids=x).logits, ref, atol=1e-6)
+    with config_dropout_restored(model):
+        model.save_pretrained(tmp_path / "m", safe_serialization=True)
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["hidden_dropout"] == 0.3 and saved["attention_dropout"] == 0.3
+    assert model.config.hidden_dropout == 0.0  # still off for the rest of the run
 
 
 def test_grpo_kl_is_zero_and_ppo_ratio_one_at_step_0_with_dropout_off(tmp_path):

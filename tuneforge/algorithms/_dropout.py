@@ -13,6 +13,8 @@ overrides the algorithm's default either way.
 
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 
 DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -23,13 +25,35 @@ def dropout_disabled(setting: bool | None, algorithm) -> bool:
     return bool(getattr(algorithm, "DISABLE_DROPOUT_DEFAULT", False)) if setting is None else setting
 
 
+def _is_dropout_rate(name: str, value) -> bool:
+    return ("dropout" in name or name == "layerdrop") and type(value) is float and value > 0
+
+
+def _configs(model: nn.Module) -> list:
+    """Every distinct Hugging Face config the model's modules hold, with their sub-configs (``text_config``...)."""
+    from transformers import PretrainedConfig
+
+    seen, out = set(), []
+    todo = [getattr(m, "config", None) for m in model.modules()]
+    while todo:
+        cfg = todo.pop()
+        if isinstance(cfg, PretrainedConfig) and id(cfg) not in seen:
+            seen.add(id(cfg))
+            out.append(cfg)
+            todo.extend(v for v in vars(cfg).values() if isinstance(v, PretrainedConfig))
+    return out
+
+
 def disable_dropout(model: nn.Module) -> int:
     """Set every dropout probability in ``model`` to 0, in place; returns how many were non-zero.
 
-    Three kinds: dropout modules (``p``; LoRA's ``lora_dropout`` is one), probabilities that attention layers keep
+    Four kinds: dropout modules (``p``; LoRA's ``lora_dropout`` is one), probabilities that attention layers keep
     as plain float attributes and pass to the attention kernel (Llama's ``attention_dropout``, OPT's ``dropout``),
-    and LoKr's rank and module dropout (drawn in its forward while training). Train mode is kept: nothing else in
-    the model changes behaviour, and the model config is untouched (a saved model keeps its own dropout settings).
+    probabilities a model reads from its config at every forward (Falcon's ``hidden_dropout`` and
+    ``attention_dropout``, Persimmon's ``attention_dropout``: zeroing modules alone, as TRL does, misses these), and
+    LoKr's rank and module dropout (drawn in its forward while training); OPT-style ``layerdrop`` too. Train mode is
+    kept: nothing else in the model changes behaviour. The config's original rates are remembered and
+    ``config_dropout_restored`` puts them back while a model is saved, so a saved model keeps its own settings.
     """
     from tuneforge.methods.lokr import LoKrLayer
 
@@ -38,11 +62,32 @@ def disable_dropout(model: nn.Module) -> int:
         if isinstance(m, DROPOUT_MODULES) and m.p:
             m.p, changed = 0.0, changed + 1
         for name, value in list(vars(m).items()):
-            if "dropout" in name and type(value) is float and value > 0:
+            if _is_dropout_rate(name, value):
                 setattr(m, name, 0.0)
                 changed += 1
         if isinstance(m, LoKrLayer):
             for adapter, (rank_p, rescale, module_p) in list(m.dropouts.items()):
                 changed += (rank_p > 0) + (module_p > 0)
                 m.dropouts[adapter] = (0.0, rescale, 0.0)
+    saved = getattr(model, "_config_dropout", [])
+    for cfg in _configs(model):
+        for name, value in list(vars(cfg).items()):
+            if _is_dropout_rate(name, value):
+                saved.append((cfg, name, value))
+                setattr(cfg, name, 0.0)
+                changed += 1
+    object.__setattr__(model, "_config_dropout", saved)  # a plain attribute: not a submodule, not saved
     return changed
+
+
+@contextlib.contextmanager
+def config_dropout_restored(model: nn.Module):
+    """Inside the block the model's configs carry the dropout rates ``disable_dropout`` zeroed (for saving)."""
+    saved = getattr(model, "_config_dropout", [])
+    for cfg, name, value in saved:
+        setattr(cfg, name, value)
+    try:
+        yield
+    finally:
+        for cfg, name, _ in saved:
+            setattr(cfg, name, 0.0)
