@@ -186,3 +186,32 @@ def test_periodic_eval_logs_eval_loss(tmp_path, pc_file):
     assert evals[4] < evals[2] + 1.0
     rows = [json.loads(x) for x in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
+
+
+def test_an_update_with_no_tokens_anywhere_takes_no_optimizer_step(tmp_path):
+    """An online update whose global normaliser is 0 (e.g. a PPO minibatch no completion fell into) must not step:
+    with several processes the summed gradient is all zeros, and AdamW would still move the weights by momentum
+    and decay. Every process sees the same global sum, so all skip alike."""
+    from types import SimpleNamespace
+
+    from tuneforge.config import TrainConfig
+    from tuneforge.train.loop import Experience, Loop
+
+    w = torch.nn.Linear(2, 1, bias=False)
+    model = torch.nn.Sequential(w)
+    x = torch.ones(1, 2)
+
+    def make_experience(model, rows, cfg, ctx):
+        return Experience(updates=[[{"input_ids": x}], [], [{"input_ids": x}]], weights=[1.0, 0.0, 1.0], samples=1)
+
+    def step(model, batch, cfg, ctx):
+        return model(batch["input_ids"]).sum() / ctx.normaliser, {}
+
+    algo = SimpleNamespace(make_experience=make_experience, step=step)
+    tcfg = TrainConfig(max_steps=1, batch_size=1, learning_rate=0.1, weight_decay=0.1, warmup_steps=0,
+                       output_dir=str(tmp_path / "out"), progress=False)
+    loop = Loop(model, algo, None, [{"input_ids": [1]}], tcfg, tmp_path / "out", collate=lambda rows: rows)
+    steps = []
+    loop.opt.step = (lambda f: (lambda *a, **k: (steps.append(1), f(*a, **k))[1]))(loop.opt.step)
+    record = loop.train_step([0])
+    assert len(steps) == 2 and record["updates"] == 2

@@ -238,6 +238,8 @@ class Loop:
         norms = sums[1 + len(keys):].tolist()
         losses, gnorm, tokens = [], 0.0, 0
         for batches, norm in zip(exp.updates, norms):
+            if norm == 0:  # no token of this update on any process (the sum is global, so all skip alike): no step,
+                continue  # as AdamW's momentum and decay would still move weights on an all-zero gradient
             loss, metrics = self._forward_backward(batches, norm)
             # a process whose share of this update is empty (every sample skipped) still joins the collectives
             metrics = {k: metrics.get(k, 0) for k in D.union_keys(metrics, self.dist)}
@@ -246,7 +248,7 @@ class Loop:
             tokens += int(metrics.pop("input_tokens", 0))
             for k, v in metrics.items():
                 out[k] = out.get(k, 0.0) + v / max(len(exp.updates), 1)
-        out.update(samples=int(sums[0]), updates=len(exp.updates), input_tokens=tokens)
+        out.update(samples=int(sums[0]), updates=len(losses), input_tokens=tokens)  # the updates that stepped
         return (sum(losses) / len(losses) if losses else 0.0), out, gnorm
 
     def _apply_update(self, loss: float, metrics: dict, rows: list[int]) -> tuple[float, dict, float]:
