@@ -182,7 +182,8 @@ def test_digest_pin_catches_any_change_to_the_code(evil, change):
     else:
         (model_dir / "tokenization_evil.py").unlink()
     assert code_digest(model_dir) != pin
-    with pytest.raises(ModelLoadError, match="does not match model.revision"):
+    # (a renamed module also leaves auto_map naming a file that is gone: refused for that reason first)
+    with pytest.raises(ModelLoadError, match="does not match model.revision|not a .py file inside the folder"):
         load_model(mcfg(model_dir, trust=True, revision=pin))
     assert not sentinel.exists()
 
@@ -223,3 +224,52 @@ def test_hub_snapshot_commit_pin_verifies_each_code_blob(tmp_path):
 def test_git_blob_id_matches_git():
     assert git_blob_id(b"") == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # git hash-object /dev/null
     assert git_blob_id(b"hello\n") == "ce013625030ba8dba906f756967f9e9ca394464a"
+
+
+# ------------------------------------------------------- what a pin must cover besides the folder's own .py files
+@pytest.mark.parametrize("where", ["absolute path", "other repo", "no such module"])
+def test_auto_map_naming_code_outside_the_folder_is_refused(evil, tmp_path, where, isolated_module_cache):
+    """The reviewed bypass: auto_map may name ``<repo or path>--module.Class``; transformers then imports that code,
+    which no digest of the folder covers. Such entries are refused before any loader runs."""
+    model_dir, sentinel = evil("config")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "configuration_evil.py").write_text(f"from pathlib import Path\nPath({str(sentinel)!r}).write_text('x')\n")
+    ref = {"absolute path": f"{elsewhere}--configuration_evil.EvilConfig", "other repo": "someone/repo--configuration_evil.EvilConfig",
+           "no such module": "configuration_missing.EvilConfig"}[where]
+    _edit_json(model_dir / "config.json", auto_map={**CONFIG_MAP, "AutoConfig": ref})
+    with pytest.raises(ModelLoadError, match="auto_map names code that is not a .py file inside the folder"):
+        load_model(mcfg(model_dir, trust=True, revision=code_digest(model_dir)))
+    assert not sentinel.exists()
+
+
+def test_digest_covers_auto_map(evil):
+    """Re-pointing a loader at another module of the folder changes what runs, so it changes the digest."""
+    model_dir, _ = evil("config")
+    pin = code_digest(model_dir)
+    _edit_json(model_dir / "config.json", auto_map={**CONFIG_MAP, "AutoConfig": "modeling_evil.EvilConfig"})
+    assert code_digest(model_dir) != pin
+    _edit_json(model_dir / "config.json", auto_map=CONFIG_MAP)
+    assert code_digest(model_dir) == pin
+
+
+def test_digest_follows_symlinked_folders(tmp_path):
+    """``from .pkg.mod import x`` imports through a symlinked folder; its files must be hashed (rglob skips them)."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "mod.py").write_text("A = 1\n")
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "modeling_x.py").write_text("from .pkg.mod import A\n")
+    (model_dir / "pkg").symlink_to(real, target_is_directory=True)
+    (model_dir / "loop").symlink_to(model_dir, target_is_directory=True)  # a cycle is walked once
+    pin = code_digest(model_dir)
+    (real / "mod.py").write_text("A = 2  # changed behind the link\n")
+    assert code_digest(model_dir) != pin
+
+
+def test_hub_snapshot_auto_map_file_must_be_a_blob_too(tmp_path):
+    snap, commit = _snapshot(tmp_path, {"modeling_x.py": "A = 1\n"})
+    (snap / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "modeling_x.A"}}))  # a plain file
+    with pytest.raises(ModelLoadError, match="not the blob of commit"):
+        load._remote_code_policy(mcfg(snap, trust=True, revision=commit))
