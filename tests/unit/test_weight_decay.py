@@ -77,10 +77,10 @@ def test_each_method_declares_what_decays(cfgs, expected):
     assert _by_kind(decays, *expected) == expected
 
 
-def test_diff_pruning_gate_logits_never_decay():
+def test_diff_pruning_tensors_never_decay():
+    """Its regulariser is the L0 penalty: decay would pull log α toward 0 (gates half open) and shrink the diff."""
     decays = _decays(_model(("diff_pruning", {"density": 0.01})))
-    gates = [d for n, d in decays.items() if ".dp_log_alpha." in n]
-    assert gates and not any(gates)  # decay would pull log α toward 0, i.e. gates toward half open
+    assert _by_kind(decays, ".dp_w.", ".dp_log_alpha.") == {".dp_w.": {False}, ".dp_log_alpha.": {False}}
 
 
 @pytest.mark.parametrize("preset", ["llama", "gpt2"])

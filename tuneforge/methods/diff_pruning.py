@@ -106,6 +106,11 @@ def topk_mask(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------------- layer
 class DiffPruningLayer(DeltaLayer):
+    # No AdamW decay on any of them: the method's own regulariser is the L0 penalty on the gates (Guo et al.
+    # eq. 6), which the paper uses alone; decay would shrink the kept diff entries in the fixed-mask phase, and pull
+    # log α toward 0, i.e. every gate toward half open.
+    ADAPTER_TENSORS = {"dp_w": False, "dp_log_alpha": False, "dp_values": False}
+
     def __init__(self, base: nn.Module):
         super().__init__(base)
         self.dp_w = nn.ParameterDict()
