@@ -124,3 +124,27 @@ def test_bf16_judge_labels_like_the_fp32_one():
     assert j16.model.get_input_embeddings().weight.dtype == torch.bfloat16
     p16 = j16(["ab"], ["ba"], ["ab"])
     assert 0 <= float(p16) <= 1 and abs(float(p16) - float(p32)) < 0.02
+
+
+def test_a_reward_model_with_its_own_tokenizer_scores_the_joint_encoding(monkeypatch):
+    """When the reward model's vocabulary is not the policy's, the texts are re-tokenized. Prompt and completion
+    encoded separately differ at the seam from the joint encoding the reward head was trained on (a SentencePiece
+    tokenizer puts "▁" before the completion's first word on its own); the scorer must score the training-time
+    encoding, as the data pipeline builds it."""
+    from _tokenizers import llama2_like
+
+    from tuneforge.algorithms import reward as reward_mod
+    from tuneforge.data.tokenize import Encoder
+
+    tok = llama2_like()
+    seen = []
+    monkeypatch.setattr(reward_mod, "scores", lambda model, batch: (seen.append(batch), torch.zeros(len(batch["input_ids"])))[1])
+    scorer = object.__new__(R.ModelScorer)
+    scorer.model, scorer.tok, scorer.batch_size, scorer.path, scorer._enc = torch.nn.Linear(1, 1), tok, 8, "rm", None
+    prompt, completion = "Answer: ", "four"  # the space ends the prompt: "▁four" only when encoded jointly
+    scorer([[1, 2]], [[3]], ([prompt], [completion]), char_tokenizer())
+    head, (tail,) = Encoder(tok, "preference", "rm").encode_responses(prompt, [completion])
+    got = [t for t in seen[0]["input_ids"][0].tolist()]
+    assert got[:len(head) + len(tail)] == head + tail
+    alone = tok(prompt)["input_ids"] + tok(completion, add_special_tokens=False)["input_ids"]
+    assert alone != head + tail[:-1]  # the seam this tokenizer has: separate encoding would have been wrong

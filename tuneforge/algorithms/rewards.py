@@ -176,6 +176,17 @@ class ModelScorer:
         load_head(self.model, cfg.path)
         self.model.eval().requires_grad_(False)
         self.batch_size = cfg.batch_size
+        self.path, self._enc = cfg.path, None
+
+    def _encoder(self):
+        """The data pipeline's encoder for the reward model's tokenizer: a prompt and a completion re-tokenized
+        separately would differ at their seam from the joint encoding the head was trained on (SentencePiece's
+        leading space, BPE merges across the boundary)."""
+        if self._enc is None:
+            from tuneforge.data.tokenize import Encoder
+
+            self._enc = Encoder(self.tok, "preference", self.path)
+        return self._enc
 
     @torch.no_grad()
     def __call__(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], texts: tuple, policy_tok):
@@ -187,7 +198,9 @@ class ModelScorer:
         eos = self.tok.eos_token_id
         seqs = []
         for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-            if not same:
+            if not same and isinstance(texts[0][i], str):  # as the reward model's training rows were encoded:
+                p, (c,) = self._encoder().encode_responses(texts[0][i], [texts[1][i]])  # jointly (no seam), + eos
+            elif not same:  # a chat prompt: its template ends at a turn marker, so the completion encodes alone
                 p = encode_prompt(self.tok, texts[0][i])
                 c = self.tok(texts[1][i], add_special_tokens=False)["input_ids"]
             c = list(c) if (c and c[-1] == eos) or eos is None else list(c) + [eos]
