@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from itertools import combinations
 from pathlib import Path
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -110,11 +111,17 @@ def cmd_score(a) -> int:
     ds = build_dataset(a.data, tok, max_len=a.max_len)
     results = score_dataset(model, ds, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     for row, r in zip(ds.rows, results):
-        print(json.dumps({"line": row["line"], **({"chosen": r[0], "rejected": r[1]} if isinstance(r, tuple)
-                                                   else {"score": r})}))
+        if not isinstance(r, tuple):
+            shown = {"score": r}
+        else:  # a pair, or a ranking's K scores best first
+            shown = {"chosen": r[0], "rejected": r[1]} if len(r) == 2 else {"scores": list(r)}
+        print(json.dumps({"line": row["line"], **shown}))
     if results and isinstance(results[0], tuple):
-        acc = sum(c > r for c, r in results) / len(results)
-        print(json.dumps({"file": a.data, "pairs": len(results), "pairwise_accuracy": acc}))
+        # every ordered pair of a row (a ranking's K-choose-2), each row counting once as in training's loss
+        per_row = [[s[i] > s[j] for i, j in combinations(range(len(s)), 2)] for s in results]
+        acc = sum(sum(p) / len(p) for p in per_row) / len(per_row)
+        print(json.dumps({"file": a.data, "rows": len(results), "pairs": sum(map(len, per_row)),
+                          "pairwise_accuracy": acc}))
     return 0
 
 

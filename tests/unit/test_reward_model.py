@@ -75,7 +75,18 @@ def test_score_cli_reads_the_head_back(tmp_path, pairs_file, capsys):
     with pytest.raises(SystemExit):
         main(["score", "--model", "tiny:llama", "--adapter", str(out.saved), "--data", pairs_file])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last["pairs"] == 48 and 0.0 <= last["pairwise_accuracy"] <= 1.0
+    assert last["pairs"] == last["rows"] == 48 and 0.0 <= last["pairwise_accuracy"] <= 1.0
+    # a ranking prints all K scores, and its K-choose-2 pairs count once per row in the accuracy
+    ranked = write_jsonl(tmp_path / "ranked.jsonl", [{"prompt": "rev abc:", "ranking": ["cba", "cab", "abc"]},
+                                                     {"prompt": "rev ab:", "chosen": "ba", "rejected": "ab"}])
+    with pytest.raises(SystemExit):
+        main(["score", "--model", "tiny:llama", "--adapter", str(out.saved), "--data", ranked])
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines() if x.startswith("{")]
+    s = lines[0]["scores"]
+    assert len(s) == 3 and set(lines[1]) == {"line", "chosen", "rejected"}
+    want = ((s[0] > s[1]) + (s[0] > s[2]) + (s[1] > s[2])) / 3 / 2 + (lines[1]["chosen"] > lines[1]["rejected"]) / 2
+    assert lines[-1]["rows"] == 2 and lines[-1]["pairs"] == 4
+    assert lines[-1]["pairwise_accuracy"] == pytest.approx(want)
 
 
 def test_ranking_of_k_expands_to_k_choose_2_pairs_with_the_better_first():

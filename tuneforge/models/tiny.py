@@ -71,8 +71,9 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
     Specials get the low ids (pad=0, bos=1, eos=2, unk=3) so that a zero-initialised or padded tensor is
     unambiguous. Role markers are added tokens, so ``<|user|>`` in rendered chat text becomes one id instead of
-    eight characters. Encoding adds no bos/eos: the data pipeline adds them explicitly, and a tokenizer that also
-    did so would double them.
+    eight characters. Encoding adds no bos/eos, like GPT-2's tokenizer (a bos token it never adds itself): the
+    data pipeline keeps whatever start tokens a tokenizer adds (none here), appends eos to completions, and uses
+    bos only to give an empty prompt a first token.
     """
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + ROLE_TOKENS + CHARS)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
