@@ -211,6 +211,17 @@ def _write_run_files(out: Path, cfg: RunConfig, model) -> None:
                                               "config_hash": cfg.hash()}, indent=2))
 
 
+def base_model_reference(mcfg) -> str:
+    """What an adapter's ``base_model_name_or_path`` records: a preset or packaged name as written, a GGUF file
+    (a folder plus ``gguf_file``: the file itself) or a folder as an absolute path."""
+    from tuneforge.models.gguf import PACKAGED
+
+    if mcfg.path.startswith("tiny:") or mcfg.path in PACKAGED:
+        return mcfg.path
+    path = os.path.join(mcfg.path, mcfg.gguf_file) if mcfg.gguf_file else mcfg.path
+    return os.path.abspath(path)
+
+
 def _save_final(model, tok, cfg: RunConfig, out: Path) -> Path:
     """Adapter methods -> ``adapter/`` (PEFT layout where PEFT has the method); full/freeze -> ``model/``."""
     whole = all(m.name in WHOLE_MODEL_METHODS for m in cfg.method)
@@ -226,8 +237,7 @@ def _save_final(model, tok, cfg: RunConfig, out: Path) -> Path:
             for n, h in heads.items():
                 setattr(model, n, h)
     else:
-        base = None if cfg.model.path.startswith("tiny:") else os.path.abspath(cfg.model.path)
-        save_adapter(model, cfg.method, tmp, base_path=base or cfg.model.path)
+        save_adapter(model, cfg.method, tmp, base_path=base_model_reference(cfg.model))
     tok.save_pretrained(tmp)
     from tuneforge.algorithms.reward import has_head, save_head
 

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuneforge.methods import METHOD_CONFIGS
+from tuneforge.models.gguf import PACKAGED, GgufError, packaged_file
 from tuneforge.algorithms import ALGORITHM_CONFIGS
 from tuneforge.models.code_pin import pin_format_error
 
@@ -30,7 +31,9 @@ class Strict(BaseModel):
 
 
 class ModelConfig(Strict):
-    path: str = Field(description="local Hugging Face model directory, or tiny:<preset> to build one in code")
+    path: str = Field(description="local Hugging Face model directory, a .gguf file, a packaged model's name "
+                      "(smollm2), or tiny:<preset> to build one in code")
+    gguf_file: str | None = Field(None, description="the .gguf file inside model.path, when path is a folder")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     revision: str | None = Field(None, description="pins the checkpoint's code, required with trust_remote_code: "
@@ -240,8 +243,14 @@ def _check_paths(cfg: RunConfig, base: Path) -> list[tuple[str, str]]:
         if p and not (base / p).exists() and not Path(p).exists():
             problems.append((f"data.{key}", f"file not found: {p}"))
     mp = cfg.model.path
-    if not mp.startswith("tiny:") and not Path(mp).exists() and not (base / mp).exists():
-        problems.append(("model.path", f"model directory not found: {mp} (models load from local paths only)"))
+    if mp in PACKAGED:
+        try:
+            packaged_file(mp)
+        except GgufError as exc:
+            problems.append(("model.path", str(exc)))
+    elif not mp.startswith("tiny:") and not Path(mp).exists() and not (base / mp).exists():
+        problems.append(("model.path", f"model directory not found: {mp} (models load from local paths only, or "
+                                       f"name a packaged model: {', '.join(PACKAGED)})"))
     if mp.startswith("tiny:"):
         from tuneforge.models.tiny import PRESETS
 
@@ -257,7 +266,7 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
         if p and not Path(p).is_absolute() and not Path(p).exists() and (base / p).exists():
             setattr(cfg.data, key, str(base / p))
     mp = cfg.model.path
-    if not mp.startswith("tiny:") and not Path(mp).is_absolute() and not Path(mp).exists() and (base / mp).exists():
+    if mp not in PACKAGED and not mp.startswith("tiny:") and not Path(mp).is_absolute() and not Path(mp).exists() and (base / mp).exists():
         cfg.model.path = str(base / mp)
     return cfg
 

@@ -128,7 +128,8 @@ def known_presets() -> list[str]:
 
 
 def resolve_model(spec) -> Arch | int:
-    """A directory (or file) with config.json, a preset name, ``tiny:<preset>``, an :class:`Arch` or a count."""
+    """A directory (or file) with config.json, a GGUF file or packaged model (``smollm2``), a preset name,
+    ``tiny:<preset>``, an :class:`Arch` or a count."""
     if isinstance(spec, (Arch, int)):
         return spec
     s = str(spec).strip()
@@ -141,6 +142,19 @@ def resolve_model(spec) -> Arch | int:
         if s[5:] not in TINY:
             raise EstimateError(f"unknown preset {s!r}; known: {', '.join(known_presets())}")
         return arch_from_config(_make_config(s[5:], None, char_tokenizer()), s)
+    from tuneforge.models.gguf import GgufError, gguf_file
+
+    try:
+        gg = gguf_file(s)
+    except GgufError as e:
+        raise EstimateError(str(e)) from None
+    if gg is not None:  # the architecture is in the file's metadata: nothing is dequantised
+        from transformers import AutoConfig
+
+        try:
+            return arch_from_config(AutoConfig.from_pretrained(str(gg.parent), gguf_file=gg.name), s)
+        except (OSError, ValueError, KeyError) as e:
+            raise EstimateError(f"cannot read a model config from {gg}: {e}") from None
     p = Path(s).expanduser()
     if p.exists():
         from transformers import AutoConfig

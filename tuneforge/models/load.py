@@ -49,7 +49,7 @@ def load_model(mcfg: Any, device: str | None = None):
     Duck typing keeps this module importable without the pydantic config layer, and lets tests pass a
     ``SimpleNamespace``.
     """
-    path = str(mcfg.path)
+    path = source_path(mcfg)
     trust, revision = _remote_code_policy(mcfg)
     if path.startswith("tiny:"):
         model, tokenizer = _load_tiny(path.removeprefix("tiny:"), mcfg)
@@ -59,6 +59,21 @@ def load_model(mcfg: Any, device: str | None = None):
     if device is not None:
         model.to(device)
     return model, tokenizer
+
+
+def source_path(mcfg: Any) -> str:
+    """The folder (or ``tiny:`` preset) to load: ``model.path`` itself, or for a GGUF source (a ``.gguf`` file, a
+    folder plus ``model.gguf_file``, a packaged model's name) its dequantised copy (``models/gguf.py``)."""
+    from tuneforge.models.gguf import GgufError, gguf_file, local_folder
+
+    path = str(mcfg.path)
+    if path.startswith("tiny:"):
+        return path
+    try:
+        file = gguf_file(path, getattr(mcfg, "gguf_file", None))
+        return path if file is None else str(local_folder(file))
+    except GgufError as exc:
+        raise ModelLoadError(str(exc)) from exc
 
 
 def _remote_code_policy(mcfg: Any) -> tuple[bool, str | None]:
@@ -249,7 +264,7 @@ def model_summary(model) -> dict:
 
 def load_tokenizer(mcfg: Any):
     """Only the tokenizer, so data can be checked before any weights load (same remote-code rules as the model)."""
-    path = str(mcfg.path)
+    path = source_path(mcfg)
     if path.startswith("tiny:"):
         return char_tokenizer()
     from transformers import AutoTokenizer
@@ -273,7 +288,7 @@ def meta_model(mcfg: Any):
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = str(mcfg.path)
+    path = source_path(mcfg)
     with torch.device("meta"):
         if path.startswith("tiny:"):
             return build_tiny(path.removeprefix("tiny:"))[0]
