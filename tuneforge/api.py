@@ -195,7 +195,10 @@ def _resume_path(resume: str | None, root: Path) -> Path | None:
     if resume in (None, "", "none"):
         return None
     if resume == "auto":
-        return ckpt.latest_checkpoint(root)
+        found = ckpt.latest_checkpoint(root)
+        if found is None and D.init().main:
+            print(f"--resume auto: no checkpoint in {root}; starting from step 0", flush=True)
+        return found
     path = Path(resume)
     if not path.exists():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")

@@ -213,6 +213,18 @@ def _dotted(loc: tuple, data: dict) -> str:
     return ".".join(out)
 
 
+def _candidates(owner: type[BaseModel]) -> list[str]:
+    """The keys a misspelt key may have meant: the section's own, then one level down as ``section.key`` (a
+    ``learnig_rate:`` written at the top level meant ``train.learning_rate``)."""
+    own = list(owner.model_fields)
+    nested = []
+    for name, field in owner.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            nested += [f"{name}.{k}" for k in sub.model_fields]
+    return own + [n for n in nested if n.split(".", 1)[1] not in own]
+
+
 def _problems(err: ValidationError, data: dict) -> list[tuple[str, str]]:
     problems = []
     for e in err.errors():
@@ -222,7 +234,7 @@ def _problems(err: ValidationError, data: dict) -> list[tuple[str, str]]:
             owner = _model_at(loc)
             hint = ""
             if owner is not None:
-                close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields), n=1, cutoff=0.6)
+                close = difflib.get_close_matches(str(loc[-1]), _candidates(owner), n=1, cutoff=0.6)
                 hint = f"; did you mean `{close[0]}`?" if close else f"; allowed: {', '.join(owner.model_fields)}"
             problems.append((path, f"unknown key{hint}"))
         elif e["type"] == "union_tag_invalid":

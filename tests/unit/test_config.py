@@ -30,6 +30,17 @@ def test_three_errors_reported_at_once_with_hint(tmp_path, pc_file):
     assert str(path) in msg
 
 
+def test_top_level_typo_suggests_the_section_key(tmp_path, pc_file):
+    """``learnig_rate:`` beside ``train:`` gets the same did-you-mean as inside it, with its section."""
+    d = base_config(tmp_path, pc_file)
+    d["learnig_rate"], d["modle"] = 1e-4, {}
+    with pytest.raises(ConfigError) as e:
+        load_config(d)
+    got = dict(e.value.problems)
+    assert "did you mean `train.learning_rate`" in got["learnig_rate"]
+    assert "did you mean `model`" in got["modle"]
+
+
 @pytest.mark.parametrize("override,key", [
     ("method.0.rank=0", "method.0.rank"),
     ("train.learning_rate=-1", "train.learning_rate"),

@@ -121,7 +121,7 @@ def test_inf_loss_is_logged_not_hidden(tmp_path, pc_file, capsys):
 
 
 # RELIABILITY.md CK-5
-def test_resume_from_checkpoint_is_bitwise(tmp_path, pc_file):
+def test_resume_from_checkpoint_is_bitwise(tmp_path, pc_file, capsys):
     full = _run(tmp_path, pc_file, "full", max_steps=8, save_every=100, overrides=["method.0.dropout=0.1"])
     # interrupted: crash during step 6 with a checkpoint at step 4, then resume the same config
     d = base_config(tmp_path, pc_file, max_steps=8, save_every=4)
@@ -137,8 +137,11 @@ def test_resume_from_checkpoint_is_bitwise(tmp_path, pc_file):
 
     with pytest.raises(Crash):
         train(cfg, hooks={"after_clip": crash})
+    capsys.readouterr()
     resumed = train(cfg, resume="auto")
     assert resumed.result.history[0]["step"] == 5
+    said = capsys.readouterr().out
+    assert f"resuming from {resumed.out_dir / 'checkpoints' / 'step-00000004'} (step 4 of " in said
     ta, tb = _adapter(full), _adapter(resumed)
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     log_full = (full.out_dir / "metrics.jsonl").read_text().splitlines()

@@ -9,6 +9,7 @@ everything is decided before training starts: an empty result is an error here, 
 
 from __future__ import annotations
 
+import logging
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from tuneforge.data.readers import RawRow, iter_raw_rows
 from tuneforge.data.report import NO_SUPERVISED, TOO_LONG_DROPPED, DataError, DataReport, Problem
 from tuneforge.data.schema import FORMATS, RowError, detect_format, validate
 from tuneforge.data.tokenize import IGNORE, TRUNCATIONS, Encoder, n_supervised, truncate, truncate_shared
+
+log = logging.getLogger("tuneforge")
 
 NO_SUPERVISED_WARN_FRACTION = 0.05
 SKIP_HINT = "Fix these rows, or set skip_bad_rows=True (config: data.skip_bad_rows: true) to drop and report them."
@@ -331,12 +334,17 @@ def _warn_unsupervised(report: DataReport) -> None:
         )
 
 
+_PAD_IS_EOS_SAID: set[tuple] = set()
+
+
 def _warn_pad_is_eos(tokenizer) -> None:
+    """Say once per tokenizer and process (not once per data file, as a ``UserWarning`` with a source path did)
+    that pad == eos is harmless here."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    if pad is not None and pad == eos:
-        warnings.warn(
-            f"tokenizer pad_token == eos_token ({tokenizer.eos_token!r}): tuneforge builds labels from its own loss "
-            "spans, not from the padding mask, so eos stays supervised and the model still learns to stop. Do not "
-            "rebuild labels by masking pad_token_id.",
-            stacklevel=3,
-        )
+    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), eos)
+    if pad is not None and pad == eos and key not in _PAD_IS_EOS_SAID:
+        _PAD_IS_EOS_SAID.add(key)
+        log.warning(
+            f"note: tokenizer pad_token == eos_token ({tokenizer.eos_token!r}): tuneforge builds labels from its own "
+            "loss spans, not from the padding mask, so eos stays supervised and the model still learns to stop. Do "
+            "not rebuild labels by masking pad_token_id.")

@@ -133,6 +133,9 @@ class Loop:
         ckpt.optimizer_from_tensors(self.opt, tensors["optimizer"], state["optimizer"])
         ckpt.restore_rng(*ckpt.rank_rng(tensors["rng"], state["rng"], self.dist.rank))
         self.state = LoopState(**state["loop"])
+        if self.dist.main:  # which checkpoint, so a user of --resume auto knows where the run picked up
+            print(f"resuming from {path} (step {self.state.step} of {self.total}, epoch {self.state.epoch})",
+                  flush=True)
 
     # ---------------------------------------------------------------------------------------------- one step
     def _normaliser(self, rows: list[int]) -> float:
