@@ -83,3 +83,23 @@ def test_lokr_factorization_matches_peft():
     for dim in [1, 2, 7, 12, 64, 96, 127, 128, 176, 256, 352, 4096, 11008]:
         for factor in [-1, 2, 4, 8, 16, 5]:
             assert lokr.factorization(dim, factor) == theirs(dim, factor), (dim, factor)
+
+
+def test_lokr_on_conv1d_says_peft_cannot_load_it(tmp_path, caplog):
+    """GPT-2's Conv1D: tuneforge trains and reloads LoKr there, PEFT's LoKr cannot; saving says so (once a PEFT
+    user finds out by an exception, it is too late), and the adapter still round-trips in tuneforge."""
+    model, _ = build_tiny("gpt2")
+    apply_methods(model, [lokr.Config(rank=2, alpha=4)])
+    _randomise(model)
+    ids = _ids()
+    ours = model.eval()(ids).logits
+    save_adapter(model, [lokr.Config(rank=2, alpha=4)], tmp_path / "ad")
+    assert any("PEFT's LoKr has no Conv1D support" in r.getMessage() for r in caplog.records)
+    fresh, _ = build_tiny("gpt2")
+    load_adapter(fresh, tmp_path / "ad")
+    assert torch.equal(fresh.eval()(ids).logits, ours)
+    caplog.clear()
+    llama, _ = build_tiny("llama")
+    apply_methods(llama, [lokr.Config(rank=2, alpha=4)])
+    save_adapter(llama, [lokr.Config(rank=2, alpha=4)], tmp_path / "ad2")
+    assert not any("Conv1D" in r.getMessage() for r in caplog.records)

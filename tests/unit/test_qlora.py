@@ -53,14 +53,21 @@ def test_adapter_is_peft_lora_and_reloads_as_qlora(tmp_path):
     ours = model(IDS).logits
     save_adapter(model, [cfg], tmp_path / "ad")
     d = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
-    assert d["peft_type"] == "LORA" and d["r"] == 4 and d["tuneforge_method"][0]["name"] == "qlora"
+    assert d["peft_type"] == "LORA" and d["r"] == 4 and not any(k.startswith("tuneforge") for k in d)  # PEFT's keys only
+    record = json.loads((tmp_path / "ad" / "tuneforge_adapter.json").read_text())
+    assert record["tuneforge_method"][0]["name"] == "qlora"
     fresh, _ = build_tiny("llama")
     cfgs = load_adapter(fresh, tmp_path / "ad")
     assert cfgs[0].name == "qlora" and qlora.quantized_layers(fresh)
     assert torch.equal(fresh.eval()(IDS).logits, ours)
     peft = pytest.importorskip("peft")
     base, _ = build_tiny("llama")
-    pm = peft.PeftModel.from_pretrained(base, str(tmp_path / "ad")).eval()  # the 16-bit base, as PEFT users do
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # no "Unexpected keyword arguments ... upgrade PEFT"
+        warnings.simplefilter("always")
+        pm = peft.PeftModel.from_pretrained(base, str(tmp_path / "ad")).eval()  # the 16-bit base, as PEFT users do
+    assert not [w for w in caught if "Unexpected keyword" in str(w.message)]
     plain, _ = build_tiny("llama")
     lcfg = lora.Config(**{k: v for k, v in cfgs[0].lora_config().model_dump().items() if k != "name"})
     apply_methods(plain, [lcfg])
@@ -100,3 +107,21 @@ def test_training_moves_only_lora_and_never_the_codes(tmp_path, pc_file):
     loop = seen["loop"]
     assert seen["codes"] and all(".lora_" in n for n in loop.params)
     assert all(torch.equal(b, seen["codes"][n]) for n, b in loop.model.named_buffers() if "qweight" in n)
+
+
+def test_adapters_saved_with_tuneforge_method_inside_adapter_config_still_load(tmp_path):
+    """The layout before tuneforge_adapter.json: the method record inside adapter_config.json."""
+    model, _ = build_tiny("llama")
+    cfg = qlora.Config(rank=4)
+    apply_methods(model, [cfg])
+    _randomise(model)
+    ours = model.eval()(IDS).logits
+    save_adapter(model, [cfg], tmp_path / "ad")
+    side = tmp_path / "ad" / "tuneforge_adapter.json"
+    d = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    d["tuneforge_method"] = json.loads(side.read_text())["tuneforge_method"]
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(d))
+    side.unlink()
+    fresh, _ = build_tiny("llama")
+    assert load_adapter(fresh, tmp_path / "ad")[0].name == "qlora"
+    assert torch.equal(fresh.eval()(IDS).logits, ours)

@@ -36,6 +36,9 @@ for _name, _mod in METHODS.items():
         PEFT_TYPES.setdefault(_mod.PEFT_TYPE, _name)
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+# tuneforge's own record of the methods, beside PEFT's config: PEFT warns about (and may one day refuse) keys it does
+# not know, so adapter_config.json of a PEFT-layout adapter holds PEFT's keys only
+METHODS_FILE = "tuneforge_adapter.json"
 
 __all__ = ["METHODS", "METHOD_CONFIGS", "apply_methods", "prepare_methods", "regularizer", "step_methods", "finalize_methods", "adapter_scope", "set_active", "merge_methods",
            "save_adapter", "load_adapter", "method_state_dict", "count_parameters", "adapter_tensors", "weight_decays"]
@@ -154,15 +157,20 @@ def save_adapter(model: nn.Module, cfgs: list, out_dir: str | Path, adapter: str
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically, file by file)."""
     from tuneforge.safeio import atomic_write_text, save_safetensors
 
+    from tuneforge import __version__
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    methods = [c.model_dump(mode="json") for c in cfgs]
     if _is_peft_native(cfgs):
-        config = METHODS[cfgs[0].name].peft_config(model, cfgs[0], base_path)
-    else:
-        config = {"tuneforge_method": [c.model_dump(mode="json") for c in cfgs],
-                  "base_model_name_or_path": base_path}
+        config = {k: v for k, v in METHODS[cfgs[0].name].peft_config(model, cfgs[0], base_path).items()
+                  if not k.startswith("tuneforge")}
+    else:  # no PEFT type holds this (a composition, or a method PEFT lacks): PEFT cannot load it either way
+        config = {"tuneforge_method": methods, "base_model_name_or_path": base_path}
     tensors = {k: v.detach().cpu().contiguous() for k, v in method_state_dict(model, cfgs, adapter).items()}
     save_safetensors(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})
+    atomic_write_text(out / METHODS_FILE, json.dumps({"tuneforge_method": methods, "tuneforge": __version__,
+                                                      "base_model_name_or_path": base_path}, indent=2) + "\n")
     atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
 
@@ -172,8 +180,9 @@ def read_adapter_config(path: str | Path) -> list:
     file = Path(path) / CONFIG_FILE
     if not file.exists():
         raise FileNotFoundError(f"{file}: no adapter config (is {path} an adapter directory?)")
-    d = json.loads(file.read_text())
-    if "tuneforge_method" in d:
+    ours = Path(path) / METHODS_FILE
+    d = json.loads(ours.read_text()) if ours.exists() else json.loads(file.read_text())
+    if "tuneforge_method" in d:  # tuneforge's record (older saves kept it inside adapter_config.json)
         return [METHOD_CONFIGS[c["name"]].model_validate(c) for c in d["tuneforge_method"]]
     ptype = d.get("peft_type")
     if ptype not in PEFT_TYPES:

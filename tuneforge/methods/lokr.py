@@ -10,11 +10,13 @@ the model starts unchanged. ΔW has the weight's shape, so it merges exactly.
 
 The dimension split, the choice of which factor is low-rank, the initialisation and the key names follow PEFT's
 LoKr (``lokr_w1``, ``lokr_w1_a/b``, ``lokr_w2``, ``lokr_w2_a/b``), so adapters load both ways. Unlike PEFT, GPT-2's
-Conv1D layers are supported too (the update is built as (out, in) and transposed only for merging).
+Conv1D layers are supported too (the update is built as (out, in) and transposed only for merging); such an
+adapter is still written in PEFT's layout, but PEFT itself cannot load it (its LoKr has no Conv1D), which saving says.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Literal
 
@@ -28,6 +30,7 @@ from tuneforge.methods._scope import PerExample
 from tuneforge.models import arch
 
 PEFT_TYPE = "LOKR"
+log = logging.getLogger("tuneforge")
 FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
 
@@ -170,6 +173,11 @@ def load_state_dict(model: nn.Module, cfg: Config | None, tensors: dict[str, tor
 
 def peft_config(model: nn.Module, cfg: Config, base_path: str | None) -> dict:
     paths = sorted(lokr_layers(model))
+    conv1d = [p for p, layer in lokr_layers(model).items() if layer.fan_in_fan_out]
+    if conv1d:  # the file is PEFT's layout, but PEFT's LoKr wraps only Linear/Conv layers
+        log.warning(f"note: {len(conv1d)} LoKr layer(s) sit on Conv1D modules (GPT-2 style, e.g. {conv1d[0]}): "
+                    "tuneforge reloads this adapter, but PEFT's LoKr has no Conv1D support and cannot load it; "
+                    "merge it (tuneforge merge) to use it elsewhere")
     return {"peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path,
             "r": cfg.rank, "alpha": cfg.alpha, "rank_dropout": cfg.rank_dropout,
             "module_dropout": cfg.module_dropout, "decompose_both": cfg.decompose_both,

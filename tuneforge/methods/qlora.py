@@ -11,8 +11,8 @@ a time. ``bits: 8`` stores row-wise absmax int8 instead. bitsandbytes is used fo
 installed and supports the device (``backend``); the pure-PyTorch path runs everywhere, CPU included.
 
 The adapter is an ordinary LoRA adapter: it is saved in PEFT's LoRA layout (so PEFT and vLLM load it on the
-16-bit base, as they do QLoRA adapters), with the quantisation settings recorded for tuneforge under
-``tuneforge_method`` so that tuneforge reloads it on a re-quantised base, exactly as it was trained.
+16-bit base, as they do QLoRA adapters), with the quantisation settings recorded for tuneforge in
+``tuneforge_adapter.json`` beside it, so that tuneforge reloads it on a re-quantised base, exactly as it was trained.
 
 Why ``merge`` writes a 16/32-bit model: folding B A into 4-bit codes would re-quantise W + ΔW, and ΔW is usually far
 smaller than one NF4 step (absmax/8 or so), so most of the adapter would round away. ``merge`` therefore dequantises
@@ -33,7 +33,7 @@ from tuneforge.methods import lora
 from tuneforge.methods._inject import replace_module
 from tuneforge.models import arch
 
-PEFT_TYPE = "LORA"  # the adapter itself is LoRA; read_adapter_config tells the two apart by ``tuneforge_method``
+PEFT_TYPE = "LORA"  # the adapter itself is LoRA; read_adapter_config tells the two apart by tuneforge_adapter.json
 
 
 class Config(lora.Config):
@@ -107,9 +107,9 @@ def load_state_dict(model: nn.Module, cfg: Config | None, tensors: dict[str, tor
 
 
 def peft_config(model: nn.Module, cfg: Config, base_path: str | None) -> dict:
-    """PEFT's LoRA config plus ``tuneforge_method`` (PEFT ignores the extra key, tuneforge reads it first)."""
-    return {**lora.peft_config(model, cfg.lora_config(), base_path),
-            "tuneforge_method": [cfg.model_dump(mode="json")]}
+    """PEFT's LoRA config: PEFT loads the adapter on a 16-bit base; the quantisation settings live in tuneforge's
+    own file beside it (``methods.METHODS_FILE``)."""
+    return lora.peft_config(model, cfg.lora_config(), base_path)
 
 
 def from_peft_config(d: dict) -> Config:
