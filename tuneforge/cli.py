@@ -14,6 +14,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 def _user_errors() -> tuple[type[BaseException], ...]:
     from tuneforge.config import ConfigError
     from tuneforge.data import DataError
+    from tuneforge.methods import AdapterError
     from tuneforge.methods._inject import TargetError
     from tuneforge.models.load import ModelLoadError
     from tuneforge.safeio import UnsafeFileError
@@ -22,7 +23,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from tuneforge.train.loop import TrainingAborted
 
     return (ConfigError, DataError, TargetError, ModelLoadError, UnsafeFileError, CheckpointError, TrainingAborted,
-            RewardError, FileNotFoundError)
+            RewardError, AdapterError, FileNotFoundError)
 
 
 # ------------------------------------------------------------------------------------------------------ commands

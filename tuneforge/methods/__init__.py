@@ -175,19 +175,42 @@ def save_adapter(model: nn.Module, cfgs: list, out_dir: str | Path, adapter: str
     return out
 
 
+class AdapterError(ValueError):
+    """An adapter directory tuneforge cannot load; the message names the file, what was found, and the fix."""
+
+
 def read_adapter_config(path: str | Path) -> list:
     """The method configs an adapter directory was saved with (PEFT's or tuneforge's config file)."""
     file = Path(path) / CONFIG_FILE
     if not file.exists():
-        raise FileNotFoundError(f"{file}: no adapter config (is {path} an adapter directory?)")
+        raise AdapterError(f"{file}: no adapter config (is {path} an adapter directory?)")
     ours = Path(path) / METHODS_FILE
     d = json.loads(ours.read_text()) if ours.exists() else json.loads(file.read_text())
     if "tuneforge_method" in d:  # tuneforge's record (older saves kept it inside adapter_config.json)
         return [METHOD_CONFIGS[c["name"]].model_validate(c) for c in d["tuneforge_method"]]
     ptype = d.get("peft_type")
     if ptype not in PEFT_TYPES:
-        raise ValueError(f"{file}: peft_type {ptype!r} is not supported (supported: {', '.join(PEFT_TYPES)})")
-    return [METHODS[PEFT_TYPES[ptype]].from_peft_config(d)]
+        raise AdapterError(f"{file}: a PEFT adapter of type {ptype!r}, which tuneforge cannot load (it reads PEFT's "
+                           f"{', '.join(PEFT_TYPES)} adapters); load this one with peft.PeftModel.from_pretrained, or "
+                           f"train the task with a method tuneforge has (tuneforge ls)")
+    try:
+        return [METHODS[PEFT_TYPES[ptype]].from_peft_config(d)]
+    except (ValueError, KeyError, TypeError) as exc:  # a PEFT option tuneforge does not read, a missing key
+        raise AdapterError(f"{file}: {exc}") from None
+
+
+def _weights_file(path: str | Path) -> Path:
+    file = Path(path) / WEIGHTS_FILE
+    if file.exists():
+        return file
+    pickled = Path(path) / "adapter_model.bin"
+    if pickled.exists():
+        raise AdapterError(
+            f"{pickled}: this adapter's weights are a pickle (adapter_model.bin) and it has no {WEIGHTS_FILE}; "
+            "tuneforge reads adapter weights only as safetensors. Convert it where you trust the file: python -c "
+            f"\"import torch, safetensors.torch as st; st.save_file(torch.load('{pickled}', weights_only=True), "
+            f"'{file}')\" (weights_only=True refuses anything but tensors)")
+    raise AdapterError(f"{path}: no {WEIGHTS_FILE}; is {path} an adapter directory written by tuneforge or PEFT?")
 
 
 def load_adapter(model: nn.Module, path: str | Path, adapter: str = "default", apply: bool = True) -> list:
@@ -195,7 +218,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter: str = "default", a
     from tuneforge.safeio import load_safetensors
 
     cfgs = read_adapter_config(path)
-    tensors = load_safetensors(Path(path) / WEIGHTS_FILE)
+    tensors = load_safetensors(_weights_file(path))
     if apply:
         for cfg in cfgs:
             METHODS[cfg.name].apply(model, cfg, adapter)

@@ -24,6 +24,8 @@ Security stance (why this module is stricter than plain ``from_pretrained``):
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -216,10 +218,25 @@ def _weight_kwargs(path: Path) -> dict:
     )
 
 
+def _refused_pickle(path: Path, exc: Exception) -> ModelLoadError:
+    """torch's restricted unpickler refused a ``.bin``: say what it found and how to convert without unpickling
+    anything (only ``weights_only=False`` would read it, which runs whatever the pickle names)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    what = f"the pickled Python object {found.group(1)}" if found else "Python objects besides tensors"
+    return ModelLoadError(
+        f"{path}: its only weights are a pickle (pytorch_model*.bin) holding {what}, which tuneforge refuses to "
+        "unpickle (torch.load(weights_only=True) allows tensors only; anything more can run code). Convert it to "
+        "safetensors where you trust the file: load the state dict in that environment and save it with "
+        "safetensors.torch.save_file (keep only its tensors), or re-save the model with "
+        "save_pretrained(safe_serialization=True)")
+
+
 def _guarded(what: str, path: Path, loader, *args, **kwargs):
     """Run one transformers sub-loader and turn its many exception types into one actionable ModelLoadError."""
     try:
         return loader(*args, **kwargs)
+    except pickle.UnpicklingError as exc:
+        raise _refused_pickle(path, exc) from None
     except _LOAD_ERRORS as exc:
         text = str(exc)
         hint = ""
