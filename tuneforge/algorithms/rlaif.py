@@ -136,10 +136,20 @@ step = online_dpo.step
 
 
 # ------------------------------------------------------------------------------------- offline labelling
+def judge_text(x) -> str:
+    """What the judge's rubric shows for a prompt or response: a string as it is, messages as ``role: content``
+    lines (the judge reads a transcript; the policy's own chat template is not the judge's)."""
+    if isinstance(x, str):
+        return x
+    return "\n".join(f"{m['role']}: {m['content']}" for m in x)
+
+
 def label_rows(judge, rows: list[dict]) -> tuple[list[dict], int]:
-    """Rows {prompt, responses: [a, b]} -> preference rows {prompt, chosen, rejected, judge_p}; ties skipped."""
-    prompts = [r["prompt"] for r in rows]
-    p = judge(prompts, [r["responses"][0] for r in rows], [r["responses"][1] for r in rows])
+    """Rows {prompt, responses: [a, b]} -> preference rows {prompt, chosen, rejected, judge_p}; ties skipped. Prompts
+    and responses keep their form (strings, or messages for conversational rows), so the labelled file trains a chat
+    model through its chat template."""
+    prompts = [judge_text(r["prompt"]) for r in rows]
+    p = judge(prompts, [judge_text(r["responses"][0]) for r in rows], [judge_text(r["responses"][1]) for r in rows])
     out, ties = [], 0
     for r, q in zip(rows, p.tolist()):
         a, b = r["responses"][:2]
@@ -153,15 +163,27 @@ def label_rows(judge, rows: list[dict]) -> tuple[list[dict], int]:
 
 def read_response_pairs(path: str | Path) -> list[dict]:
     """Rows for ``tuneforge label``: {"prompt", "responses": [a, b]}, or {"prompt", "chosen", "rejected"} whose
-    order the judge ignores (for measuring a judge against known labels)."""
+    order the judge ignores (for measuring a judge against known labels). Either may be conversational (a prompt of
+    messages; responses as assistant messages; or chosen/rejected as whole conversations sharing their opening)."""
     from tuneforge.data import read_rows
+    from tuneforge.data.report import DataError
+    from tuneforge.data.schema import RowError, validate
 
     rows = []
     for i, r in enumerate(read_rows(str(path)), 1):
-        if isinstance(r, dict) and isinstance(r.get("responses"), list) and len(r["responses"]) >= 2:
-            rows.append({"prompt": str(r.get("prompt", "")), "responses": [str(x) for x in r["responses"][:2]]})
-        elif isinstance(r, dict) and "chosen" in r and "rejected" in r:
-            rows.append({"prompt": str(r.get("prompt", "")), "responses": [str(r["chosen"]), str(r["rejected"])]})
-        else:
-            raise ValueError(f"{path}: row {i}: expected prompt + responses: [a, b] (or chosen + rejected)")
+        if isinstance(r, dict) and isinstance(r.get("responses"), list) and len(r["responses"]) >= 2 and \
+                r["responses"][0] == r["responses"][1]:  # nothing to judge: counted as a tie by label_rows
+            rows.append({"prompt": r.get("prompt", ""), "responses": r["responses"][:2]})
+            continue
+        try:
+            if isinstance(r, dict) and isinstance(r.get("responses"), list) and len(r["responses"]) >= 2:
+                prompt, responses = validate({"prompt": r.get("prompt", ""), "chosen": r["responses"][0],
+                                              "rejected": r["responses"][1]}, "preference")
+            elif isinstance(r, dict) and "chosen" in r and "rejected" in r:
+                prompt, responses = validate(r, "preference")
+            else:
+                raise RowError("expected prompt + responses: [a, b] (or chosen + rejected)")
+        except RowError as e:
+            raise DataError(f"{path}:{i}: {e}") from None
+        rows.append({"prompt": prompt, "responses": responses[:2]})
     return rows

@@ -209,7 +209,11 @@ def _tokenize_all(scan: _Scan, encoder: Encoder, max_len: int, truncation: str) 
     report.tokenized = True
     for row_id, line, payload in scan.good:
         if encoder.fmt == "preference":  # a pair or a whole ranking: one row, its prompt shared by every response
-            head, tails = encoder.encode_responses(*payload)
+            try:
+                head, tails = encoder.encode_responses(*payload)
+            except RowError as e:
+                report.bad_rows.append((path, line, str(e)))
+                continue
             row = _fit_shared(scan, path, line, head, tails, max_len, truncation, encoder.keep(head))
         else:
             try:

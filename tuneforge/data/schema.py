@@ -52,11 +52,18 @@ def validate(value: dict, fmt: str) -> Any:
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
-def _preference(value: dict) -> tuple[str, list[str]]:
+def _preference(value: dict) -> tuple[str, list[str]] | tuple[list[dict], list[list[dict]]]:
     """(prompt, [chosen, rejected]): two non-empty responses that differ (identical ones carry no preference and
     would give DPO a zero gradient while still counting in its mean). A ``ranking`` of K responses, best first, is
     (prompt, [best, ..., worst]) (InstructGPT's reward-model data); it stays one row, so the prompt is tokenized and
-    truncated once for all K and its K-choose-2 comparisons train together."""
+    truncated once for all K and its K-choose-2 comparisons train together.
+
+    The conversational form TRL users have is read too (``_conversational``): a ``prompt`` that is a list of
+    messages, and responses that are lists of assistant messages (or strings); or, with no ``prompt``, ``chosen`` and
+    ``rejected`` as whole conversations that share their opening turns (Anthropic HH), the shared turns being the
+    prompt. Its payload is (messages, [response messages, ...]), rendered through the chat template."""
+    if _is_conversational(value):
+        return _conversational(value)
     if "ranking" in value and not ("chosen" in value and "rejected" in value):
         return _ranking(value)
     prompt = _string(value, "prompt", allow_empty=True)
@@ -77,6 +84,67 @@ def _ranking(value: dict) -> tuple[str, list[str]]:
     if len(set(responses)) != len(responses):
         raise RowError("ranking: repeated responses (no preference between them)")
     return prompt, responses
+
+
+def _is_conversational(value: dict) -> bool:
+    keys = ("prompt", "chosen", "rejected")
+    return any(isinstance(value.get(k), list) for k in keys) or (
+        isinstance(value.get("ranking"), list) and any(isinstance(r, list) for r in value["ranking"]))
+
+
+def _conversational(value: dict) -> tuple[list[dict], list[list[dict]]]:
+    """(prompt messages, [response messages best first]) of a conversational pair or ranking."""
+    pair = "chosen" in value and "rejected" in value
+    names = ["chosen", "rejected"] if pair else [f"ranking[{i}]" for i in range(len(value.get("ranking") or []))]
+    raw = [value["chosen"], value["rejected"]] if pair else list(value.get("ranking") or [])
+    if not pair and len(raw) < 2:
+        raise RowError("ranking: expected a list of at least 2 responses (best first)")
+    if "prompt" in value:
+        prompt = _turns(value["prompt"], "prompt", allow_empty=True)
+        responses = [_response(r, where) for r, where in zip(raw, names)]
+    else:  # whole conversations: the shared opening turns are the prompt
+        convs = [_turns(r, where, allow_empty=False) for r, where in zip(raw, names)]
+        for c, where in zip(convs, names):
+            if c[-1]["role"] != "assistant":
+                raise RowError(f"{where}: the conversation must end with the assistant turn being compared, got "
+                               f"{c[-1]['role']!r}")
+        n = 0
+        while all(len(c) > n + 1 for c in convs) and all(c[n] == convs[0][n] for c in convs):
+            n += 1
+        prompt, responses = convs[0][:n], [c[n:] for c in convs]
+        for r, where in zip(responses, names):
+            _assistant_only(r, where)
+    if prompt and prompt[-1]["role"] == "assistant":
+        raise RowError("prompt: ends with an assistant turn; the responses are the assistant's next turn")
+    if len({str(r) for r in responses}) != len(responses):
+        raise RowError(f"{', '.join(names)}: identical responses (no preference to learn)")
+    return prompt, responses
+
+
+def _turns(raw: Any, where: str, *, allow_empty: bool) -> list[dict]:
+    if not isinstance(raw, list):
+        raise RowError(f"{where}: expected a list of {{role, content}} messages, got {json_type(raw)}")
+    if not raw and not allow_empty:
+        raise RowError(f"{where}: empty list")
+    return [_turn(t, i, where) for i, t in enumerate(raw)]
+
+
+def _response(raw: Any, where: str) -> list[dict]:
+    """A response: assistant message(s), or a plain string (one assistant message)."""
+    if isinstance(raw, str):
+        raw = [{"role": "assistant", "content": _string({"r": raw}, "r", allow_empty=False, where=where)}]
+    turns = _turns(raw, where, allow_empty=False)
+    _assistant_only(turns, where)
+    return turns
+
+
+def _assistant_only(turns: list[dict], where: str) -> None:
+    if not turns:
+        raise RowError(f"{where}: no turn after the shared conversation (nothing to compare)")
+    if turns[0]["role"] != "assistant":
+        raise RowError(f"{where}[0].role: a response starts with the assistant's turn, got {turns[0]['role']!r}")
+    if not any(t["role"] == "assistant" and t["content"].strip() for t in turns):
+        raise RowError(f"{where}: empty assistant content (nothing to learn from)")
 
 
 def _string(obj: dict, key: str, *, allow_empty: bool, where: str | None = None) -> str:
@@ -116,8 +184,8 @@ def _messages(value: dict) -> list[dict]:
     return out
 
 
-def _turn(turn: Any, i: int) -> dict:
-    where = f"messages[{i}]"
+def _turn(turn: Any, i: int, field: str = "messages") -> dict:
+    where = f"{field}[{i}]"
     if not isinstance(turn, dict):
         raise RowError(f"{where}: expected an object with role and content, got {json_type(turn)}")
     if "role" not in turn:

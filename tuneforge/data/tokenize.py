@@ -111,11 +111,35 @@ class Encoder:
 
         The head is the longest prefix of the prompt's own encoding that every joint encoding shares, so every response
         of a preference pair or ranking is scored after the very same prompt tokens.
+
+        A conversational row (prompt and responses as messages) goes through the chat template instead
+        (``_chat_responses``).
         """
+        if isinstance(prompt, list):
+            return self._chat_responses(prompt, responses)
         alone, *joint = self._ids([prompt] + [prompt + r for r in responses])
         m = min(common_prefix(alone, j) for j in joint)
         head = with_start(self.start, alone[:m], self.bos_id)
         return head, [j[m:] + self.eos for j in joint]
+
+    def _chat_responses(self, prompt: list[dict], responses: list[list[dict]]) -> tuple[list[int], list[list[int]]]:
+        """``(head, tails)`` of a conversational pair or ranking, as the model sees it at inference: the head is the
+        prompt rendered with the generation prompt (``<|im_start|>assistant\n``), each tail what the template adds
+        for that response (its end-of-turn marker included, which is where generation stops; no extra eos, as in
+        SFT on ``messages`` rows). Both renders must agree on the prompt's text (a prefix-stable template)."""
+        if not getattr(self.tok, "chat_template", None):
+            raise DataError(f"{self.path}: preference rows in the conversational form need a chat template, and "
+                            "the tokenizer has none", hint="Set tokenizer.chat_template, or give prompt, chosen and "
+                            "rejected as strings.")
+        head_text = self._render(prompt, True) if prompt else ""
+        fulls = [self._render(prompt + r, False) for r in responses]
+        for r, full in zip(responses, fulls):
+            if not full.startswith(head_text):
+                raise RowError("prompt: the chat template renders the prompt differently once a response follows "
+                               "(not prefix-stable), so the responses cannot be scored after the same prompt")
+        alone, *joint = self._ids([head_text] + fulls)
+        m = min(common_prefix(alone, j) for j in joint)
+        return with_start([], alone[:m], self.bos_id), [j[m:] for j in joint]
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         """Tokenize each text without added specials, in one batched call (the Rust side is much cheaper per string
