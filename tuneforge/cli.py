@@ -14,6 +14,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 def _user_errors() -> tuple[type[BaseException], ...]:
     from tuneforge.config import ConfigError
     from tuneforge.data import DataError
+    from tuneforge.export.gguf import GgufExportError
     from tuneforge.methods import AdapterError
     from tuneforge.methods._inject import TargetError
     from tuneforge.models.load import ModelLoadError
@@ -23,7 +24,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from tuneforge.train.loop import TrainingAborted
 
     return (ConfigError, DataError, TargetError, ModelLoadError, UnsafeFileError, CheckpointError, TrainingAborted,
-            RewardError, AdapterError, FileNotFoundError)
+            RewardError, AdapterError, FileNotFoundError, GgufExportError)
 
 
 # ------------------------------------------------------------------------------------------------------ commands
@@ -163,6 +164,32 @@ def cmd_merge(a) -> int:
     model.save_pretrained(a.out, safe_serialization=True)
     tok.save_pretrained(a.out)
     print(f"merged model written to {a.out}")
+    return 0
+
+
+def cmd_export_gguf(a) -> int:
+    """GGUF for llama.cpp/Ollama: the model with its adapter merged, or (``--lora``) the adapter as a GGUF LoRA.
+
+    The file goes to a temporary name beside ``--out`` and is renamed into place when complete (export/gguf.py).
+    A model loaded from a GGUF file (``--model x.gguf`` or a packaged name) gets that file's tokenizer metadata."""
+    from tuneforge.export.gguf import GgufExportError, check_lora_methods, write_lora_gguf, write_model_gguf
+    from tuneforge.methods import merge_methods, read_adapter_config
+    from tuneforge.models.gguf import gguf_file
+
+    if a.lora and not a.adapter:
+        raise GgufExportError("--lora writes the adapter alone: name it with --adapter")
+    cfgs = read_adapter_config(a.adapter) if a.adapter else []
+    if a.lora:
+        check_lora_methods(cfgs)  # before any weights load
+    model, tok = _model_and_adapter(a)
+    name = Path(a.out).stem
+    if a.lora:
+        out = write_lora_gguf(model, "default", a.out, a.type, methods=cfgs, name=name)
+    else:
+        if cfgs:
+            merge_methods(model, cfgs)
+        out = write_model_gguf(model, tok, a.out, a.type, source_gguf=gguf_file(a.model), name=name)
+    print(f"{'LoRA adapter' if a.lora else 'model'} written to {out} ({a.type})")
     return 0
 
 
@@ -325,6 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(m)
     m.add_argument("--out", required=True)
     m.set_defaults(fn=cmd_merge)
+    ex = sub.add_parser("export", help="write a model or adapter for another runtime")
+    exsub = ex.add_subparsers(dest="export_cmd", required=True)
+    eg = exsub.add_parser("gguf", help="llama.cpp/Ollama GGUF: the merged model, or the adapter alone (--lora)")
+    _model_args(eg)
+    eg.add_argument("--out", required=True, help="the .gguf file to write")
+    eg.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0"],
+                    help="tensor type: norms and biases stay f32; q8_0 falls back to f16 for rows not a multiple of 32")
+    eg.add_argument("--lora", action="store_true", help="write --adapter as a GGUF LoRA (llama.cpp --lora) on the "
+                    "base GGUF instead of merging it")
+    eg.set_defaults(fn=cmd_export_gguf)
     ls = sub.add_parser("ls", help="list methods, algorithms and recipes")
     ls.add_argument("--model", help="also print each method's trainable parameters on this model")
     ls.set_defaults(fn=cmd_ls)
