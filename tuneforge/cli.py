@@ -72,34 +72,59 @@ def cmd_generate(a) -> int:
     from tuneforge.train.rollout import generate
 
     model, tok = _model_and_adapter(a)
-    prompts = [a.prompt] if a.prompt is not None else [_prompt_of(ln) for ln in Path(a.file).read_text().splitlines()
-                                                      if ln.strip()]
-    outs = generate(model, tok, prompts, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                    top_p=a.top_p, top_k=a.top_k, seed=a.seed, stop=a.stop)
+    chat = bool(getattr(tok, "chat_template", None)) and not a.raw
+    sampling = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                    seed=a.seed, stop=a.stop)
+    if a.prompt is not None:  # one prompt: a user turn through the chat template (unless --raw), streamed
+        from tuneforge.serve.stream import stream_generate
+
+        prompt = [{"role": "user", "content": a.prompt}] if chat else a.prompt
+        stream_generate(model, tok, prompt, lambda piece: print(piece, end="", flush=True), **sampling)
+        print()
+        return 0
+    prompts = [_prompt_of(ln, chat) for ln in Path(a.file).read_text().splitlines() if ln.strip()]
+    outs = generate(model, tok, prompts, **sampling)
     for p, o in zip(prompts, outs):
-        print(json.dumps({"prompt": p, "completion": o}) if a.file else o)
+        print(json.dumps({"prompt": p, "completion": o}))
     return 0
 
 
-def _prompt_of(line: str):
+def _prompt_of(line: str, chat: bool):
+    """A prompt file's line: a JSON row's ``prompt`` or ``messages`` (up to the last assistant turn, which is the
+    answer and never part of the prompt), else the line itself; plain text becomes a user turn on a chat model."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError:
-        return line
-    return row.get("prompt", row.get("messages", line)) if isinstance(row, dict) else line
+        row = line
+    if isinstance(row, dict) and isinstance(row.get("messages"), list):
+        turns = row["messages"]
+        last = max((i for i, t in enumerate(turns) if isinstance(t, dict) and t.get("role") == "assistant"),
+                   default=len(turns))
+        return turns[:last]
+    text = row.get("prompt", line) if isinstance(row, dict) else line
+    return [{"role": "user", "content": text}] if chat and isinstance(text, str) else text
+
+
+def cmd_chat(a) -> int:
+    from tuneforge.serve.chat import chat_loop
+
+    model, tok = _model_and_adapter(a)
+    chat_loop(model, tok, system=a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+              top_p=a.top_p, top_k=a.top_k, seed=a.seed)
+    return 0
 
 
 def cmd_eval(a) -> int:
-    from tuneforge.data import build_dataset, collate, read_rows
+    from tuneforge.data import build_dataset, collate
+    from tuneforge.eval.examples import answer_examples
     from tuneforge.eval.metrics import eval_loss, exact_match
 
     model, tok = _model_and_adapter(a)
     ds = build_dataset(a.data, tok, max_len=a.max_len)
     pad = tok.pad_token_id
     res = {"file": a.data, **eval_loss(model, ds, lambda r: collate(r, pad), a.batch_size)}
-    if a.exact_match:
-        rows = [r for r in read_rows(a.data) if "prompt" in r and "completion" in r]
-        res.update(exact_match(model, tok, rows, max_new_tokens=a.max_new_tokens))
+    if a.exact_match:  # prompt/completion rows, and chat rows answered after their last assistant turn's context
+        res.update(exact_match(model, tok, answer_examples(a.data), max_new_tokens=a.max_new_tokens))
     print(json.dumps(res))
     return 0
 
@@ -293,7 +318,8 @@ def cmd_demo(a) -> int:
 
 # ------------------------------------------------------------------------------------------------------- parser
 def _model_args(p, adapter=True):
-    p.add_argument("--model", required=True, help="local HF model directory or tiny:<preset>")
+    p.add_argument("--model", required=True, help="local HF model directory, a .gguf file, a packaged model "
+                   "(smollm2) or tiny:<preset>")
     if adapter:
         p.add_argument("--adapter", help="adapter directory written by tuneforge (or PEFT)")
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
@@ -325,13 +351,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", default=None)
+    g.add_argument("--raw", action="store_true", help="send --prompt / text lines as they are, without the chat "
+                   "template (applied by default when the tokenizer has one)")
     g.set_defaults(fn=cmd_generate)
+    ch = sub.add_parser("chat", help="a terminal chat with the model (history kept; /reset, /exit)")
+    _model_args(ch)
+    ch.add_argument("--system", help="a system message opening the conversation")
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.0)
+    ch.add_argument("--top-p", type=float, default=1.0)
+    ch.add_argument("--top-k", type=int, default=0)
+    ch.add_argument("--seed", type=int, default=0)
+    ch.set_defaults(fn=cmd_chat)
     e = sub.add_parser("eval", help="loss, perplexity and exact match on a dataset")
     _model_args(e)
     e.add_argument("--data", required=True)
     e.add_argument("--max-len", type=int, default=512)
     e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--exact-match", action="store_true", help="greedy-generate and compare to `completion`")
+    e.add_argument("--exact-match", action="store_true", help="greedy-generate and compare with `completion`, or "
+                   "with a chat row's last assistant turn (the turns before it are the prompt)")
     e.add_argument("--max-new-tokens", type=int, default=32)
     e.set_defaults(fn=cmd_eval)
     sc = sub.add_parser("score", help="score (prompt, response) rows, or preference pairs, with a reward model")

@@ -129,9 +129,11 @@ def exact_match(prediction: str, answer: str) -> bool:
     """Whether a generated continuation gives the answer.
 
     Generation runs past the answer (to eos, a newline or the token limit), so the prediction is cut at the first
-    eos or newline and both sides are stripped of surrounding whitespace before comparing.
+    eos and kept to as many lines as the answer has (one, for the generated tasks), and both sides are stripped of
+    surrounding whitespace before comparing.
     """
-    cut = prediction.split(EOS, 1)[0].split("\n", 1)[0]
+    lines = answer.strip().count("\n") + 1
+    cut = "\n".join(prediction.split(EOS, 1)[0].split("\n")[:lines])
     return cut.strip() == answer.strip()
 
 

@@ -30,12 +30,15 @@ def eval_loss(model, dataset, collate, batch_size: int = 8, device=None) -> dict
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": n}
 
 
-def exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int = 16, batch_size: int = 64) -> dict:
-    """Share of ``{"prompt", "completion"}`` examples whose greedy completion matches exactly."""
-    preds = generate(model, tokenizer, [e["prompt"] for e in examples], max_new_tokens=max_new_tokens,
-                     batch_size=batch_size)
-    hits = sum(_match(p, e["completion"]) for p, e in zip(preds, examples))
-    return {"exact_match": hits / max(len(examples), 1), "n": len(examples)}
+def exact_match(model, tokenizer, examples: list, max_new_tokens: int = 16, batch_size: int = 64) -> dict:
+    """Share of examples whose greedy completion matches the answer exactly: ``eval.examples.Example`` (a text or
+    chat prompt; chat prompts go through the chat template) or ``{"prompt", "completion"}`` dicts."""
+    pairs = [(e["prompt"], e["completion"]) if isinstance(e, dict) else (e.prompt, e.answer) for e in examples]
+    if not pairs:
+        raise ValueError("exact_match needs at least one example (a metric over zero rows means nothing)")
+    preds = generate(model, tokenizer, [p for p, _ in pairs], max_new_tokens=max_new_tokens, batch_size=batch_size)
+    hits = sum(_match(pred, answer) for pred, (_, answer) in zip(preds, pairs))
+    return {"exact_match": hits / len(pairs), "n": len(pairs)}
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -266,13 +267,14 @@ def _uniforms(gens: list[torch.Generator]) -> torch.Tensor:
 def sample(model, prompt_ids: list[list[int]], *, pad_id: int, eos_ids: set[int] | list[int] | int | None = None,
            max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            seeds: list[int] | None = None, stop: list[str] | None = None, tokenizer=None,
-           fast_linear: bool = True) -> Rollout:
+           fast_linear: bool = True, on_token: Callable[[int, int], None] | None = None) -> Rollout:
     """Complete each prompt (token ids, no padding) in one batch; greedy when ``temperature == 0``.
 
     ``seeds[i]`` seeds row i's own generator (DT-5); without seeds, rows draw from generators seeded off the global
     torch RNG. A row stops at an eos id (kept as its last token, so a policy can learn to stop) or when its decoded
     completion contains a stop string (``tokenizer`` needed); the batch stops when every row has. On CPU, fp32
     linear layers run through oneDNN for the call (``onednn_linears``; ``fast_linear=False`` keeps ``F.linear``).
+    ``on_token(row, token)`` is called for each new token as it is chosen (streaming).
     """
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("sample() needs non-empty prompts (encode them with encode_prompt: bos counts)")
@@ -289,7 +291,7 @@ def sample(model, prompt_ids: list[list[int]], *, pad_id: int, eos_ids: set[int]
     try:  # outputs are cloned below into ordinary tensors, usable in autograd
         with torch.inference_mode(), fast:
             tokens, logps, alive, completions = _decode(model, prompt_ids, pad_id, device, gens, stopper,
-                                                        max_new_tokens, temperature, top_k, top_p)
+                                                        max_new_tokens, temperature, top_k, top_p, on_token)
     finally:
         model.train(was_training)
     tok_t = torch.stack(tokens, 1).clone() if tokens else torch.zeros((B, 0), dtype=torch.long)
@@ -302,7 +304,8 @@ def sample(model, prompt_ids: list[list[int]], *, pad_id: int, eos_ids: set[int]
                    texts=texts, finished=(~alive).tolist())
 
 
-def _decode(model, prompt_ids, pad_id, device, gens, stopper, max_new_tokens, temperature, top_k, top_p):
+def _decode(model, prompt_ids, pad_id, device, gens, stopper, max_new_tokens, temperature, top_k, top_p,
+            on_token=None):
     """The token loop: prefill, then one cached forward per new token until every row has ended."""
     B = len(prompt_ids)
     ids, mask = (t.to(device) for t in _left_pad(prompt_ids, pad_id))
@@ -328,6 +331,8 @@ def _decode(model, prompt_ids, pad_id, device, gens, stopper, max_new_tokens, te
         logps.append(torch.where(alive, lp, torch.zeros_like(lp)))
         for i in alive.nonzero().flatten().tolist():
             completions[i].append(int(nxt[i]))
+            if on_token is not None:
+                on_token(i, int(nxt[i]))
             if stopper.done(int(nxt[i]), completions[i]):
                 alive[i] = False
         if not alive.any():
