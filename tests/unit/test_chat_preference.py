@@ -32,10 +32,12 @@ def test_explicit_prompt_renders_as_the_template_does(tmp_path):
     tok = smollm2_like()
     ds, [[(c_ids, c_lab), (r_ids, r_lab)]] = _seqs(tmp_path, [{"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED}], tok)
     head = tok.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=False)
-    assert c_ids == tok.apply_chat_template(PROMPT + CHOSEN, tokenize=True, return_dict=False)
-    assert r_ids == tok.apply_chat_template(PROMPT + REJECTED, tokenize=True, return_dict=False)
+    # the template's rendering up to the response's end-of-turn marker (where generation stops; the newline the
+    # template writes after it is dropped), no extra eos
+    assert c_ids == tok.apply_chat_template(PROMPT + CHOSEN, tokenize=True, return_dict=False)[:-1]
+    assert r_ids == tok.apply_chat_template(PROMPT + REJECTED, tokenize=True, return_dict=False)[:-1]
     assert c_lab[:len(head)] == [-100] * len(head) and c_lab[len(head):] == c_ids[len(head):]  # the response only
-    assert tok.decode(c_ids[len(head):]) == "Paris.<|im_end|>\n"  # its end-of-turn marker supervised, no extra eos
+    assert tok.decode(c_ids[len(head):]) == "Paris.<|im_end|>" and c_ids[-1] == tok.eos_token_id
 
 
 def test_matches_trl_rendering(tmp_path):
@@ -46,7 +48,7 @@ def test_matches_trl_rendering(tmp_path):
     _, [[(c_ids, c_lab), (r_ids, _)]] = _seqs(tmp_path, [row], tok)
     n = c_lab.index(next(x for x in c_lab if x != -100))
     assert tok.decode(c_ids[:n]) == text["prompt"]
-    assert tok.decode(c_ids[n:]) == text["chosen"] and tok.decode(r_ids[n:]) == text["rejected"]
+    assert tok.decode(c_ids[n:]) + "\n" == text["chosen"] and tok.decode(r_ids[n:]) + "\n" == text["rejected"]
 
 
 def test_implicit_prompt_and_string_responses_give_the_same_rows(tmp_path):

@@ -208,7 +208,7 @@ def test_an_update_with_no_tokens_anywhere_takes_no_optimizer_step(tmp_path):
         return Experience(updates=[[{"input_ids": x}], [], [{"input_ids": x}]], weights=[1.0, 0.0, 1.0], samples=1)
 
     def step(model, batch, cfg, ctx):
-        return model(batch["input_ids"]).sum() / ctx.normaliser, {}
+        return model(batch["input_ids"]).sum() / ctx.normaliser, {"policy_loss": 1.0}
 
     algo = SimpleNamespace(make_experience=make_experience, step=step)
     tcfg = TrainConfig(max_steps=1, batch_size=1, learning_rate=0.1, weight_decay=0.1, warmup_steps=0,
@@ -218,3 +218,4 @@ def test_an_update_with_no_tokens_anywhere_takes_no_optimizer_step(tmp_path):
     loop.opt.step = (lambda f: (lambda *a, **k: (steps.append(1), f(*a, **k))[1]))(loop.opt.step)
     record = loop.train_step([0])
     assert len(steps) == 2 and record["updates"] == 2
+    assert record["policy_loss"] == 1.0  # averaged over the updates that stepped, not diluted by the skipped one

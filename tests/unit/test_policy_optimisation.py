@@ -183,6 +183,23 @@ def test_disable_dropout_reaches_rates_read_from_the_config_and_saving_keeps_the
     assert model.config.hidden_dropout == 0.0  # still off for the rest of the run
 
 
+def test_disable_dropout_reaches_pdrop_rates():
+    """DBRX keeps ``resid_pdrop`` on its blocks (GPT-2's naming) and passes it to F.dropout at each forward."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("dbrx", d_model=32, n_heads=4, n_layers=1, max_seq_len=64, vocab_size=64,
+                               resid_pdrop=0.5, emb_pdrop=0.0,
+                               attn_config={"kv_n_heads": 2, "attn_pdrop": 0.0, "rope_theta": 10000.0, "clip_qkv": 8.0},
+                               ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 2, "moe_top_k": 1})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).train()
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, model(ids).logits)
+        assert disable_dropout(model) > 0
+        assert torch.equal(model(ids).logits, model(ids).logits)
+
+
 def test_grpo_kl_is_zero_and_ppo_ratio_one_at_step_0_with_dropout_off(tmp_path):
     for off in (True, False):
         model, tok = _policy(attention_dropout=0.3, lora_dropout=0.3)

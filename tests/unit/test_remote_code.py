@@ -273,3 +273,20 @@ def test_hub_snapshot_auto_map_file_must_be_a_blob_too(tmp_path):
     (snap / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "modeling_x.A"}}))  # a plain file
     with pytest.raises(ModelLoadError, match="not the blob of commit"):
         load._remote_code_policy(mcfg(snap, trust=True, revision=commit))
+
+
+def test_legacy_list_auto_map_is_checked_too(evil, tmp_path, isolated_module_cache):
+    """transformers still reads a tokenizer ``auto_map`` given as a bare [slow, fast] list; it was not checked, so
+    an entry naming code outside the folder ran under a matching sha256 pin."""
+    model_dir, sentinel = evil("tokenizer")
+    elsewhere = tmp_path / "outside"
+    elsewhere.mkdir()
+    (elsewhere / "evil.py").write_text(f"from pathlib import Path\nPath({str(sentinel)!r}).write_text('x')\n")
+    _edit_json(model_dir / "tokenizer_config.json", auto_map=[None, f"{elsewhere}--evil.EvilTokenizer"])
+    with pytest.raises(ModelLoadError, match="auto_map names code that is not a .py file inside the folder"):
+        load_tokenizer(mcfg(model_dir, trust=True, revision=code_digest(model_dir)))
+    assert not sentinel.exists()
+    _edit_json(model_dir / "tokenizer_config.json", auto_map=[None, "tokenization_evil.EvilTokenizer"])
+    pin = code_digest(model_dir)
+    _edit_json(model_dir / "tokenizer_config.json", auto_map=[None, "modeling_evil.EvilTokenizer"])
+    assert code_digest(model_dir) != pin

@@ -142,9 +142,37 @@ def test_a_reward_model_with_its_own_tokenizer_scores_the_joint_encoding(monkeyp
     scorer = object.__new__(R.ModelScorer)
     scorer.model, scorer.tok, scorer.batch_size, scorer.path, scorer._enc = torch.nn.Linear(1, 1), tok, 8, "rm", None
     prompt, completion = "Answer: ", "four"  # the space ends the prompt: "▁four" only when encoded jointly
-    scorer([[1, 2]], [[3]], ([prompt], [completion]), char_tokenizer())
+    from tuneforge.train.rollout import encode_prompt
+
+    policy_tok = char_tokenizer()
+    scorer([encode_prompt(policy_tok, prompt)], [[3]], ([prompt], [completion]), policy_tok)
     head, (tail,) = Encoder(tok, "preference", "rm").encode_responses(prompt, [completion])
     got = [t for t in seen[0]["input_ids"][0].tolist()]
     assert got[:len(head) + len(tail)] == head + tail
     alone = tok(prompt)["input_ids"] + tok(completion, add_special_tokens=False)["input_ids"]
     assert alone != head + tail[:-1]  # the seam this tokenizer has: separate encoding would have been wrong
+
+
+def test_a_chat_prompt_is_rescored_with_its_markup_and_ends_as_chat_training_rows_end(monkeypatch):
+    """A chat-trained reward model read ``<|im_start|>``-style markers and a response ending at its end-of-turn
+    marker; re-tokenizing the policy's prompt must keep those markers (the special-token-free text other rewards
+    get has lost them), and the scored sequence must equal the conversational training row."""
+    from _tokenizers import smollm2_like
+
+    from tuneforge.algorithms import reward as reward_mod
+    from tuneforge.data.tokenize import Encoder
+    from tuneforge.train.rollout import encode_prompt
+
+    rm_tok, policy_tok = smollm2_like(), smollm2_like()
+    policy_tok.add_tokens(["<extra>"])  # another vocabulary: the scorer re-tokenizes
+    seen = []
+    monkeypatch.setattr(reward_mod, "scores", lambda model, batch: (seen.append(batch), torch.zeros(len(batch["input_ids"])))[1])
+    scorer = object.__new__(R.ModelScorer)
+    scorer.model, scorer.tok, scorer.batch_size, scorer.path, scorer._enc = torch.nn.Linear(1, 1), rm_tok, 8, "rm", None
+    prompt = [{"role": "user", "content": "Capital of France?"}]
+    ids = encode_prompt(policy_tok, prompt)
+    scorer([ids], [policy_tok("Paris.")["input_ids"] + [policy_tok.eos_token_id]],
+           ([policy_tok.decode(ids, skip_special_tokens=True)], ["Paris."]), policy_tok)
+    head, (tail,) = Encoder(rm_tok, "preference", "rm").encode_responses(prompt, [[{"role": "assistant", "content": "Paris."}]])
+    got = seen[0]["input_ids"][0].tolist()
+    assert got[:len(head) + len(tail)] == head + tail and tail[-1] == rm_tok.eos_token_id

@@ -26,7 +26,10 @@ def dropout_disabled(setting: bool | None, algorithm) -> bool:
 
 
 def _is_dropout_rate(name: str, value) -> bool:
-    return ("dropout" in name or name == "layerdrop") and type(value) is float and value > 0
+    """Dropout-probability attributes by name: ``*dropout*``, GPT-2-style ``*_pdrop`` (DBRX keeps ``resid_pdrop`` on
+    its blocks and passes it to ``F.dropout`` each forward) and OPT-style ``layerdrop``."""
+    named = "dropout" in name or name.endswith("pdrop") or name == "layerdrop"
+    return named and type(value) is float and value > 0
 
 
 def _configs(model: nn.Module) -> list:
@@ -51,7 +54,8 @@ def disable_dropout(model: nn.Module) -> int:
     as plain float attributes and pass to the attention kernel (Llama's ``attention_dropout``, OPT's ``dropout``),
     probabilities a model reads from its config at every forward (Falcon's ``hidden_dropout`` and
     ``attention_dropout``, Persimmon's ``attention_dropout``: zeroing modules alone, as TRL does, misses these), and
-    LoKr's rank and module dropout (drawn in its forward while training); OPT-style ``layerdrop`` too. Train mode is
+    LoKr's rank and module dropout (drawn in its forward while training); ``*_pdrop`` and OPT-style ``layerdrop``
+    too. Train mode is
     kept: nothing else in the model changes behaviour. The config's original rates are remembered and
     ``config_dropout_restored`` puts them back while a model is saved, so a saved model keeps its own settings.
     """

@@ -178,6 +178,19 @@ class ModelScorer:
         self.batch_size = cfg.batch_size
         self.path, self._enc = cfg.path, None
 
+    @staticmethod
+    def _prompt_text(ids: list[int], policy_tok, fallback: str) -> str:
+        """The policy's prompt as text *with* its chat markup (``<|im_start|>user ...``): a chat-trained reward model
+        read those markers in training, and the special-token-free text other rewards get has lost them. The
+        policy tokenizer's own leading specials (its bos) are left out: the reward tokenizer adds its own."""
+        if policy_tok is None:
+            return fallback
+        from tuneforge.data.tokenize import leading_specials
+
+        start = leading_specials(policy_tok)
+        ids = ids[len(start):] if start and list(ids[:len(start)]) == start else ids
+        return policy_tok.decode(ids, skip_special_tokens=False)
+
     def _encoder(self):
         """The data pipeline's encoder for the reward model's tokenizer: a prompt and a completion re-tokenized
         separately would differ at their seam from the joint encoding the head was trained on (SentencePiece's
@@ -192,17 +205,15 @@ class ModelScorer:
     def __call__(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], texts: tuple, policy_tok):
         from tuneforge.algorithms.reward import scores
         from tuneforge.data import collate
-        from tuneforge.train.rollout import encode_prompt, pad_id_of
+        from tuneforge.train.rollout import pad_id_of
 
         same = policy_tok is not None and policy_tok.get_vocab() == self.tok.get_vocab()
         eos = self.tok.eos_token_id
         seqs = []
         for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-            if not same and isinstance(texts[0][i], str):  # as the reward model's training rows were encoded:
-                p, (c,) = self._encoder().encode_responses(texts[0][i], [texts[1][i]])  # jointly (no seam), + eos
-            elif not same:  # a chat prompt: its template ends at a turn marker, so the completion encodes alone
-                p = encode_prompt(self.tok, texts[0][i])
-                c = self.tok(texts[1][i], add_special_tokens=False)["input_ids"]
+            if not same:  # re-tokenized as the reward model's training rows were encoded: jointly (no seam), + eos
+                p, (c,) = self._encoder().encode_responses(self._prompt_text(p, policy_tok, texts[0][i]),
+                                                           [texts[1][i]])
             c = list(c) if (c and c[-1] == eos) or eos is None else list(c) + [eos]
             seqs.append({"input_ids": list(p) + c, "labels": list(p) + c})
         dev = next(self.model.parameters()).device

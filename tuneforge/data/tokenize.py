@@ -125,8 +125,8 @@ class Encoder:
     def _chat_responses(self, prompt: list[dict], responses: list[list[dict]]) -> tuple[list[int], list[list[int]]]:
         """``(head, tails)`` of a conversational pair or ranking, as the model sees it at inference: the head is the
         prompt rendered with the generation prompt (``<|im_start|>assistant\n``), each tail what the template adds
-        for that response (its end-of-turn marker included, which is where generation stops; no extra eos, as in
-        SFT on ``messages`` rows). Both renders must agree on the prompt's text (a prefix-stable template)."""
+        for that response, up to and including its end-of-turn marker (``_to_turn_end``; no extra eos). Both renders
+        must agree on the prompt's text (a prefix-stable template)."""
         if not getattr(self.tok, "chat_template", None):
             raise DataError(f"{self.path}: preference rows in the conversational form need a chat template, and "
                             "the tokenizer has none", hint="Set tokenizer.chat_template, or give prompt, chosen and "
@@ -139,7 +139,17 @@ class Encoder:
                                "(not prefix-stable), so the responses cannot be scored after the same prompt")
         alone, *joint = self._ids([head_text] + fulls)
         m = min(common_prefix(alone, j) for j in joint)
-        return with_start([], alone[:m], self.bos_id), [j[m:] for j in joint]
+        return with_start([], alone[:m], self.bos_id), [self._to_turn_end(j[m:]) for j in joint]
+
+    def _to_turn_end(self, tail: list[int]) -> list[int]:
+        """A response's tokens up to its end-of-turn marker (the eos, ``<|im_end|>`` for ChatML), dropping what a
+        template writes after it (a newline): generation stops at that marker, so a sequence scored by DPO or a
+        reward head ends where a sampled completion ends, and the reward head reads the same last token in
+        training and on rollouts."""
+        eos = self.eos[0] if self.eos else None
+        if eos is not None and eos in tail:
+            return tail[:len(tail) - tail[::-1].index(eos)]
+        return tail
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         """Tokenize each text without added specials, in one batched call (the Rust side is much cheaper per string

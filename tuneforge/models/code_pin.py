@@ -70,8 +70,12 @@ def auto_maps(folder: Path) -> dict[str, dict]:
             data = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue  # not a config transformers could read either
-        if isinstance(data, dict) and isinstance(data.get("auto_map"), dict):
-            out[file.name] = data["auto_map"]
+        if not isinstance(data, dict) or data.get("auto_map") is None:
+            continue
+        auto_map = data["auto_map"]
+        if isinstance(auto_map, (list, tuple)):  # the legacy tokenizer form [slow, fast] transformers still reads
+            auto_map = {"AutoTokenizer": list(auto_map)}
+        out[file.name] = auto_map if isinstance(auto_map, dict) else {"?": repr(auto_map)}  # refused as malformed
     return out
 
 

@@ -239,7 +239,7 @@ class Loop:
         n = max(float(sums[0]), 1.0)
         out = {k: float(v) / n for k, v in zip(keys, sums[1:1 + len(keys)].tolist())}
         norms = sums[1 + len(keys):].tolist()
-        losses, gnorm, tokens = [], 0.0, 0
+        losses, gnorm, tokens, per_update = [], 0.0, 0, {}
         for batches, norm in zip(exp.updates, norms):
             if norm == 0:  # no token of this update on any process (the sum is global, so all skip alike): no step,
                 continue  # as AdamW's momentum and decay would still move weights on an all-zero gradient
@@ -250,8 +250,10 @@ class Loop:
             losses.append(loss)
             tokens += int(metrics.pop("input_tokens", 0))
             for k, v in metrics.items():
-                out[k] = out.get(k, 0.0) + v / max(len(exp.updates), 1)
-        out.update(samples=int(sums[0]), updates=len(losses), input_tokens=tokens)  # the updates that stepped
+                per_update[k] = per_update.get(k, 0.0) + v
+        # per-update metrics (PPO's policy/value loss...) averaged over the updates that stepped, as the loss is
+        out.update({k: v / max(len(losses), 1) for k, v in per_update.items()})
+        out.update(samples=int(sums[0]), updates=len(losses), input_tokens=tokens)
         return (sum(losses) / len(losses) if losses else 0.0), out, gnorm
 
     def _apply_update(self, loss: float, metrics: dict, rows: list[int]) -> tuple[float, dict, float]:
