@@ -245,6 +245,28 @@ def test_bpe_tokenizer_reads_back_with_the_same_ids_and_chat_template(tmp_path):
     assert kv["tokenizer.ggml.add_bos_token"] is False and kv["tokenizer.chat_template"] == CHATML
 
 
+def test_pre_tokenizer_ids_name_llama_cpp_regexes():
+    from tokenizers import Regex
+
+    from tuneforge.export.gguf import _LLAMA3_SPLIT, _QWEN2_SPLIT, pre_tokenizer_id
+
+    def as_json(pre):
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre
+        return json.loads(backend.to_str())["pre_tokenizer"]
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    split = lambda rx: pre_tokenizers.Split(Regex(rx), behavior="isolated")  # noqa: E731
+    assert pre_tokenizer_id(as_json(pre_tokenizers.ByteLevel(add_prefix_space=False))) == "gpt-2"
+    assert pre_tokenizer_id(as_json(pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                             pre_tokenizers.ByteLevel(add_prefix_space=False)]))) \
+        == "smollm"
+    assert pre_tokenizer_id(as_json(pre_tokenizers.Sequence([split(_LLAMA3_SPLIT), byte_level]))) == "llama-bpe"
+    assert pre_tokenizer_id(as_json(pre_tokenizers.Sequence([split(_QWEN2_SPLIT), byte_level]))) == "qwen2"
+    with pytest.warns(UserWarning, match="no llama.cpp name"):
+        assert pre_tokenizer_id(as_json(pre_tokenizers.Sequence([split(r"\w+"), byte_level]))) == "default"
+
+
 def test_add_bos_is_read_off_the_tokenizers_behaviour(tmp_path):
     tok = bpe_tokenizer(add_bos=True)
     assert tok("hi")["input_ids"][0] == tok.bos_token_id

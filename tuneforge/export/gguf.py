@@ -70,9 +70,6 @@ def write_model_gguf(model, tokenizer, out: str | os.PathLike, outtype: str = "f
     n_vocab = model.get_input_embeddings().weight.shape[0]
     rope_theta, rope = _rope(config, arch)
     _warn_swa(config)
-    tensors = list(_model_tensors(model, arch, permuted))
-    if rope.get("rope_type") == "llama3":
-        tensors.append(("rope_freqs.weight", llama3_rope_factors(config, rope_theta, rope)))
 
     def fill(w: gguf.GGUFWriter) -> None:
         _write_general(w, name or _default_name(config), ftype, gguf.GGUFType.MODEL)
@@ -82,14 +79,17 @@ def write_model_gguf(model, tokenizer, out: str | os.PathLike, outtype: str = "f
                 copy_tokenizer_metadata(w, Path(source_gguf), n_vocab)
             else:
                 write_bpe_tokenizer(w, tokenizer, n_vocab)
-        for tname, data in tensors:
+        # one tensor at a time: its float32 copy is dropped once encoded, so a bf16 model never exists in fp32
+        for tname, data in _model_tensors(model, arch, permuted):
             add_tensor(w, tname, data, qtype)
+        if rope["rope_type"] == "llama3":
+            add_tensor(w, "rope_freqs.weight", llama3_rope_factors(config, rope_theta, rope), qtype)
 
     return _write_atomically(Path(out), arch, fill)
 
 
-def write_lora_gguf(model, adapter_name: str = "default", out: str | os.PathLike = "adapter.gguf",
-                    outtype: str = "f32", *, methods: list | None = None, name: str | None = None) -> Path:
+def write_lora_gguf(model, adapter_name: str, out: str | os.PathLike, outtype: str = "f16", *,
+                    methods: list | None = None, name: str | None = None) -> Path:
     """Write tuneforge LoRA adapter ``adapter_name`` (on ``model``, not merged) as a llama.cpp GGUF LoRA.
 
     The layout is ``convert_lora_to_gguf.py``'s: ``general.type = adapter``, ``adapter.type = lora``,
@@ -383,6 +383,9 @@ def write_bpe_tokenizer(w: gguf.GGUFWriter, tokenizer, n_vocab: int) -> None:
     added special tokens as CONTROL, other added tokens as USER_DEFINED, ids the tokenizer lacks as UNUSED
     ``[PAD<id>]`` placeholders; merges from the tokenizer's own JSON; special ids; whether encoding adds bos/eos;
     the chat template. Anything llama.cpp's gpt2 tokenizer cannot reproduce is refused (see ``_bpe_backend``)."""
+    if tokenizer is None:
+        raise GgufExportError("no tokenizer to write: pass the model's tokenizer, or source_gguf, or "
+                              "with_tokenizer=False for tensors only")
     backend = _bpe_backend(tokenizer)
     tokens, types = _vocab_in_id_order(tokenizer, n_vocab)
     w.add_tokenizer_model("gpt2")
