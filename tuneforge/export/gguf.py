@@ -123,7 +123,7 @@ def write_lora_gguf(model, adapter_name: str, out: str | os.PathLike, outtype: s
             continue
         a, b = _lora_pair(layer, adapter_name, path)
         base = _gguf_name(name_map, f"{path}.weight", arch)
-        if base == "output.weight" and tied:  # llama.cpp has no separate output tensor to adapt (#9065)
+        if base == "output.weight" and tied:  # llama.cpp issue #9065: a tied head has no tensor of its own
             raise GgufExportError(f"{path}: LoRA on the output head of a model with tied embeddings cannot be "
                                   "applied by llama.cpp (the head is token_embd); drop lm_head from the targets")
         heads = _qk_heads(base, config) if permuted else None
