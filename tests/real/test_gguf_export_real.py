@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import smollm2_mcfg
+from .conftest import smollm2_mcfg
 
 from tuneforge.export import write_lora_gguf, write_model_gguf
 from tuneforge.methods import apply_methods, lora

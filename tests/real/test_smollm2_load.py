@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import SMOLLM2, smollm2_mcfg
+from .conftest import SMOLLM2, smollm2_mcfg
 
 from tuneforge.cli import main
 from tuneforge.models.load import load_model, load_tokenizer, meta_model
