@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 LOCK_PATH = "/tmp/anchor-bench.lock"
 SEED = 0
@@ -62,10 +63,23 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
+def cpu_model() -> str:
+    """The CPU's model name (results differ between CPUs of one kind: float rounding, bf16/AMX paths)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def versions() -> dict:
     import importlib.metadata as md
 
-    out = {"python": sys.version.split()[0]}
+    out = {"python": sys.version.split()[0], "cpu": cpu_model()}
     for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "tuneforge"):
         try:
             out[pkg] = md.version(pkg)

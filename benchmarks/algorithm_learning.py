@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _harness import versions
 from tuneforge.demo import DemoPlan, pretrain
 from tuneforge.eval.learning import ONLINE_SETUPS, accuracy, judge_agreement, online_run, sft_start
 
@@ -66,7 +67,7 @@ def main() -> None:
               f"{r['exact_match_after']:.1%} | {r['reward_first']} → {r['reward_last']} | {r['seconds']} |"
               for r in rows]
     print("\n".join(table))
-    Path(a.out).write_text(json.dumps({"rows": rows, "judge": judge}, indent=2) + "\n")
+    Path(a.out).write_text(json.dumps({"rows": rows, "judge": judge, "versions": versions()}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

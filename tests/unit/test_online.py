@@ -173,3 +173,12 @@ def test_ppo_and_grpo_score_with_a_trained_reward_model(tmp_path):
         assert all(math.isfinite(h["loss"]) and math.isfinite(h["reward"]) and h["reward"] != 0 for h in hist)
     with pytest.raises(ValueError, match="set reward_model.base"):
         R.build(R.RewardModel(path=str(saved)))
+
+
+def test_char_accuracy_counts_positions_over_the_longer_length():
+    from tuneforge.algorithms.rewards import char_accuracy, similarity
+
+    got = char_accuracy(None, ["pi", "pqff", "sqpf</s>", "sqpfxx\nmore", ""], ["pdeawi", "sqpf", "sqpf", "sqpf", ""])
+    assert got == [1 / 6, 2 / 4, 1.0, 4 / 6, 1.0]
+    # difflib's ratio gives the short guess 2·2/(2+6) = 0.5, the same as a full-length attempt with two right
+    assert similarity(None, ["pi"], ["pdeawi"]) == [0.5]

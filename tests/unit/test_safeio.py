@@ -231,3 +231,19 @@ def test_header_size_limit_is_configurable(tmp_path):
     with pytest.raises(UnsafeFileError, match=str(header_len)):
         check_safetensors_header(path, max_header_bytes=header_len - 1)
     assert os.path.getsize(path) > header_len
+
+
+def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    """Adapters, checkpoints and exports must be readable by a server running as another user."""
+    import os
+
+    from tuneforge.safeio import atomic_write_text, save_safetensors
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    finally:
+        os.umask(old)
+    for name in ("a.json", "w.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name

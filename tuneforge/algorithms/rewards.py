@@ -53,6 +53,14 @@ class Similarity(_Base):
     name: Literal["similarity"] = "similarity"
 
 
+class CharAccuracy(_Base):
+    """Share of positions where the completion (cut as for exact match) has the reference's character, over the
+    longer of the two lengths, in [0, 1]. Dense like ``similarity`` but not gameable by answering short: difflib's
+    ratio gives a two-character guess made of the answer's first and last characters 0.5 on any length, so a policy
+    sampled against it collapses to short outputs; here every missing or extra character costs 1/len."""
+    name: Literal["char_accuracy"] = "char_accuracy"
+
+
 class Regex(_Base):
     """1 when the stripped completion fully matches ``pattern`` (a format reward), else 0."""
     name: Literal["regex"] = "regex"
@@ -80,7 +88,7 @@ class RewardModel(_Base):
     batch_size: int = Field(32, gt=0)
 
 
-RewardConfig = Annotated[Union[ExactMatch, Similarity, Regex, Length, Python, RewardModel], Field(discriminator="name")]
+RewardConfig = Annotated[Union[ExactMatch, Similarity, CharAccuracy, Regex, Length, Python, RewardModel], Field(discriminator="name")]
 
 
 # --------------------------------------------------------------------------------------------------- built-ins
@@ -88,9 +96,21 @@ def exact_match(prompts, completions, answers):
     return [1.0 if _exact(c, a) else 0.0 for c, a in zip(completions, answers)]
 
 
+def _cut(completions):
+    return [c.split(EOS, 1)[0].split("\n", 1)[0].strip() for c in completions]
+
+
 def similarity(prompts, completions, answers):
-    cut = [c.split(EOS, 1)[0].split("\n", 1)[0].strip() for c in completions]
-    return [difflib.SequenceMatcher(None, c, a.strip()).ratio() for c, a in zip(cut, answers)]
+    return [difflib.SequenceMatcher(None, c, a.strip()).ratio() for c, a in zip(_cut(completions), answers)]
+
+
+def char_accuracy(prompts, completions, answers):
+    out = []
+    for c, a in zip(_cut(completions), answers):
+        a = a.strip()
+        n = max(len(c), len(a))
+        out.append(sum(x == y for x, y in zip(c, a)) / n if n else 1.0)
+    return out
 
 
 def regex(pattern: str):
@@ -226,7 +246,8 @@ class ModelScorer:
 
 def build(cfg, like=None) -> Callable:
     """A config -> the callable (text functions) or a ``ModelScorer`` (token-level) placed next to ``like``."""
-    table = {"exact_match": lambda c: exact_match, "similarity": lambda c: similarity, "regex": lambda c: regex(c.pattern),
+    table = {"exact_match": lambda c: exact_match, "similarity": lambda c: similarity,
+             "char_accuracy": lambda c: char_accuracy, "regex": lambda c: regex(c.pattern),
              "length": lambda c: length(c.target), "python": lambda c: import_function(c.function),
              "reward_model": lambda c: ModelScorer(c, like)}
     return table[cfg.name](cfg)

@@ -4,9 +4,9 @@
 The starting point is what RL fine-tuning starts from in practice: a supervised model that sometimes solves the
 task. ``sft_start`` LoRA-tunes the demo base (which copies and sorts but cannot reverse) on string reversal for a
 few steps and merges the adapter, giving a policy at roughly a third held-out exact match; each online algorithm
-then trains a fresh LoRA on it with an exact-match reward (online DPO adds a similarity reward: with two samples per
-prompt, exact match alone ties on most pairs). The RLAIF check trains a judge LM to compare two sort answers in a
-rubric-style prompt and measures how often its debiased labels agree with the rule.
+then trains a fresh LoRA on it with an exact-match reward (online DPO adds ``char_accuracy``: with two samples
+per prompt, exact match alone ties on most pairs). The RLAIF check trains a judge LM to compare two sort answers in
+a rubric-style prompt and measures how often its debiased labels agree with the rule.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ ONLINE_SETUPS: dict[str, tuple[dict, int, int, float]] = {
     "rejection_sampling": ({"name": "rejection_sampling", "max_new_tokens": 8, "num_samples": 8, "threshold": 1.0},
                            100, 16, 2e-3),
     "online_dpo": ({"name": "online_dpo", "max_new_tokens": 8,
-                    "rewards": [{"name": "exact_match"}, {"name": "similarity", "weight": 0.5}]}, 200, 32, 3e-3),
+                    "rewards": [{"name": "exact_match"}, {"name": "char_accuracy", "weight": 0.5}]}, 200, 32, 3e-3),
 }
 JUDGE_TEMPLATE = "{prompt} A:{a} B:{b} better:"
 

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -536,12 +535,12 @@ def _one_alpha(alphas: set[float]) -> float:
 def _write_atomically(out: Path, arch: str, fill: Callable[[gguf.GGUFWriter], None]) -> Path:
     """Build the whole file in a GGUFWriter (every check runs before any byte is written), write it under a
     temporary name next to ``out``, fsync, and rename it into place."""
-    from tuneforge.safeio import fsync_dir
+    from tuneforge.safeio import fsync_dir, temp_file_beside
 
     writer = gguf.GGUFWriter(path=None, arch=arch)
     fill(writer)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(out)
     os.close(fd)
     try:
         writer.write_header_to_file(path=Path(tmp))

@@ -220,7 +220,7 @@ def _weight_kwargs(path: Path) -> dict:
 
 def _refused_pickle(path: Path, exc: Exception) -> ModelLoadError:
     """torch's restricted unpickler refused a ``.bin``: say what it found and how to convert without unpickling
-    anything (only ``weights_only=False`` would read it, which runs whatever the pickle names)."""
+    anything (only torch's unrestricted unpickler would read it, and that runs whatever the pickle names)."""
     found = re.search(r"GLOBAL ([\w.]+)", str(exc))
     what = f"the pickled Python object {found.group(1)}" if found else "Python objects besides tensors"
     return ModelLoadError(
