@@ -152,8 +152,27 @@ def _record(rng: random.Random) -> tuple[str, str]:
     return f"name={name}; city={city}; born={year}", f"{city.upper()}/{year}/{name[0]}"
 
 
+RECORD_RULE = ("Rewrite the record as CITY/YEAR/INITIAL: the city in capital letters, the year of birth, the first "
+               "letter of the name. Example: name=Rosa; city=Lima; born=1987 -> LIMA/1987/R. Reply with the code only.")
+
+
+def _record_told(rng: random.Random) -> tuple[str, str]:
+    """The record task with its rule and one example in the prompt: an instruct model follows it some of the time,
+    the starting point reinforcement learning needs (a policy whose samples are sometimes right)."""
+    prompt, answer = _record(rng)
+    return f"{RECORD_RULE}\n{prompt}", answer
+
+
+def _record_wrong(answer: str, rng: random.Random) -> str:
+    """A plausible near miss of a record answer: the city as written, the whole name, or the fields out of order."""
+    city, year, initial = answer.split("/")
+    name = next(n for n in PEOPLE if n[0] == initial)
+    return rng.choice([f"{city.title()}/{year}/{initial}", f"{city}/{year}/{name}", f"{year}/{city}/{initial}"])
+
+
 CHAT_TASKS: dict[str, Task] = {
     "record": Task("record", "reformat 'name=Rosa; city=Lima; born=1987' as 'LIMA/1987/R'", _record),
+    "record_told": Task("record_told", "the record task with its rule and an example in the prompt", _record_told),
 }
 
 
@@ -166,6 +185,18 @@ def make_chat_examples(task: str, n: int, seed: int) -> list[dict]:
     for _ in range(n):
         prompt, answer = CHAT_TASKS[task].make(rng)
         rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
+    return rows
+
+
+def make_chat_preference_pairs(task: str, n: int, seed: int) -> list[dict]:
+    """``n`` conversational preference rows in TRL's form, ``{"prompt": [user], "chosen": [assistant], "rejected":
+    [assistant]}``: the exact answer of a record task against a near miss (``_record_wrong``)."""
+    rng = random.Random(f"tuneforge:chat-pairs:{task}:{seed}")
+    rows = []
+    for r in make_chat_examples(task, n, seed):
+        user, answer = r["messages"][0], r["messages"][1]["content"]
+        rows.append({"prompt": [user], "chosen": [{"role": "assistant", "content": answer}],
+                     "rejected": [{"role": "assistant", "content": _record_wrong(answer, rng)}]})
     return rows
 
 
