@@ -115,6 +115,32 @@ def llama_model(attn: str = "sdpa"):
     return model
 
 
+def real_model_dir(name: str) -> str:
+    """The Hugging Face folder of a packaged real model (``smollm2``: SmolLM2-135M-Instruct from its GGUF package,
+    dequantised once into tuneforge's cache), which every library then loads the same way."""
+    from tuneforge.models.gguf import local_folder, packaged_file
+
+    return str(local_folder(packaged_file(name)))
+
+
+def shape_of(model_dir: str) -> dict:
+    """The SHAPE keys of a model folder's config.json (for the FLOP count)."""
+    c = json.loads((Path(model_dir) / "config.json").read_text())
+    return {"hidden": c["hidden_size"], "intermediate": c["intermediate_size"], "layers": c["num_hidden_layers"],
+            "heads": c["num_attention_heads"], "kv_heads": c.get("num_key_value_heads", c["num_attention_heads"]),
+            "vocab": c["vocab_size"]}
+
+
+def bench_model(model_dir: str | None, attn: str = "sdpa"):
+    """The benchmark's model for PEFT and TRL: the tiny shape from a LlamaConfig, or a real model's folder."""
+    if not model_dir:
+        return llama_model(attn)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
+
+
 def load_rows(path: str) -> list[list[int]]:
     with open(path) as f:
         return json.load(f)

