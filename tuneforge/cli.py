@@ -335,6 +335,14 @@ def _model_args(p, adapter=True):
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
 
 
+def _sampling_args(p, max_new_tokens: int):
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tuneforge", description="Adapt pretrained language models.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -355,11 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt")
     src.add_argument("--file", help="text file (one prompt per line) or JSONL with prompt/messages")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=0)
+    _sampling_args(g, max_new_tokens=64)
     g.add_argument("--stop", action="append", default=None)
     g.add_argument("--raw", action="store_true", help="send --prompt / text lines as they are, without the chat "
                    "template (applied by default when the tokenizer has one)")
@@ -367,11 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("chat", help="a terminal chat with the model (history kept; /reset, /exit)")
     _model_args(ch)
     ch.add_argument("--system", help="a system message opening the conversation")
-    ch.add_argument("--max-new-tokens", type=int, default=256)
-    ch.add_argument("--temperature", type=float, default=0.0)
-    ch.add_argument("--top-p", type=float, default=1.0)
-    ch.add_argument("--top-k", type=int, default=0)
-    ch.add_argument("--seed", type=int, default=0)
+    _sampling_args(ch, max_new_tokens=256)
     ch.set_defaults(fn=cmd_chat)
     e = sub.add_parser("eval", help="loss, perplexity and exact match on a dataset")
     _model_args(e)
