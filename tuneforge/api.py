@@ -28,6 +28,7 @@ from tuneforge.methods import (apply_methods, count_parameters, finalize_methods
                                prepare_methods, regularizer, save_adapter, step_methods)
 from tuneforge.methods._inject import TargetError
 from tuneforge.models.load import load_model, load_tokenizer, meta_model
+from tuneforge.safeio import share_like_open
 from tuneforge.train.precision import autocast_context, cast_frozen_matmul_weights_, resolve_precision
 from tuneforge.train import checkpoint as ckpt
 from tuneforge.train import dist as D
@@ -217,9 +218,9 @@ def _write_run_files(out: Path, cfg: RunConfig, model) -> None:
 def base_model_reference(mcfg) -> str:
     """What an adapter's ``base_model_name_or_path`` records: a preset or packaged name as written, a GGUF file
     (a folder plus ``gguf_file``: the file itself) or a folder as an absolute path."""
-    from tuneforge.models.gguf import PACKAGED
+    from tuneforge.models.gguf import is_packaged
 
-    if mcfg.path.startswith("tiny:") or mcfg.path in PACKAGED:
+    if mcfg.path.startswith("tiny:") or is_packaged(mcfg.path):
         return mcfg.path
     path = os.path.join(mcfg.path, mcfg.gguf_file) if mcfg.gguf_file else mcfg.path
     return os.path.abspath(path)
@@ -246,6 +247,7 @@ def _save_final(model, tok, cfg: RunConfig, out: Path) -> Path:
 
     if has_head(model) and cfg.algorithm.name == "reward":
         save_head(model, tmp)
+    share_like_open(tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.replace(final)

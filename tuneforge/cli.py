@@ -90,8 +90,9 @@ def cmd_generate(a) -> int:
 
 
 def _prompt_of(line: str, chat: bool):
-    """A prompt file's line: a JSON row's ``prompt`` or ``messages`` (up to the last assistant turn, which is the
-    answer and never part of the prompt), else the line itself; plain text becomes a user turn on a chat model."""
+    """A prompt file's line: a JSON row's ``messages`` (up to the last assistant turn, which is the answer and never
+    part of the prompt) or its ``prompt`` (a string goes in raw, as training and ``eval`` feed prompt/completion
+    rows; a message list as it is), else the line itself, which becomes a user turn on a chat model."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError:
@@ -101,6 +102,8 @@ def _prompt_of(line: str, chat: bool):
         last = max((i for i, t in enumerate(turns) if isinstance(t, dict) and t.get("role") == "assistant"),
                    default=len(turns))
         return turns[:last]
+    if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+        return row["prompt"]  # a prompt/completion row: raw, as training and eval feed it
     text = row.get("prompt", line) if isinstance(row, dict) else line
     return [{"role": "user", "content": text}] if chat and isinstance(text, str) else text
 
@@ -185,9 +188,12 @@ def cmd_merge(a) -> int:
     from tuneforge.methods import merge_methods, read_adapter_config
 
     model, tok = _model_and_adapter(a)
+    from tuneforge.safeio import share_like_open
+
     merge_methods(model, read_adapter_config(a.adapter))
     model.save_pretrained(a.out, safe_serialization=True)
     tok.save_pretrained(a.out)
+    share_like_open(a.out)
     print(f"merged model written to {a.out}")
     return 0
 

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuneforge.methods import METHOD_CONFIGS
-from tuneforge.models.gguf import PACKAGED, GgufError, packaged_file
+from tuneforge.models.gguf import PACKAGED, GgufError, is_packaged, packaged_file
 from tuneforge.algorithms import ALGORITHM_CONFIGS
 from tuneforge.models.code_pin import pin_format_error
 
@@ -255,7 +255,7 @@ def _check_paths(cfg: RunConfig, base: Path) -> list[tuple[str, str]]:
         if p and not (base / p).exists() and not Path(p).exists():
             problems.append((f"data.{key}", f"file not found: {p}"))
     mp = cfg.model.path
-    if mp in PACKAGED:
+    if is_packaged(mp):
         try:
             packaged_file(mp)
         except GgufError as exc:

@@ -44,6 +44,7 @@ __all__ = [
     "load_torch_weights",
     "atomic_write_text",
     "temp_file_beside",
+    "share_like_open",
     "write_safetensors_stream",
     "iter_safetensors_bytes",
     "fsync_dir",
@@ -384,10 +385,45 @@ def temp_file_beside(path: Path) -> tuple[int, str]:
     would give them, 0666 less the process umask."""
     parent = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    except OSError:  # best effort: some mounts (vfat, CIFS) refuse chmod; the file stays 0600 there
+        pass
     return fd, tmp
+
+
+def share_like_open(folder) -> None:
+    """Give every file below ``folder`` the mode ``open`` would (0666 less the umask): ``safetensors.save_file``
+    (under ``save_pretrained``) writes 0600, which leaves a merged model, a full fine-tune or the shared GGUF cache
+    unreadable to other users of the machine. Best effort, like ``temp_file_beside``."""
+    mode = 0o666 & ~_umask()
+    for f in Path(folder).rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            try:
+                os.chmod(f, mode)
+            except OSError:
+                pass
+
+
+def _umask() -> int:
+    """The process umask, read without changing it: ``os.umask`` can only be read by setting it, and setting it to
+    0 even for a moment lets a file another thread creates then (a TensorBoard event file) come out 0666."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _IMPORT_UMASK
+
+
+def _read_umask_once() -> int:
+    old = os.umask(0o022)  # at import, before tuneforge starts any thread
+    os.umask(old)
+    return old
+
+
+_IMPORT_UMASK = _read_umask_once()
 
 
 def _atomic_write(path, fill: Callable[[object], None]) -> None:

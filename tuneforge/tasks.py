@@ -132,9 +132,14 @@ def exact_match(prediction: str, answer: str) -> bool:
     eos and kept to as many lines as the answer has (one, for the generated tasks), and both sides are stripped of
     surrounding whitespace before comparing.
     """
+    return cut_prediction(prediction, answer) == answer.strip()
+
+
+def cut_prediction(prediction: str, answer: str) -> str:
+    """``prediction`` cut at the first eos, kept to as many lines as ``answer`` has, stripped: the part of a
+    generated continuation that is compared with the answer (by exact match and the dense rewards alike)."""
     lines = answer.strip().count("\n") + 1
-    cut = "\n".join(prediction.split(EOS, 1)[0].split("\n")[:lines])
-    return cut.strip() == answer.strip()
+    return "\n".join(prediction.split(EOS, 1)[0].split("\n")[:lines]).strip()
 
 
 # --- chat tasks for pretrained chat models (real tokenizers: any characters) --------------------------------------

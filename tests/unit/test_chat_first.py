@@ -36,6 +36,8 @@ def test_chat_examples_answer_the_last_assistant_turn_from_what_precedes_it(tmp_
     assert _prompt_of(json.dumps({"messages": CHAT}), chat=True) == CHAT[:4]
     assert _prompt_of("plain text", chat=True) == [{"role": "user", "content": "plain text"}]
     assert _prompt_of("plain text", chat=False) == "plain text"
+    # a prompt/completion row's prompt goes in raw, as training and eval --exact-match feed it
+    assert _prompt_of(json.dumps({"prompt": "p ->", "completion": "c"}), chat=True) == "p ->"
 
 
 def test_a_file_with_nothing_to_score_is_an_error_naming_what_it_holds(tmp_path):

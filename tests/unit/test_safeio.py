@@ -247,3 +247,39 @@ def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path):
         os.umask(old)
     for name in ("a.json", "w.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_temp_file_beside_survives_a_mount_that_refuses_chmod(tmp_path, monkeypatch):
+    from tuneforge import safeio
+
+    def refuse(*a):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(safeio.os, "fchmod", refuse)
+    safeio.atomic_write_text(tmp_path / "a.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_reading_the_umask_never_changes_it(monkeypatch):
+    from tuneforge import safeio
+
+    real = os.umask(0o027)
+    os.umask(real)
+    calls = []
+    monkeypatch.setattr(safeio.os, "umask", lambda m: calls.append(m) or real)
+    assert safeio._umask() == real and calls == []  # setting it, even to read it, races other threads' files
+
+
+def test_share_like_open_gives_saved_folders_the_umask_mode(tmp_path):
+    from safetensors.torch import save_file
+
+    from tuneforge.safeio import share_like_open
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o600  # what safetensors writes
+    old = os.umask(0o022)
+    try:
+        share_like_open(tmp_path)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644

@@ -30,7 +30,7 @@ from typing import Annotated, Callable, Literal, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from tuneforge.tasks import EOS, exact_match as _exact
+from tuneforge.tasks import cut_prediction, exact_match as _exact
 
 
 class RewardError(RuntimeError):
@@ -96,17 +96,18 @@ def exact_match(prompts, completions, answers):
     return [1.0 if _exact(c, a) else 0.0 for c, a in zip(completions, answers)]
 
 
-def _cut(completions):
-    return [c.split(EOS, 1)[0].split("\n", 1)[0].strip() for c in completions]
+def _cut(completions, answers):
+    return [cut_prediction(c, a) for c, a in zip(completions, answers)]
 
 
 def similarity(prompts, completions, answers):
-    return [difflib.SequenceMatcher(None, c, a.strip()).ratio() for c, a in zip(_cut(completions), answers)]
+    cut = _cut(completions, answers)
+    return [difflib.SequenceMatcher(None, c, a.strip()).ratio() for c, a in zip(cut, answers)]
 
 
 def char_accuracy(prompts, completions, answers):
     out = []
-    for c, a in zip(_cut(completions), answers):
+    for c, a in zip(_cut(completions, answers), answers):
         a = a.strip()
         n = max(len(c), len(a))
         out.append(sum(x == y for x, y in zip(c, a)) / n if n else 1.0)

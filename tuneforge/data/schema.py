@@ -114,7 +114,10 @@ def _conversational(value: dict) -> tuple[list[dict], list[list[dict]]]:
         prompt, responses = convs[0][:n], [c[n:] for c in convs]
         for r, where in zip(responses, names):
             _assistant_only(r, where)
-    if prompt and prompt[-1]["role"] == "assistant":
+    if not prompt:  # the template's system message and markup would be scored as the response
+        raise RowError("prompt: no turn before the responses; a conversational pair needs the user turn(s) they "
+                       "answer (give \"prompt\": [{\"role\": \"user\", ...}], or whole conversations that share it)")
+    if prompt[-1]["role"] == "assistant":
         raise RowError("prompt: ends with an assistant turn; the responses are the assistant's next turn")
     if len({str(r) for r in responses}) != len(responses):
         raise RowError(f"{', '.join(names)}: identical responses (no preference to learn)")

@@ -22,6 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuneforge.safeio import share_like_open
+
 CACHE_FORMAT = 1  # bump when what a cache folder holds changes
 
 
@@ -60,11 +62,17 @@ def packaged_file(name: str) -> Path:
     return file
 
 
+def is_packaged(path: str) -> bool:
+    """Whether ``model.path`` names a packaged model: its name, with no file or folder of that name here (a merge
+    written to ``./smollm2`` is what the user means by ``smollm2``, not the package)."""
+    return path in PACKAGED and not Path(path).expanduser().exists()
+
+
 def gguf_file(path: str, gguf_name: str | None = None) -> Path | None:
     """The GGUF file ``model.path`` (and ``model.gguf_file``) name, or None when the source is not GGUF."""
-    if path in PACKAGED:
-        return packaged_file(path)
     p = Path(path).expanduser()
+    if is_packaged(path):
+        return packaged_file(path)
     if gguf_name:
         file = p / gguf_name if p.is_dir() else p
         if not file.is_file():
@@ -114,6 +122,7 @@ def local_folder(file: Path, progress=None) -> Path:
         dequantised(model)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        share_like_open(tmp)  # the cache may be shared (TUNEFORGE_CACHE): readable by every user the umask allows
         try:
             os.replace(tmp, out)
         except OSError:  # another process finished first: its folder is the same conversion
