@@ -46,10 +46,14 @@ def _config(model, data, out, steps, batch, lr, method=LORA, algorithm=None):
 @pytest.fixture(scope="module")
 def files(smollm2_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("record")
-    write_jsonl(make_chat_examples("record", 400, seed=1), d / "sft.jsonl")
-    write_jsonl(make_chat_examples("record", 32, seed=2), d / "eval.jsonl")
-    write_jsonl(make_chat_preference_pairs("record", 400, seed=1), d / "pairs.jsonl")
-    write_jsonl(make_chat_preference_pairs("record", 64, seed=2), d / "pairs_eval.jsonl")
+    train_rows, pairs = make_chat_examples("record", 400, seed=1), make_chat_preference_pairs("record", 400, seed=1)
+    seen = {r["messages"][0]["content"] for r in train_rows} | {r["prompt"][0]["content"] for r in pairs}
+    held = [r for r in make_chat_examples("record", 64, seed=2) if r["messages"][0]["content"] not in seen][:32]
+    held_pairs = [r for r in make_chat_preference_pairs("record", 96, seed=2) if r["prompt"][0]["content"] not in seen]
+    write_jsonl(train_rows, d / "sft.jsonl")
+    write_jsonl(held, d / "eval.jsonl")  # held-out prompts never occur in either training file
+    write_jsonl(pairs, d / "pairs.jsonl")
+    write_jsonl(held_pairs[:64], d / "pairs_eval.jsonl")
     return d
 
 
