@@ -1,7 +1,6 @@
 """``tuneforge demo`` on the real model: a shortened plan (30 LoRA steps, 32 held-out problems) still takes
 SmolLM2-135M-Instruct from ~0% to ≥ 80% held-out exact match on the record task (the full plan measured 0% -> 100%
-on 64 problems), writes the adapter, the loss curve, the summary and a GGUF file llama.cpp can read, and a second
-run into the same folder starts over instead of refusing or resuming a finished run."""
+on 64 problems), writes the adapter, the loss curve, the summary and a GGUF file llama.cpp can read."""
 
 import json
 from pathlib import Path
