@@ -186,10 +186,9 @@ def cmd_label(a) -> int:
 
 def cmd_merge(a) -> int:
     from tuneforge.methods import merge_methods, read_adapter_config
-
-    model, tok = _model_and_adapter(a)
     from tuneforge.safeio import share_like_open
 
+    model, tok = _model_and_adapter(a)
     merge_methods(model, read_adapter_config(a.adapter))
     model.save_pretrained(a.out, safe_serialization=True)
     tok.save_pretrained(a.out)

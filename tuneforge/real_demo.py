@@ -15,10 +15,9 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 from tuneforge.api import train
-from tuneforge.config import load_config
+from tuneforge.config import ModelConfig, load_config
 from tuneforge.eval.examples import answer_examples
 from tuneforge.eval.metrics import exact_match
 from tuneforge.methods import load_adapter, merge_methods, read_adapter_config
@@ -45,11 +44,6 @@ class RealPlan:
     eval_every: int = 30
     gguf_type: str = "q8_0"
     seed: int = 0
-
-
-def _mcfg(path: str) -> SimpleNamespace:
-    return SimpleNamespace(path=path, dtype="float32", trust_remote_code=False, revision=None,
-                           attn_implementation="sdpa", gguf_file=None)
 
 
 def write_data(out: Path, plan: RealPlan) -> tuple[str, str]:
@@ -80,7 +74,7 @@ def run_real_demo(out_dir: str = "runs/demo", plan: RealPlan | None = None, log=
     source = gguf_file(plan.model)  # a missing package is an error that prints its install line
     train_file, eval_file = write_data(out, plan)
     examples = answer_examples(eval_file)
-    model, tok = load_model(_mcfg(plan.model))
+    model, tok = load_model(ModelConfig(path=plan.model))
     before = exact_match(model, tok, examples, max_new_tokens=16)["exact_match"]
     log(f"[1/3] {plan.model}: held-out exact match on '{plan.task}' before fine-tuning: {before:.1%} "
         f"({len(examples)} problems); LoRA r{plan.rank}, {plan.steps} steps of {plan.batch} chat rows", flush=True)

@@ -406,24 +406,18 @@ def share_like_open(folder) -> None:
 
 
 def _umask() -> int:
-    """The process umask, read without changing it: ``os.umask`` can only be read by setting it, and setting it to
-    0 even for a moment lets a file another thread creates then (a TensorBoard event file) come out 0666."""
+    """The process umask, read without changing it where Linux allows (``/proc/self/status``): ``os.umask`` can
+    only be read by setting it, and setting it even for a moment lets a file another thread creates then come out
+    with the wrong mode. Elsewhere it falls back to setting and restoring it."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass
-    return _IMPORT_UMASK
-
-
-def _read_umask_once() -> int:
-    old = os.umask(0o022)  # at import, before tuneforge starts any thread
+    old = os.umask(0o022)
     os.umask(old)
     return old
-
-
-_IMPORT_UMASK = _read_umask_once()
 
 
 def _atomic_write(path, fill: Callable[[object], None]) -> None:
