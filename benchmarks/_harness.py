@@ -141,6 +141,33 @@ def bench_model(model_dir: str | None, attn: str = "sdpa"):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
 
 
+WORDS = ("the model reads each record and writes a short answer in the format the user asked for while the "
+         "assistant explains why a city name is written in capitals and the year follows the name of the person "
+         "who was born there we check every field twice before sending the reply because small errors add up over "
+         "many rows of data and a careful summary helps the next reader understand what changed and what stayed "
+         "the same").split()  # English words, each one token (with its leading space) in SmolLM2's tokenizer
+
+
+def matmul_params(shape: dict, rank: int) -> dict:
+    """Weights a token meets in matmuls: ``n_mm`` (every projection plus the d x V output head, tied or not) and
+    ``n_adapter`` (LoRA of ``rank`` on all seven projections), for the FLOP counts (2 per weight forward)."""
+    d, f, L, h, kv, V = (shape[k] for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"))
+    kv_dim = d // h * kv
+    dims = {"q_proj": (d, d), "k_proj": (d, kv_dim), "v_proj": (d, kv_dim), "o_proj": (d, d),
+            "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}  # (in, out)
+    return {"n_mm": L * sum(i * o for i, o in dims.values()) + d * V,
+            "n_adapter": L * sum(rank * (i + o) for i, o in dims.values())}
+
+
+def parse_peak(spec: str | None) -> dict | None:
+    """--peak-gflops: 'fp32=200,bf16=848' -> figures, 'skip' -> {}, None -> measure (returns None)."""
+    if spec == "skip":
+        return {}
+    if spec:
+        return {k: float(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+    return None
+
+
 def load_rows(path: str) -> list[list[int]]:
     with open(path) as f:
         return json.load(f)

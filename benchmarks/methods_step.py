@@ -27,8 +27,9 @@ import time
 from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lora_sft import (ALPHA, BATCH, LOCK_PATH, LR, RANK, SEED, SEQ, TARGETS, llama_model, load_rows,  # noqa: E402
-                      make_data, peak_rss_mb, step_stats, versions, wait_quiet)
+from _harness import (LOCK_PATH, SEED, TARGETS, llama_model, load_rows, peak_rss_mb, step_stats,  # noqa: E402
+                      versions, wait_quiet)
+from lora_sft import ALPHA, BATCH, LR, RANK, SEQ, make_data  # noqa: E402
 
 # key -> tuneforge method list (None = no tuneforge run) and PEFT config builder (None = PEFT lacks it)
 METHODS = {

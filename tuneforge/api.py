@@ -21,6 +21,7 @@ import yaml
 from tuneforge import __version__
 from tuneforge.algorithms import ALGORITHMS
 from tuneforge.algorithms._dropout import config_dropout_restored, disable_dropout, dropout_disabled
+from tuneforge.algorithms._prefix import enable as share_prompts
 from tuneforge.config import ConfigError, RunConfig
 from tuneforge.data import build_dataset, collate, collate_packed, collate_preference, pack_rows
 from tuneforge.eval.metrics import eval_loss
@@ -123,6 +124,7 @@ def train(cfg: RunConfig, resume: str | None = None, allow_config_change: bool =
     model, tok = load_model(cfg.model)
     apply_methods(model, cfg.method)
     model.to(d.device)
+    share_prompts(model, cfg.train.share_prompts)
     coll = _collate_fn(cfg, tok, train_ds.report.format)
     data = PackedView(train_ds, cfg.data.max_len) if cfg.data.packing else train_ds
     algo, algo_state = ALGORITHMS[cfg.algorithm.name], {"tokenizer": tok, "data_path": cfg.data.train}

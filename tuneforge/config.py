@@ -85,6 +85,9 @@ class TrainConfig(Strict):
                                                         "hardware has native bf16 matmuls, else fp32")
     frozen_bf16: bool = Field(True, description="under bf16 with adapter methods, store frozen linear weights in "
                                                 "bf16 (same results as autocast, half their memory)")
+    share_prompts: bool = Field(True, description="score responses that follow one prompt (a preference pair, a "
+                                                  "GRPO group) with the prompt computed once (same log-probs, fewer "
+                                                  "tokens; sdpa/eager attention)")
     eval_every: int = Field(0, ge=0)
     save_every: int = Field(0, ge=0, description="0 = only at the end")
     keep_last: int = Field(2, ge=1)

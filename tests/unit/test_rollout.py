@@ -157,3 +157,29 @@ def test_onednn_linears_in_bf16_match_autocast():
     # packed in bf16 where the CPU supports it; an AVX2-only CPU keeps every bf16 layer on its own forward
     assert n > 0 if onednn_bf16_supported() else n == 0
     assert (fast - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 rounding of a folded vs a split matmul
+
+
+@pytest.mark.parametrize("preset", ["llama", "gpt2", "gpt_neox"])
+def test_repeated_prompts_are_prefilled_once_with_the_same_samples(preset, monkeypatch):
+    """A GRPO group (one prompt, G seeds) prefills the prompt once and repeats its cache rows: the same tokens and
+    log-probs as prefilling every row, and one prefill row per distinct prompt."""
+    import tuneforge.train.rollout as R
+
+    model, tok = _model(preset)
+    a, b = encode_prompt(tok, PROMPTS[1]), encode_prompt(tok, PROMPTS[3])
+    prompts, seeds = [a, a, b, a, b], [11, 12, 13, 14, 15]
+    kw = dict(pad_id=pad_id_of(tok), eos_ids=(), max_new_tokens=12, temperature=1.0, seeds=seeds)
+    rows_seen, real_next = [], R._next_logits
+
+    def spy(model, ids, *args, **kw2):
+        rows_seen.append(ids.shape)
+        return real_next(model, ids, *args, **kw2)
+
+    monkeypatch.setattr(R, "_next_logits", spy)
+    once = sample(model, prompts, **kw)
+    assert rows_seen[0][0] == 2 and all(s[0] == 5 for s in rows_seen[1:])  # 2 distinct prompts prefilled
+    monkeypatch.setattr(R, "_prefill", lambda model, p, ids, mask, pos, names: real_next(model, ids, mask, pos,
+                                                                                            None, names))
+    every = sample(model, prompts, **kw)
+    assert torch.equal(once.tokens, every.tokens)
+    torch.testing.assert_close(once.logprobs, every.logprobs, atol=1e-5, rtol=0)

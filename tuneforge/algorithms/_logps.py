@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tuneforge.algorithms._head_logps import fusable_head, head_token_logps
+from tuneforge.algorithms._prefix import share_prompts
 
 IGNORE = -100
 
@@ -146,8 +147,17 @@ def supervised_token_logps(model: nn.Module, batch: dict, temperature: float = 1
     ``temperature`` T, log softmax(z / T): the distribution the rollout engine samples from.
 
     A plain linear head goes through the chunked head+softmax of ``_head_logps`` (no (N, V) logits are kept);
-    anything else (an adapted or quantised head, soft-capped logits) through the model's own head.
+    anything else (an adapted or quantised head, soft-capped logits) through the model's own head. Rows that share a
+    prompt (a preference pair, a sampled group) are scored with the prompt computed once (``_prefix``).
     """
+    shared = share_prompts(model, batch)
+    if shared is not None:
+        packed, order = shared
+        return _token_logps(model, packed, temperature)[0][order], _inputs(batch)[1]
+    return _token_logps(model, batch, temperature)
+
+
+def _token_logps(model: nn.Module, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     fused = _fused(model, batch, temperature)
     if fused is not None:
         return fused[1], fused[2]

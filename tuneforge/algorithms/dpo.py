@@ -12,7 +12,8 @@ response has the higher implicit reward. Variants, a dict of loss functions belo
   does not push Δ to infinity on deterministic preferences. The log-ratios are averaged per response token, as the
   IPO authors' reported results use (and as TRL does), so β means the same for short and long responses.
 
-The training step scores chosen and rejected responses in one concatenated forward (``collate_preference``). The
+The training step scores chosen and rejected responses in one concatenated forward (``collate_preference``), the
+prompt they share computed once (``_prefix``: the pair is packed into one row, with the same log-probs). The
 reference model π_ref is, with ``reference: auto``: the same model with its adapters switched off when every trainable
 parameter lives in an adapter (LoRA, IA3, LoKr, ...: no second copy of the weights), otherwise a frozen copy taken
 before training (full fine-tuning, freeze, BitFit). Its log-probs are computed in eval mode (no dropout), so the

@@ -21,6 +21,10 @@ completions were drawn from: otherwise ρ would be an off-policy ratio with no c
 other distributions than the sampled one (TRL tempers both the same way; top-k/top-p truncation is not
 renormalised, a documented bias). Dropout is off by default (``train.disable_dropout``): π_old and π_ref are
 computed without it, so with it on ρ ≠ 1 and KL ≠ 0 at identical weights.
+
+A group's G responses follow one prompt: the rollout prefills it once and repeats its KV cache (``rollout._prefill``),
+and π, π_old and π_ref score the group as one packed row with the prompt computed once (``_prefix``), the same
+log-probs as G separate rows.
 """
 
 from __future__ import annotations

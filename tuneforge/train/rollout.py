@@ -164,6 +164,24 @@ def _next_logits(model, ids, mask, pos, cache, names: dict):
     return out.logits[:, -1].float(), new_cache if new_cache is not None else out.past_key_values
 
 
+def _prefill(model, prompt_ids: list[list[int]], ids, mask, pos, names: dict):
+    """The first forward over the (left-padded) prompts, each distinct prompt once: a GRPO group, or best-of-n,
+    samples G completions of one prompt, and their prompt KV caches are identical, so the prompt is run once and
+    its cache rows are repeated (``Cache.reorder_cache``, what beam search uses to copy a beam) instead of computing
+    G copies. Results are the same as a prefill of every row; it saves (G-1)/G of the prefill."""
+    first: dict[tuple[int, ...], int] = {}
+    inverse = [first.setdefault(tuple(p), len(first)) for p in prompt_ids]
+    if len(first) == len(prompt_ids):
+        return _next_logits(model, ids, mask, pos, None, names)
+    keep = torch.tensor([inverse.index(u) for u in range(len(first))], device=ids.device)
+    logits, cache = _next_logits(model, ids[keep], mask[keep], pos[keep], None, names)  # (U, V)
+    if not hasattr(cache, "reorder_cache"):  # a legacy tuple cache: run every row instead
+        return _next_logits(model, ids, mask, pos, None, names)
+    rows = torch.tensor(inverse, device=ids.device)
+    cache.reorder_cache(rows)
+    return logits[rows.to(logits.device)], cache
+
+
 def _folded_weight(m) -> torch.Tensor | None:
     """W + Σ ΔW of a layer's active adapters when every one is additive (LoRA without DoRA; the ΔW methods: sparse,
     diff pruning, LoKr), else None. Exact algebra: the layer then computes (W + ΔW) x + b."""
@@ -316,8 +334,11 @@ def _decode(model, prompt_ids, pad_id, device, gens, stopper, max_new_tokens, te
     alive = torch.ones(B, dtype=torch.bool)
     completions: list[list[int]] = [[] for _ in range(B)]
     cache, step_ids, step_pos = None, ids, pos
-    for _ in range(max_new_tokens):
-        logits, cache = _next_logits(model, step_ids, mask, step_pos, cache, names)  # (B, V)
+    for t in range(max_new_tokens):
+        if t == 0:
+            logits, cache = _prefill(model, prompt_ids, ids, mask, pos, names)  # (B, V)
+        else:
+            logits, cache = _next_logits(model, step_ids, mask, step_pos, cache, names)  # (B, V)
         logits = logits.cpu()
         if temperature > 0:
             scaled = logits / temperature
