@@ -372,6 +372,12 @@ def test_lora_export_refuses_dora_and_other_methods(tmp_path):
         write_lora_gguf(model, "default", tmp_path / "a.gguf", "f32", methods=[ia3.Config()])
     with pytest.raises(GgufExportError, match="no LoRA adapter named 'other'"):
         write_lora_gguf(lora_model("llama")[0], "other", tmp_path / "a.gguf", "f32")
+    model = lora_model("llama")[0]
+    for layer in model.modules():
+        if isinstance(layer, lora.LoraLayer):
+            layer.scaling["default"] = 0.0  # e.g. a PEFT adapter saved with lora_alpha 0
+    with pytest.raises(GgufExportError, match="scaling is 0"):  # llama.cpp would read alpha 0 as unscaled
+        write_lora_gguf(model, "default", tmp_path / "a.gguf", "f32")
     assert not list(tmp_path.iterdir())
 
 

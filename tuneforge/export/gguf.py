@@ -528,6 +528,9 @@ def _one_alpha(alphas: set[float]) -> float:
     if any(not math.isclose(a, first, rel_tol=1e-6) for a in alphas):
         raise GgufExportError(f"the adapter's layers need different alphas ({sorted(alphas)}), but a GGUF LoRA "
                               "file has one")
+    if first == 0:  # llama.cpp reads alpha 0 as "no alpha" and applies B A unscaled
+        raise GgufExportError("the adapter's scaling is 0 (lora_alpha 0), so it changes nothing, and llama.cpp "
+                              "would read alpha 0 as unscaled: export the base model instead")
     return float(first)
 
 
