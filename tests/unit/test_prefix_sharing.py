@@ -116,3 +116,79 @@ def test_training_with_shared_prompts_follows_the_same_path(tmp_path, algorithm,
     assert any(used)  # the batches were packed
     separate = losses(False)
     assert shared == pytest.approx(separate, abs=1e-5)
+
+
+def _tiny_hf(kind, **kw):
+    """A 2-layer model of another architecture, built from its config."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = getattr(T, f"{kind}Config")(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64, **kw)
+    model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    _prefix.enable(model, True)
+    return model
+
+
+def _pairs(n_prompt=8, n_resp=6):
+    p = list(range(10, 10 + n_prompt))
+    return _batch([(p, list(range(30, 30 + n_resp))), (p, list(range(40, 40 + n_resp)))])
+
+
+def test_refused_where_the_packed_mask_would_not_be_the_models_own():
+    # a sliding window shorter than a row: the model's windowed mask is not plain causal attention
+    mistral = _tiny_hf("Mistral", num_key_value_heads=2, sliding_window=8)
+    assert _prefix.share_prompts(mistral, _pairs()) is None
+    assert _prefix.share_prompts(_tiny_hf("Mistral", num_key_value_heads=2, sliding_window=64), _pairs()) is not None
+    # ALiBi builds its biases from the 2D mask (Bloom), MPT takes no position_ids
+    import transformers as T
+
+    bloom = T.BloomForCausalLM(T.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)).eval()
+    _prefix.enable(bloom, True)
+    assert _prefix.share_prompts(bloom, _pairs()) is None
+    llama = build_tiny("llama", dtype=torch.float32, attn_implementation="sdpa")[0].eval()
+    _prefix.enable(llama, True)
+    # a supervised label on padding cannot be placed in the packed row
+    batch = _pairs()
+    assert _prefix.share_prompts(llama, batch) is not None
+    batch["attention_mask"][1, -1] = 0
+    assert _prefix.share_prompts(llama, batch) is None
+    # dropout active: a shared prompt would share one dropout mask
+    llama.train()
+    llama.model.add_module("drop", torch.nn.Dropout(0.1))
+    assert _prefix.share_prompts(llama, _pairs()) is None
+    llama.eval()
+    assert _prefix.share_prompts(llama, _pairs()) is not None
+
+
+def test_refused_where_packing_costs_more_than_it_saves():
+    """A shared pair among many unrelated rows: each row is padded to the packed length. A short prompt before
+    long responses: the packed row's attention grows with its length squared."""
+    model = build_tiny("llama", dtype=torch.float32, attn_implementation="sdpa")[0]
+    _prefix.enable(model, True)
+    r = lambda a, n: list(range(a, a + n))  # noqa: E731
+    few = [(r(10, 12), r(30, 4)), (r(10, 12), r(40, 4))] + [(r(5 + k, 12), r(50, 4)) for k in range(10)]
+    assert _prefix.share_prompts(model, _batch(few)) is None
+    assert _prefix.share_prompts(model, _batch(few[:2])) is not None
+    long = [(r(10, 2), [50 + (k + j) % 40 for j in range(60)]) for k in range(8)]
+    assert _prefix.share_prompts(model, _batch(long)) is None
+
+
+def test_value_head_path_shares_like_the_log_probs():
+    """PPO reads policy log-probs and values from ``token_logps_and_hidden`` and the reference from
+    ``token_logps_from_model``: both pack the same rows, so their log-probs agree exactly at equal weights."""
+    from tuneforge.algorithms._logps import token_logps_and_hidden, token_logps_from_model
+
+    model = build_tiny("llama", dtype=torch.float32, attn_implementation="sdpa")[0].eval()
+    batch = _pairs(12, 5)
+    _prefix.enable(model, True)
+    with torch.no_grad():
+        a, mask, hidden = token_logps_and_hidden(model, batch)
+        b, _ = token_logps_from_model(model, batch)
+        _prefix.enable(model, False)
+        c, _, hidden_plain = token_logps_and_hidden(model, batch)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, c, atol=1e-5, rtol=0)
+    keep = mask.bool()
+    torch.testing.assert_close(hidden[keep], hidden_plain[keep], atol=1e-5, rtol=1e-5)
+    assert not hidden[~keep].any()

@@ -207,16 +207,27 @@ def token_logps_from_model(model: nn.Module, batch: dict, temperature: float = 1
 
 def token_logps_and_hidden(model: nn.Module, batch: dict, temperature: float = 1.0
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """As ``token_logps_from_model``, plus the decoder's last hidden states (B, T-1, H) from the same forward: an
-    actor-critic (PPO) reads its value head off the trunk that produced the policy, in one pass."""
+    """As ``token_logps_from_model``, plus the decoder's last hidden states (B, T-1, H) from the same forward at the
+    supervised positions (zero elsewhere): an actor-critic (PPO) reads its value head off the trunk that produced
+    the policy, in one pass, and only where the response is. Rows sharing a prompt are packed as in
+    ``supervised_token_logps``, so policy, π_old and reference log-probs come from the same layout."""
+    shared = share_prompts(model, batch)
+    logps, hidden = _kept_logps_and_hidden(model, shared[0] if shared else batch, temperature)  # (N,), (N, H)
+    if shared:
+        logps, hidden = logps[shared[1]], hidden[shared[1]]
+    _, keep, _ = _inputs(batch)
+    per_token = torch.zeros(keep.shape, dtype=logps.dtype, device=logps.device).masked_scatter(keep, logps)
+    full = hidden.new_zeros(*keep.shape, hidden.shape[-1]).masked_scatter(keep[..., None], hidden)
+    return per_token, keep.to(logps.dtype), full
+
+
+def _kept_logps_and_hidden(model: nn.Module, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p (N,) and last hidden states (N, H) at a batch's supervised next-token positions, row-major."""
     fused = _fused(model, batch, temperature)
     if fused is not None:
         hidden, logps, keep = fused
-    else:
-        targets, keep, inputs = _inputs(batch)
-        out = model(**inputs, use_cache=False, output_hidden_states=True)
-        hidden = out.hidden_states[-1][:, :-1]
-        logits = tempered(out.logits[:, :-1][keep].float(), temperature)  # (N, V)
-        logps = -F.cross_entropy(logits, targets[keep], reduction="none")
-    per_token = torch.zeros(keep.shape, dtype=logps.dtype, device=logps.device).masked_scatter(keep, logps)
-    return per_token, keep.to(logps.dtype), hidden
+        return logps, hidden[keep]
+    targets, keep, inputs = _inputs(batch)
+    out = model(**inputs, use_cache=False, output_hidden_states=True)
+    logits = tempered(out.logits[:, :-1][keep].float(), temperature)  # (N, V)
+    return -F.cross_entropy(logits, targets[keep], reduction="none"), out.hidden_states[-1][:, :-1][keep]

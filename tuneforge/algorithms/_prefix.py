@@ -12,19 +12,30 @@ the usual shift (position t predicts token t+1) holds in the packed row. This is
 https://arxiv.org/abs/2506.05433, GRPO), here found from the token ids themselves, so every algorithm that scores
 responses through ``_logps`` gets it, for preference pairs, rankings and sampled groups alike.
 
-When it is used: the model takes a 4D attention mask (``sdpa`` or ``eager`` attention: transformers' masking passes
-a 4D mask through unchanged; ``flash_attention_2`` cannot take one), every row is right-padded with a 2D mask, no
-per-example adapter selection is active (that keys on batch rows), and the sharing saves at least a tenth of the
-tokens. Otherwise, or with ``train.share_prompts: false``, the rows are scored as they are.
+When it is used (otherwise, or with ``train.share_prompts: false``, the rows are scored as they are):
+
+* the model takes a 4D attention mask (``sdpa`` or ``eager``: transformers' masking passes a 4D mask through
+  unchanged; ``flash_attention_2`` cannot take one) and positions from ``position_ids`` (rotary or learned): not
+  ALiBi (Bloom, MPT, Falcon with ``alibi``), whose biases are built from the 2D mask;
+* no row is longer than a sliding attention window (Mistral, Gemma 2/3, Qwen2 with ``use_sliding_window``): the
+  4D mask replaces the model's windowed one, which equals plain causal attention only within the window;
+* every row is right-padded with a 2D mask and supervises nothing on its padding; no per-example adapter selection
+  is active (it keys on batch rows); no dropout is active (a shared prompt would share one dropout mask);
+* the packed batch is cheaper: its estimated cost (linear layers per position, padding included, plus attention
+  scores, quadratic in the row length) is at most 1 − ``MIN_SAVING`` of the unpacked batch's. Long responses after
+  a short prompt, or a few shared rows among many unrelated ones (each padded to the packed length), are not.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
 
 IGNORE = -100
-MIN_SAVING = 0.1  # share only when at least this fraction of the batch's tokens is saved
+MIN_SAVING = 0.1  # share only when the estimated cost falls by at least this fraction
+ALIBI_TYPES = ("bloom", "mpt")  # position biases from the 2D mask (Falcon: config.alibi)
 ATTRIBUTE = "tuneforge_share_prompts"  # set on the model by the training loop (train.share_prompts)
 
 
@@ -42,9 +53,36 @@ def _usable(model: nn.Module, batch: dict) -> bool:
         return False
     if batch["attention_mask"].dim() != 2:
         return False
+    if getattr(cfg, "model_type", None) in ALIBI_TYPES or getattr(cfg, "alibi", False) or not _takes_positions(model):
+        return False
+    if model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        return False
     from tuneforge.methods._scope import PerExample, adapter_layers
 
     return not any(isinstance(m.active, PerExample) for m in adapter_layers(model))
+
+
+def _takes_positions(model: nn.Module) -> bool:
+    try:
+        return "position_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def sliding_window(config) -> int | None:
+    """The attention window a row must fit in for the packed (plain causal) mask to equal the model's own."""
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    w = getattr(config, "sliding_window", None)
+    return int(w) if w else None
+
+
+def _cost(config, rows: int, width: int) -> float:
+    """Relative cost of a forward over ``rows`` x ``width`` positions: the linear layers per position (attention
+    projections and MLP, ~2 (4 d^2 + 3 d f) FLOPs) and attention scores per row (~4 d per query-key pair)."""
+    d = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 1
+    f = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d
+    return rows * width * 2 * (4 * d * d + 3 * d * f) + rows * width * width * 4 * d
 
 
 def prompt_groups(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor
@@ -58,6 +96,8 @@ def prompt_groups(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask:
     if any(int(attention_mask[b, :n].sum()) != n for b, n in enumerate(lengths)):
         return None  # a hole or left padding: positions are not 0..n-1
     sup = labels != IGNORE
+    if bool((sup & (attention_mask == 0)).any()):
+        return None  # a supervised label on padding: the packed row would not hold it
     first = torch.where(sup.any(1), sup.float().argmax(1), torch.zeros(B, dtype=torch.long)).tolist()
     ids = input_ids.tolist()
     index: dict[tuple, int] = {}
@@ -130,8 +170,15 @@ def share_prompts(model: nn.Module, batch: dict) -> tuple[dict, torch.Tensor] | 
     if found is None:
         return None
     groups, prompt_len, length = found
-    saved = sum((len(g) - 1) * (prompt_len[g[0]] - 1) for g in groups if len(g) > 1)
-    if saved < MIN_SAVING * max(sum(length), 1):
+    if all(len(g) == 1 for g in groups):
+        return None
+    window = sliding_window(model.config)
+    if window is not None and max(length) > window:
+        return None
+    width = max(length[g[0]] if len(g) == 1 else prompt_len[g[0]] - 1 + sum(length[b] - prompt_len[g[0]] + 1
+                                                                             for b in g) for g in groups)
+    B, T = batch["input_ids"].shape
+    if _cost(model.config, len(groups), width) > (1 - MIN_SAVING) * _cost(model.config, B, T):
         return None
     eager = getattr(model.config, "_attn_implementation", None) == "eager"
     return pack(batch, groups, prompt_len, length, torch.float32 if eager else torch.bool)
