@@ -16,6 +16,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from tuneforge.data import DataError
     from tuneforge.export.gguf import GgufExportError
     from tuneforge.methods import AdapterError
+    from tuneforge.methods._bottleneck import NotMergeableError
     from tuneforge.methods._inject import TargetError
     from tuneforge.models.load import ModelLoadError
     from tuneforge.safeio import UnsafeFileError
@@ -24,7 +25,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from tuneforge.train.loop import TrainingAborted
 
     return (ConfigError, DataError, TargetError, ModelLoadError, UnsafeFileError, CheckpointError, TrainingAborted,
-            RewardError, AdapterError, FileNotFoundError, GgufExportError)
+            RewardError, AdapterError, FileNotFoundError, GgufExportError, NotMergeableError)
 
 
 # ------------------------------------------------------------------------------------------------------ commands
@@ -268,7 +269,7 @@ def _ls_model(path: str) -> None:
             model = meta_model(mcfg)
             apply_methods(model, [cfg])
         t, _ = count_parameters(model)
-        print(f"  {name:12s} {t:>14,d} ({100 * t / n:8.3f}% of the model)  {cfg.model_dump(exclude={'name'})}")
+        print(f"  {name:16s} {t:>14,d} ({100 * t / n:8.3f}% of the model)  {cfg.model_dump(exclude={'name'})}")
 
 
 def cmd_data_check(a) -> int:

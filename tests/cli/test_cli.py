@@ -166,3 +166,21 @@ def test_grpo_train_from_the_cli_and_a_raising_reward_is_a_clear_error(tmp_path,
     path.write_text(yaml.safe_dump(cfg))
     code, _, err = run(["train", str(path)], capsys)
     assert code == 0, err
+
+
+def test_merge_of_a_bottleneck_adapter_is_a_user_error(tmp_path, pc_file, capsys):
+    """A Houlsby adapter trains, generates and evaluates like any other; merge says why it cannot, in one line."""
+    d = base_config(tmp_path, pc_file, max_steps=2)
+    d["method"] = [{"name": "houlsby", "bottleneck": 4}]
+    cfg = tmp_path / "h.yaml"
+    cfg.write_text(yaml.safe_dump(d))
+    code, _, err = run(["train", str(cfg)], capsys)
+    assert code == 0, err
+    ad = str(tmp_path / "run" / "adapter")
+    code, out, _ = run(["generate", "--model", "tiny:llama", "--adapter", ad, "--prompt", "copy abc:",
+                        "--max-new-tokens", "4"], capsys)
+    assert code == 0
+    code, out, err = run(["merge", "--model", "tiny:llama", "--adapter", ad, "--out", str(tmp_path / "m")], capsys)
+    assert code == 2 and "Traceback" not in err and "non-linear" in err
+    assert len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1
+    assert not (tmp_path / "m").exists()

@@ -18,6 +18,8 @@ METHODS = {  # name -> method config on the tiny llama (bias-free: bitfit adds b
     "lora": {"name": "lora", "rank": 4}, "dora": {"name": "lora", "rank": 4, "dora": True},
     "qlora": {"name": "qlora", "rank": 4}, "lokr": {"name": "lokr", "rank": 2}, "ia3": {"name": "ia3"},
     "lora+ia3": [{"name": "lora", "rank": 4}, {"name": "ia3"}],
+    "houlsby": {"name": "houlsby", "bottleneck": 4}, "pfeiffer": {"name": "pfeiffer", "bottleneck": 4},
+    "parallel": {"name": "parallel", "bottleneck": 4}, "scaled_parallel": {"name": "scaled_parallel", "bottleneck": 4},
 }
 ONLINE = {"max_new_tokens": 4, "rewards": [{"name": "length", "target": 2}]}
 ALGORITHM_CONFIGS = {

@@ -18,9 +18,11 @@ CONFIGS = {  # method -> config on the tiny llama (bias-free, so bitfit adds bia
     "diff_pruning": {"density": 0.01}, "sparse": {"density": 0.01, "selection": "magnitude"},
     "lora": {"rank": 4}, "dora": {"rank": 4, "dora": True, "name": "lora"},
     "lokr": {"rank": 2}, "ia3": {}, "qlora": {"rank": 4},
+    "houlsby": {"bottleneck": 8}, "pfeiffer": {}, "parallel": {"reduction_factor": 8}, "scaled_parallel": {},
 }
-IDENTITY_AT_INIT = ["bitfit", "diff_pruning", "sparse", "lora", "dora", "lokr", "ia3"]
-ADAPTERS = ["bitfit", "diff_pruning", "sparse", "lora", "dora", "lokr", "ia3", "qlora"]
+BOTTLENECK = ["houlsby", "pfeiffer", "parallel", "scaled_parallel"]  # non-linear: not mergeable
+IDENTITY_AT_INIT = ["bitfit", "diff_pruning", "sparse", "lora", "dora", "lokr", "ia3", *BOTTLENECK]
+ADAPTERS = ["bitfit", "diff_pruning", "sparse", "lora", "dora", "lokr", "ia3", "qlora"]  # mergeable
 
 
 def cfg_of(key, **kw):
@@ -64,6 +66,11 @@ def expected_trainable(key, model) -> int:
             (a, b), (cc, d) = factorization(o), factorization(i)
             total += a * cc + ((b + d) * c.rank if c.rank < max(b, d) / 2 else b * d)
         return total
+    if key in BOTTLENECK:  # D (m x d) + its bias, U (d x m) + its bias per adapted sub-layer, a learned s each
+        d = model.config.hidden_size
+        m = c.bottleneck or int(d // (c.reduction_factor or 16))
+        per_layer = 2 if key == "houlsby" else 1
+        return len(arch.blocks(model)) * per_layer * (2 * d * m + m + d + (key == "scaled_parallel"))
     if key == "ia3":  # k_proj and v_proj outputs, down_proj input
         return sum(o if not p.endswith("down_proj") else i for p, (i, o) in lin.items()
                    if p.rsplit(".", 1)[-1] in ("k_proj", "v_proj", "down_proj"))
@@ -87,7 +94,7 @@ def test_identity_at_init(key):
     assert torch.equal(model(_ids()).logits, ref)
 
 
-@pytest.mark.parametrize("key", ADAPTERS)
+@pytest.mark.parametrize("key", ADAPTERS + BOTTLENECK)
 def test_save_load_round_trip(tmp_path, key):
     model, _ = build_tiny("llama")
     cfg = cfg_of(key)
@@ -119,7 +126,7 @@ def test_merge_equals_unmerged(key, preset):
         n for n in build_tiny(preset)[0].state_dict()}  # a plain model of the same architecture again
 
 
-@pytest.mark.parametrize("key", ["lora", "dora", "lokr", "ia3", "sparse", "diff_pruning", "qlora"])
+@pytest.mark.parametrize("key", ["lora", "dora", "lokr", "ia3", "sparse", "diff_pruning", "qlora", *BOTTLENECK])
 def test_per_example_adapters_equal_one_by_one(key):
     model, _ = build_tiny("llama")
     cfg = cfg_of(key)
@@ -133,6 +140,43 @@ def test_per_example_adapters_equal_one_by_one(key):
     for i, n in enumerate(names):
         with adapter_scope(model, n):
             assert torch.allclose(model(ids[i:i + 1]).logits, mixed[i:i + 1], atol=1e-5), (i, n)
+
+
+@pytest.mark.parametrize("preset", ["llama", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("key", BOTTLENECK)
+def test_bottleneck_adapters_refuse_merge_and_unload_to_the_base(key, preset):
+    model, _ = build_tiny(preset)
+    model.eval()
+    ref = model(_ids()).logits
+    cfg = cfg_of(key)
+    apply_methods(model, [cfg])
+    _perturb(model)
+    assert not torch.allclose(model(_ids()).logits, ref, atol=1e-4)  # the perturbed adapter acts
+    with pytest.raises(ValueError, match="non-linear"):
+        merge_methods(model, [cfg])
+    METHODS[key].unload(model)
+    assert not any(getattr(m, "is_adapter_layer", False) for m in model.modules())
+    assert torch.equal(model(_ids()).logits, ref)
+
+
+def test_bottleneck_adapters_compose_with_lora():
+    """[lora, houlsby, parallel]: LoRA wraps the projections, Houlsby wraps LoRA's o_proj/down_proj layers, the
+    parallel adapter the FFN block; the composition saves and reloads with identical logits."""
+    import tempfile
+
+    model, _ = build_tiny("llama")
+    cfgs = [cfg_of("lora"), cfg_of("houlsby"), cfg_of("parallel")]
+    apply_methods(model, cfgs)
+    _perturb(model)
+    model.eval()
+    ours = model(_ids()).logits
+    with tempfile.TemporaryDirectory() as d:
+        save_adapter(model, cfgs, d)
+        fresh, _ = build_tiny("llama")
+        load_adapter(fresh, d)
+        assert torch.equal(fresh.eval()(_ids()).logits, ours)
+    expected = sum(expected_trainable(k, build_tiny("llama")[0]) for k in ("lora", "houlsby", "parallel"))
+    assert count_parameters(model)[0] == expected
 
 
 def test_mixed_task_batch_with_ia3_and_lora_adapters():

@@ -23,12 +23,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tuneforge.methods import bitfit, diff_pruning, freeze, full, ia3, lokr, lora, qlora, sparse
+from tuneforge.methods import (bitfit, diff_pruning, freeze, full, houlsby, ia3, lokr, lora, parallel, pfeiffer, qlora,
+                               scaled_parallel, sparse)
 from tuneforge.methods._inject import count_parameters, freeze_all
 from tuneforge.methods._scope import adapter_layers, adapter_scope, set_active
 
 METHODS = {"full": full, "freeze": freeze, "bitfit": bitfit, "diff_pruning": diff_pruning, "sparse": sparse,
-           "lora": lora, "qlora": qlora, "lokr": lokr, "ia3": ia3}
+           "lora": lora, "qlora": qlora, "lokr": lokr, "ia3": ia3, "houlsby": houlsby, "pfeiffer": pfeiffer,
+           "parallel": parallel, "scaled_parallel": scaled_parallel}
 METHOD_CONFIGS = {name: mod.Config for name, mod in METHODS.items()}
 PEFT_TYPES: dict[str, str] = {}  # PEFT's type -> our method; the first listed wins (LORA -> lora, not qlora)
 for _name, _mod in METHODS.items():

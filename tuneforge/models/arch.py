@@ -71,8 +71,11 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
         if any(name.startswith(w + ".") for w in wrapped) or name in heads:
             continue
         if getattr(module, "is_adapter_layer", False):
-            wrapped.append(name)
-            out[name] = module
+            if getattr(module, "wraps_linear", True):
+                wrapped.append(name)
+                out[name] = module
+            else:  # a layer around a block or a sub-layer's output (bottleneck adapters): its base's linears count,
+                wrapped.extend(f"{name}.{a}" for a in getattr(module, "ADAPTER_TENSORS", {}))  # its own do not
         elif isinstance(module, nn.Linear) or is_conv1d(module) or getattr(module, "is_quant_linear", False):
             out[name] = module
     return out

@@ -1,0 +1,40 @@
+"""Houlsby adapters: a bottleneck adapter after the attention output and after the FFN output of every block
+(Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP", https://arxiv.org/abs/1902.00751, sec. 2.1,
+fig. 2): h ← h + U f(D h) on each sub-layer's output, before the residual connection. U = 0 at init, so the model
+starts unchanged. Two adapters per block, 2 d m + m + d parameters each (``_bottleneck``); not mergeable.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+
+from tuneforge.methods import _bottleneck as BN
+
+NAME = "houlsby"
+
+
+class Config(BN.BottleneckConfig):
+    name: Literal["houlsby"] = "houlsby"
+    non_linearity: Literal["relu", "gelu", "silu", "swish", "tanh"] = "swish"  # AdapterHub's Houlsby default
+
+
+def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> None:
+    BN.apply_bottleneck(model, cfg, adapter, NAME, [BN.ATTN_OUT, BN.FFN_OUT], "sequential")
+
+
+def merge(model: nn.Module, adapter: str = "default") -> None:
+    BN.refuse_merge(NAME)
+
+
+def unload(model: nn.Module) -> None:
+    BN.unload(model)
+
+
+def state_dict(model: nn.Module, cfg: Config | None = None, adapter: str = "default"):
+    return BN.state_dict(model, NAME, adapter)
+
+
+def load_state_dict(model: nn.Module, cfg: Config | None, tensors, adapter: str = "default") -> None:
+    BN.load_state_dict(model, NAME, tensors, adapter)
