@@ -59,6 +59,10 @@ LEARNING_SETUPS: dict[str, tuple[dict, float]] = {
     "qlora r8 (nf4)": ({"name": "qlora", "rank": 8, "alpha": 16}, 2e-3),
     "lokr r8": ({"name": "lokr", "rank": 8, "alpha": 16}, 1e-2),
     "ia3": ({"name": "ia3"}, 3e-1),
+    "houlsby (m = d/16)": ({"name": "houlsby"}, 3e-2),
+    "pfeiffer (m = d/2)": ({"name": "pfeiffer", "reduction_factor": 2}, 1e-2),
+    "parallel (m = d/16; s = 4)": ({"name": "parallel"}, 1e-2),
+    "scaled_parallel (m = d/16)": ({"name": "scaled_parallel"}, 1e-2),
 }
 
 QUICK = DemoPlan(pretrain_rows=2000, pretrain_steps=20, pretrain_batch=32, lora_rows=256, lora_steps=20,
