@@ -168,6 +168,18 @@ def parse_peak(spec: str | None) -> dict | None:
     return None
 
 
+def matmul_peak(a, script: str, emit) -> dict:
+    """--peak-gflops as given, or the peak measured by ``script --child peak`` (a ``child_peak`` run) on a quiet CPU,
+    its record passed to ``emit``."""
+    peak = parse_peak(a.peak_gflops)
+    if peak is None:
+        log("measuring the matmul peak ...")
+        pk = run_isolated(a, [sys.executable, os.path.abspath(script), "--child", "peak"], "matmul peak")
+        peak = pk["peak_gflops"]
+        emit(pk)
+    return peak
+
+
 def load_rows(path: str) -> list[list[int]]:
     with open(path) as f:
         return json.load(f)

@@ -63,7 +63,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import (SEED, SHAPE, TARGETS, WORDS, JsonLines, add_runner_args, bench_model,  # noqa: E402
-                      check_bench_preset, child_peak, log, matmul_params, median, parse_peak, peak_rss_mb,
+                      check_bench_preset, child_peak, log, matmul_params, matmul_peak, median, peak_rss_mb,
                       real_model_dir, run_isolated, rusage_delta, shape_of, trl_clock, trl_intervals, tuneforge_clock,
                       tuneforge_intervals, versions)
 
@@ -212,11 +212,34 @@ def run_child(a) -> None:
 
 
 # -------------------------------------------------------------------------------------------------------- parent
+def write_pairs(workdir: str, setting: str, rows: list[dict], tok) -> tuple[str, str, list]:
+    """Write the JSONL, build tuneforge's dataset from it, check every row is exactly P+R known tokens with R
+    supervised and one shared prompt, and return (jsonl, TRL file path, the ids TRL must produce per row)."""
+    from tuneforge.data import build_dataset
+
+    P, R = parse_setting(setting)
+    d = os.path.join(workdir, setting)
+    os.makedirs(d, exist_ok=True)
+    jsonl, trl_file = os.path.join(d, "pairs.jsonl"), os.path.join(d, "pairs_trl.json")
+    with open(jsonl, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    with contextlib.redirect_stdout(sys.stderr):
+        ds = build_dataset(jsonl, tok, format="preference", max_len=P + R, truncation="error")
+    expected = []
+    for row in ds.rows:
+        ids, rej = row["input_ids"], row["rejected_input_ids"]
+        unknown = tok.unk_token_id is not None and tok.unk_token_id in ids + rej
+        if len(ids) != P + R or len(rej) != P + R or unknown or ids[:P] != rej[:P] or \
+                sum(x != -100 for x in row["labels"]) != R:
+            raise SystemExit(f"{jsonl}: a row does not tokenize to {P}+{R} known tokens with {R} supervised")
+        expected.append([ids[:P], ids[P:], rej[P:]])
+    return jsonl, trl_file, expected
+
+
 def make_data(workdir: str, setting: str, n_rows: int) -> dict:
     """Preference rows of exact token lengths for both libraries, checked through tuneforge's own data pipeline.
 
     Returns the paths: tuneforge's JSONL, TRL's strings + the ids TRL must produce, and the tokenizer for TRL."""
-    from tuneforge.data import build_dataset
     from tuneforge.models.tiny import char_tokenizer
 
     P, R = parse_setting(setting)
@@ -229,21 +252,8 @@ def make_data(workdir: str, setting: str, n_rows: int) -> dict:
         p, c, r = text(P), text(R - 1), text(R - 1)
         if c != r:
             rows.append({"prompt": p, "chosen": c, "rejected": r})
-    d = os.path.join(workdir, setting)
-    os.makedirs(d, exist_ok=True)
-    jsonl, trl_file, tok_dir = (os.path.join(d, n) for n in ("pairs.jsonl", "pairs_trl.json", "tokenizer"))
-    with open(jsonl, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    with contextlib.redirect_stdout(sys.stderr):
-        ds = build_dataset(jsonl, tok, format="preference", max_len=P + R, truncation="error")
-    expected = []
-    for row in ds.rows:
-        ids, rej = row["input_ids"], row["rejected_input_ids"]
-        if len(ids) != P + R or len(rej) != P + R or tok.unk_token_id in ids + rej or ids[:P] != rej[:P]:
-            raise SystemExit(f"{jsonl}: a row does not tokenize to {P}+{R} known tokens")
-        if sum(x != -100 for x in row["labels"]) != R:
-            raise SystemExit(f"{jsonl}: a row does not supervise exactly {R} response tokens")
-        expected.append([ids[:P], ids[P:], rej[P:]])
+    jsonl, trl_file, expected = write_pairs(workdir, setting, rows, tok)
+    tok_dir = os.path.join(os.path.dirname(jsonl), "tokenizer")
     strings = {"prompt": [r["prompt"] for r in rows], "chosen": [r["chosen"] for r in rows],
                "rejected": [r["rejected"] for r in rows]}  # TRL appends tok.eos_token to each response
     with open(trl_file, "w") as f:
@@ -263,8 +273,6 @@ def make_chat_data(workdir: str, setting: str, n_rows: int, model_dir: str) -> d
     after ``<|im_end|>`` as a trained token where tuneforge ends a response at the end-of-turn marker, as generation
     does; the TRL child checks the ids match id for id, as with the tiny model."""
     from transformers import AutoTokenizer
-
-    from tuneforge.data import build_dataset
 
     P, R = parse_setting(setting)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -290,19 +298,7 @@ def make_chat_data(workdir: str, setting: str, n_rows: int, model_dir: str) -> d
             strings[k].append(v)
     if len(rows) < n_rows:
         raise SystemExit(f"could not draw {n_rows} chat pairs of exactly {P}+{R} tokens")
-    d = os.path.join(workdir, setting)
-    os.makedirs(d, exist_ok=True)
-    jsonl, trl_file = os.path.join(d, "pairs.jsonl"), os.path.join(d, "pairs_trl.json")
-    with open(jsonl, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    with contextlib.redirect_stdout(sys.stderr):
-        ds = build_dataset(jsonl, tok, format="preference", max_len=P + R, truncation="error")
-    expected = []
-    for row in ds.rows:
-        ids, rej = row["input_ids"], row["rejected_input_ids"]
-        if len(ids) != P + R or len(rej) != P + R or ids[:P] != rej[:P] or sum(x != -100 for x in row["labels"]) != R:
-            raise SystemExit(f"{jsonl}: a row does not tokenize to {P}+{R} tokens with {R} supervised")
-        expected.append([ids[:P], ids[P:], rej[P:]])
+    jsonl, trl_file, expected = write_pairs(workdir, setting, rows, tok)
     with open(trl_file, "w") as f:
         json.dump({"strings": strings, "expected_ids": expected}, f)
     return {"jsonl": jsonl, "trl": trl_file, "tok": model_dir}
@@ -433,12 +429,7 @@ def main() -> None:
         model_dir = real_model_dir(a.model) if a.model != "tiny" else None
         data = {s: (make_chat_data(workdir, s, n_rows, model_dir) if model_dir else make_data(workdir, s, n_rows))
                 | {"model_dir": model_dir} for s in settings}
-        peak = parse_peak(a.peak_gflops)
-        if peak is None:
-            log("measuring the matmul peak ...")
-            pk = run_isolated(a, [sys.executable, os.path.abspath(__file__), "--child", "peak"], "matmul peak")
-            peak = pk["peak_gflops"]
-            emit(pk)
+        peak = matmul_peak(a, __file__, emit)
         runs = []
         for rep in range(a.repeats):
             order = libs if rep % 2 == 0 else libs[::-1]  # who goes first flips between repeats

@@ -80,7 +80,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import (SEED, SHAPE, TARGETS, WORDS, JsonLines, add_runner_args, bench_model,  # noqa: E402
-                      check_bench_preset, child_peak, log, matmul_params, median, parse_peak, peak_rss_mb,
+                      check_bench_preset, child_peak, log, matmul_params, matmul_peak, median, peak_rss_mb,
                       real_model_dir, run_isolated, rusage_delta, shape_of, trl_clock, trl_intervals, tuneforge_clock,
                       tuneforge_intervals, versions)
 
@@ -591,12 +591,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tf-grpo-bench-") as workdir:
         model_dir = real_model_dir(a.model) if a.model != "tiny" else None
         data = make_data(workdir, (a.warmup + a.steps) * PROMPTS, a.prompt_len, model_dir)
-        peak = parse_peak(a.peak_gflops)
-        if peak is None:
-            log("measuring the matmul peak ...")
-            pk = run_isolated(a, [sys.executable, os.path.abspath(__file__), "--child", "peak"], "matmul peak")
-            peak = pk["peak_gflops"]
-            emit(pk)
+        peak = matmul_peak(a, __file__, emit)
         runs, revision = [], tuneforge_revision()
         for rep in range(a.repeats):
             order = libs if rep % 2 == 0 else libs[::-1]  # who goes first flips between repeats

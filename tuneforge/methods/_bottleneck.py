@@ -199,6 +199,21 @@ def unload(model: nn.Module) -> None:
         replace_module(model, path, layer.base)
 
 
+def method_functions(method: str):
+    """``merge``, ``unload``, ``state_dict`` and ``load_state_dict`` of one bottleneck method, with the signatures the
+    methods package calls (each method module binds them to its name)."""
+    def merge(model: nn.Module, adapter: str = "default") -> None:
+        refuse_merge(method)
+
+    def state_dict_(model: nn.Module, cfg=None, adapter: str = "default") -> dict[str, torch.Tensor]:
+        return state_dict(model, method, adapter)
+
+    def load_state_dict_(model: nn.Module, cfg, tensors: dict[str, torch.Tensor], adapter: str = "default") -> None:
+        load_state_dict(model, method, tensors, adapter)
+
+    return merge, unload, state_dict_, load_state_dict_
+
+
 # ------------------------------------------------------------------------------------------------------ saving
 def state_dict(model: nn.Module, method: str, adapter: str) -> dict[str, torch.Tensor]:
     out = {}

@@ -25,17 +25,4 @@ def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> None:
     BN.apply_bottleneck(model, cfg, adapter, NAME, [BN.FFN_BLOCK], "parallel", scale=cfg.scaling, learn_scale=True)
 
 
-def merge(model: nn.Module, adapter: str = "default") -> None:
-    BN.refuse_merge(NAME)
-
-
-def unload(model: nn.Module) -> None:
-    BN.unload(model)
-
-
-def state_dict(model: nn.Module, cfg: Config | None = None, adapter: str = "default"):
-    return BN.state_dict(model, NAME, adapter)
-
-
-def load_state_dict(model: nn.Module, cfg: Config | None, tensors, adapter: str = "default") -> None:
-    BN.load_state_dict(model, NAME, tensors, adapter)
+merge, unload, state_dict, load_state_dict = BN.method_functions(NAME)
