@@ -262,9 +262,10 @@ def _ls_model(path: str) -> None:
         model = meta_model(mcfg)
         try:
             apply_methods(model, [cfg])
-        except ValueError:
-            if name != "bitfit":
-                raise
+        except ValueError as exc:
+            if name != "bitfit":  # e.g. no default targets for this architecture
+                print(f"  {name:16s} {'n/a':>14s}  ({str(exc).splitlines()[0]})")
+                continue
             cfg = mod.Config(add_bias=True)  # bias-free model: the documented alternative
             model = meta_model(mcfg)
             apply_methods(model, [cfg])

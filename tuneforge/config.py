@@ -134,6 +134,15 @@ class RunConfig(Strict):
         v = [v] if isinstance(v, (dict, str)) else v
         return [{"name": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
 
+    @model_validator(mode="after")
+    def _method_order(self):
+        from tuneforge.methods import method_order_error
+
+        order = method_order_error([m.name for m in self.method])
+        if order:
+            raise ValueError(f"method: {order}")
+        return self
+
     def trajectory(self) -> dict:
         """Everything that changes the training trajectory (output location and display options excluded)."""
         d = self.model_dump(mode="json")

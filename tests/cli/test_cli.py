@@ -184,3 +184,13 @@ def test_merge_of_a_bottleneck_adapter_is_a_user_error(tmp_path, pc_file, capsys
     assert code == 2 and "Traceback" not in err and "non-linear" in err
     assert len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1
     assert not (tmp_path / "m").exists()
+
+
+def test_ls_lists_every_method_on_an_architecture_without_bottleneck_defaults(tmp_path, capsys):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                             word_embed_proj_dim=16)).save_pretrained(tmp_path / "opt")
+    code, out, err = run(["ls", "--model", str(tmp_path / "opt")], capsys)
+    assert code == 0, err
+    assert "lora" in out and "houlsby" in out and "n/a" in out and "set target_modules" in out

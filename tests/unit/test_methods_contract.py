@@ -250,3 +250,41 @@ def test_diff_pruning_projects_to_exact_density():
     finalize_methods(model, [cfg])
     kept = sum(v.numel() for k, v in method_state_dict(model, [cfg]).items() if k.endswith("dp_values"))
     assert kept == round(cfg.density * total)
+
+
+def test_bottleneck_adapters_come_last_in_a_method_list():
+    """A bottleneck adapter wraps the module at its target (o_proj becomes o_proj.base): a linear-layer method after
+    it would miss or quantise those layers, so the order is refused, at config time and in apply_methods."""
+    from tuneforge.config import ConfigError, load_config
+
+    for later in ("lora", "qlora", "ia3", "bitfit"):
+        with pytest.raises(ValueError, match=f"{later} after houlsby: list the bottleneck adapters last"):
+            apply_methods(build_tiny("llama")[0], [cfg_of("houlsby"), METHODS[later].Config()])
+    with pytest.raises(ConfigError, match="list the bottleneck adapters last"):
+        load_config({"model": {"path": "tiny:llama"}, "data": {"train": "rows.jsonl"},
+                     "method": [{"name": "parallel"}, {"name": "lora"}]})
+    apply_methods(build_tiny("llama")[0], [cfg_of("houlsby"), cfg_of("parallel")])  # bottleneck after bottleneck
+
+
+def test_merge_refuses_a_list_with_a_bottleneck_adapter_before_changing_anything():
+    from tuneforge.methods.lora import LoraLayer
+
+    model, _ = build_tiny("llama")
+    cfgs = [cfg_of("lora"), cfg_of("houlsby")]
+    apply_methods(model, cfgs)
+    _perturb(model)
+    model.eval()
+    before = model(_ids()).logits
+    with pytest.raises(ValueError, match="non-linear"):
+        merge_methods(model, cfgs)
+    assert any(isinstance(m, LoraLayer) for m in model.modules())  # LoRA still unmerged, in place
+    assert torch.equal(model(_ids()).logits, before)
+
+
+def test_bottleneck_biases_take_no_weight_decay():
+    from tuneforge.methods import weight_decays
+
+    model, _ = build_tiny("llama")
+    apply_methods(model, [cfg_of("scaled_parallel")])
+    decays = weight_decays(model, trainable_parameters(model))
+    assert decays and all(d == (n.endswith(".weight") and "adapter_scale" not in n) for n, d in decays.items())

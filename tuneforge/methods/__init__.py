@@ -50,8 +50,27 @@ class NothingToTrainError(ValueError):
     pass
 
 
+WRAPS_SUBLAYERS = ("houlsby", "pfeiffer", "parallel", "scaled_parallel")  # bottleneck adapters (``_bottleneck``)
+AFTER_SUBLAYERS_OK = WRAPS_SUBLAYERS + ("full", "freeze")  # methods that may follow them in a list
+
+
+def method_order_error(names: list[str]) -> str | None:
+    """Why a method list cannot be applied in this order, or None. A bottleneck adapter wraps the module at its
+    target (``o_proj`` becomes ``o_proj.base``), so a method that targets or wraps linear layers by name (LoRA, IA3,
+    QLoRA, BitFit, ...) must come before it, or it would miss or quantise those layers."""
+    first = next((i for i, n in enumerate(names) if n in WRAPS_SUBLAYERS), None)
+    late = [n for n in names[first + 1:] if n not in AFTER_SUBLAYERS_OK] if first is not None else []
+    if late:
+        return (f"{', '.join(late)} after {names[first]}: list the bottleneck adapters last (e.g. "
+                f"[{', '.join(late + [names[first]])}]), so the linear layers they wrap are adapted first")
+    return None
+
+
 def apply_methods(model: nn.Module, cfgs: list, adapter: str = "default") -> None:
     """Freeze the base model, then apply each method config in order; refuse a result with nothing to train."""
+    order = method_order_error([c.name for c in cfgs])
+    if order:
+        raise ValueError(order)
     freeze_all(model)
     for cfg in cfgs:
         METHODS[cfg.name].apply(model, cfg, adapter)
@@ -135,7 +154,11 @@ def finalize_methods(model: nn.Module, cfgs: list, adapter: str = "default") -> 
 
 
 def merge_methods(model: nn.Module, cfgs: list, adapter: str = "default", unload: bool = True) -> nn.Module:
-    """Fold every method that can be folded into the base weights; with ``unload`` restore plain HF modules."""
+    """Fold every method that can be folded into the base weights; with ``unload`` restore plain HF modules. A list
+    with a method that cannot be folded is refused before anything is merged (no half-merged model)."""
+    for cfg in cfgs:
+        if not getattr(METHODS[cfg.name], "MERGEABLE", True):
+            METHODS[cfg.name].merge(model, adapter)  # raises its reason
     for cfg in cfgs:
         METHODS[cfg.name].merge(model, adapter)
         if unload and hasattr(METHODS[cfg.name], "unload"):

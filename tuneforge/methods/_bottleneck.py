@@ -85,6 +85,11 @@ class BottleneckLayer(AdapterLayer):
     def adapter_names(self) -> list[str]:
         return list(self.adapter_down)
 
+    def adapter_tensors(self) -> dict[str, tuple[nn.Parameter, bool]]:
+        """D's and U's weights decay (their identity is 0); their biases do not, like every bias (HF Trainer's and
+        AdapterHub's practice, and this project's for the model's own)."""
+        return {n: (p, decays and not n.endswith(".bias")) for n, (p, decays) in super().adapter_tensors().items()}
+
     def base_parameters(self) -> list[nn.Parameter]:
         return list(self.base.parameters())
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from tuneforge.methods import _bottleneck as BN
 
+MERGEABLE = False  # non-linear: merge refuses (``_bottleneck.refuse_merge``)
 NAME = "houlsby"
 
 
