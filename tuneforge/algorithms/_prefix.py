@@ -111,6 +111,21 @@ def prompt_groups(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask:
     return groups, first, lengths
 
 
+def segments(groups: list[list[int]], prompt_len: list[int], length: list[int]) -> list[list[tuple[int, int, int]]]:
+    """Per packed row, the ``(row, start, end)`` slices of original rows it holds: a lone row whole, a group as its
+    prompt without the last token, then each member from that token on."""
+    out = []
+    for g in groups:
+        p = prompt_len[g[0]]
+        whole = [(g[0], 0, length[g[0]])]
+        out.append(whole if len(g) == 1 else [(g[0], 0, p - 1)] + [(b, p - 1, length[b]) for b in g])
+    return out
+
+
+def _width(segs: list[list[tuple[int, int, int]]]) -> int:
+    return max(sum(e - s for _, s, e in sg) for sg in segs)
+
+
 def pack(batch: dict, groups: list[list[int]], prompt_len: list[int], length: list[int], mask_dtype: torch.dtype
          ) -> tuple[dict, torch.Tensor]:
     """The packed batch (one row per group) and ``order``: for the supervised next-token positions of the original
@@ -118,14 +133,8 @@ def pack(batch: dict, groups: list[list[int]], prompt_len: list[int], length: li
     ``packed_values[order]`` lays per-token values out as the original batch's."""
     ids, labels = batch["input_ids"], batch["labels"]
     B, T = ids.shape
-    segs = []  # per group: list of (row, start, end) slices of the original row, prompt first
-    for g in groups:
-        if len(g) == 1:
-            segs.append([(g[0], 0, length[g[0]])])
-        else:
-            p = prompt_len[g[0]]
-            segs.append([(g[0], 0, p - 1)] + [(b, p - 1, length[b]) for b in g])
-    Tp = max(sum(e - s for _, s, e in sg) for sg in segs)
+    segs = segments(groups, prompt_len, length)
+    Tp = _width(segs)
     G = len(groups)
     out_ids = torch.zeros((G, Tp), dtype=ids.dtype, device=ids.device)  # padding: masked, never supervised
     out_labels = torch.full((G, Tp), IGNORE, dtype=labels.dtype, device=labels.device)
@@ -175,10 +184,9 @@ def share_prompts(model: nn.Module, batch: dict) -> tuple[dict, torch.Tensor] | 
     window = sliding_window(model.config)
     if window is not None and max(length) > window:
         return None
-    width = max(length[g[0]] if len(g) == 1 else prompt_len[g[0]] - 1 + sum(length[b] - prompt_len[g[0]] + 1
-                                                                             for b in g) for g in groups)
     B, T = batch["input_ids"].shape
-    if _cost(model.config, len(groups), width) > (1 - MIN_SAVING) * _cost(model.config, B, T):
+    packed_cost = _cost(model.config, len(groups), _width(segments(groups, prompt_len, length)))
+    if packed_cost > (1 - MIN_SAVING) * _cost(model.config, B, T):
         return None
     eager = getattr(model.config, "_attn_implementation", None) == "eager"
     return pack(batch, groups, prompt_len, length, torch.float32 if eager else torch.bool)
