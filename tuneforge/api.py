@@ -51,19 +51,46 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_targets(cfg: RunConfig) -> None:
+def check_targets(cfg: RunConfig, tok=None) -> None:
     """Apply the methods to a weightless (meta-device) copy of the model: a wrong target fails in milliseconds."""
     model = meta_model(cfg.model)
     try:
-        apply_methods(model, cfg.method)
+        apply_methods(model, cfg.method, tokenizer=tok)
     except (TargetError, ValueError) as e:
         raise ConfigError([("method", str(e))], "config") from None
+    problems = soft_prompt_problems(cfg, model)
+    if problems:
+        raise ConfigError(problems, "config")
+
+
+def soft_prompt_problems(cfg: RunConfig, model) -> list[tuple[str, str]]:
+    """What a soft prompt cannot combine with, found before any weight loads: packed rows (one row holds several
+    examples, each would need the virtual tokens in front of it), and virtual tokens + data.max_len past the
+    model's positions."""
+    from tuneforge.methods import SOFT_PROMPTS
+    from tuneforge.methods._soft_prompt import max_positions
+
+    soft = [(i, m) for i, m in enumerate(cfg.method) if m.name in SOFT_PROMPTS]
+    if not soft:
+        return []
+    out = []
+    if cfg.data.packing:
+        out.append(("data.packing", f"{soft[0][1].name} puts virtual tokens in front of each row; packed rows hold "
+                                    "several examples in one row. Set data.packing: false"))
+    n = sum(m.num_virtual_tokens for _, m in soft)
+    limit = max_positions(model)
+    if limit and n + cfg.data.max_len > limit:
+        i = soft[0][0]
+        out.append((f"method[{i}].num_virtual_tokens", f"{n} virtual tokens + data.max_len {cfg.data.max_len} = "
+                    f"{n + cfg.data.max_len} positions, but the model has {limit}; lower data.max_len to "
+                    f"{max(1, limit - n)} or use fewer virtual tokens"))
+    return out
 
 
 def validate(cfg: RunConfig) -> None:
     """Everything but training: targets against the real architecture, and every data row."""
-    check_targets(cfg)
     tok = load_tokenizer(cfg.model)
+    check_targets(cfg, tok)
     _datasets(cfg, tok)
 
 
@@ -115,14 +142,14 @@ def train(cfg: RunConfig, resume: str | None = None, allow_config_change: bool =
         torch.set_num_threads(cfg.train.num_threads)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    check_targets(cfg)
     tok = load_tokenizer(cfg.model)
+    check_targets(cfg, tok)
     train_ds, eval_ds = _datasets(cfg, tok)
     if d.main:
         print(train_ds.report.summary(), flush=True)
     seed_everything(cfg.train.seed)
     model, tok = load_model(cfg.model)
-    apply_methods(model, cfg.method)
+    apply_methods(model, cfg.method, tokenizer=tok)
     model.to(d.device)
     share_prompts(model, cfg.train.share_prompts)
     coll = _collate_fn(cfg, tok, train_ds.report.format)

@@ -20,7 +20,8 @@ When it is used (otherwise, or with ``train.share_prompts: false``, the rows are
 * no row is longer than a sliding attention window (Mistral, Gemma 2/3, Qwen2 with ``use_sliding_window``): the
   4D mask replaces the model's windowed one, which equals plain causal attention only within the window;
 * every row is right-padded with a 2D mask and supervises nothing on its padding; no per-example adapter selection
-  is active (it keys on batch rows); no dropout is active (a shared prompt would share one dropout mask);
+  is active (it keys on batch rows), nor a soft prompt (prompt/prefix tuning: its virtual tokens' columns go in
+  front of a 2D mask); no dropout is active (a shared prompt would share one dropout mask);
 * the packed batch is cheaper: its estimated cost (linear layers per position, padding included, plus attention
   scores, quadratic in the row length) is at most 1 − ``MIN_SAVING`` of the unpacked batch's. Long responses after
   a short prompt, or a few shared rows among many unrelated ones (each padded to the packed length), are not.
@@ -57,8 +58,11 @@ def _usable(model: nn.Module, batch: dict) -> bool:
         return False
     if model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
         return False
+    from tuneforge.methods import _soft_prompt
     from tuneforge.methods._scope import PerExample, adapter_layers
 
+    if _soft_prompt.active(model):  # virtual tokens take a 2D mask (their columns go in front of it)
+        return False
     return not any(isinstance(m.active, PerExample) for m in adapter_layers(model))
 
 

@@ -17,20 +17,23 @@ which of its tensors its method added and whether they take weight decay (``Adap
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from tuneforge.methods import (bitfit, diff_pruning, freeze, full, houlsby, ia3, lokr, lora, parallel, pfeiffer, qlora,
-                               scaled_parallel, sparse)
+from tuneforge.methods import (bitfit, diff_pruning, freeze, full, houlsby, ia3, lokr, lora, p_tuning, p_tuning_v2,
+                               parallel, pfeiffer, prefix_tuning, prompt_tuning, qlora, scaled_parallel, sparse)
 from tuneforge.methods._inject import count_parameters, freeze_all
 from tuneforge.methods._scope import adapter_layers, adapter_scope, set_active
 
 METHODS = {"full": full, "freeze": freeze, "bitfit": bitfit, "diff_pruning": diff_pruning, "sparse": sparse,
            "lora": lora, "qlora": qlora, "lokr": lokr, "ia3": ia3, "houlsby": houlsby, "pfeiffer": pfeiffer,
-           "parallel": parallel, "scaled_parallel": scaled_parallel}
+           "parallel": parallel, "scaled_parallel": scaled_parallel, "prompt_tuning": prompt_tuning,
+           "prefix_tuning": prefix_tuning, "p_tuning": p_tuning, "p_tuning_v2": p_tuning_v2}
+SOFT_PROMPTS = ("prompt_tuning", "prefix_tuning", "p_tuning", "p_tuning_v2")  # virtual tokens (``_soft_prompt``)
 METHOD_CONFIGS = {name: mod.Config for name, mod in METHODS.items()}
 PEFT_TYPES: dict[str, str] = {}  # PEFT's type -> our method; the first listed wins (LORA -> lora, not qlora)
 for _name, _mod in METHODS.items():
@@ -51,7 +54,8 @@ class NothingToTrainError(ValueError):
 
 
 WRAPS_SUBLAYERS = ("houlsby", "pfeiffer", "parallel", "scaled_parallel")  # bottleneck adapters (``_bottleneck``)
-AFTER_SUBLAYERS_OK = WRAPS_SUBLAYERS + ("full", "freeze")  # methods that may follow them in a list
+# methods that may follow them in a list (soft prompts touch no layer)
+AFTER_SUBLAYERS_OK = WRAPS_SUBLAYERS + ("full", "freeze", "prompt_tuning", "prefix_tuning", "p_tuning", "p_tuning_v2")
 
 
 def method_order_error(names: list[str]) -> str | None:
@@ -66,14 +70,24 @@ def method_order_error(names: list[str]) -> str | None:
     return None
 
 
-def apply_methods(model: nn.Module, cfgs: list, adapter: str = "default") -> None:
-    """Freeze the base model, then apply each method config in order; refuse a result with nothing to train."""
+def _apply(model: nn.Module, cfg, adapter: str, tokenizer=None) -> None:
+    """One method's ``apply``; the tokenizer goes to the methods that take one (a soft prompt's text init)."""
+    fn = METHODS[cfg.name].apply
+    if tokenizer is not None and "tokenizer" in inspect.signature(fn).parameters:
+        fn(model, cfg, adapter, tokenizer=tokenizer)
+    else:
+        fn(model, cfg, adapter)
+
+
+def apply_methods(model: nn.Module, cfgs: list, adapter: str = "default", tokenizer=None) -> None:
+    """Freeze the base model, then apply each method config in order; refuse a result with nothing to train.
+    ``tokenizer`` is needed by soft prompts initialised from text."""
     order = method_order_error([c.name for c in cfgs])
     if order:
         raise ValueError(order)
     freeze_all(model)
     for cfg in cfgs:
-        METHODS[cfg.name].apply(model, cfg, adapter)
+        _apply(model, cfg, adapter, tokenizer)
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise NothingToTrainError(f"methods {[c.name for c in cfgs]} leave no trainable parameter in this model")
@@ -244,9 +258,9 @@ def load_adapter(model: nn.Module, path: str | Path, adapter: str = "default", a
 
     cfgs = read_adapter_config(path)
     tensors = load_safetensors(_weights_file(path))
-    if apply:
+    if apply:  # saved weights replace the initial ones: an init that needs a tokenizer is not run
         for cfg in cfgs:
-            METHODS[cfg.name].apply(model, cfg, adapter)
+            _apply(model, getattr(METHODS[cfg.name], "for_loading", lambda c: c)(cfg), adapter)
     for cfg in cfgs:
         mod = METHODS[cfg.name]
         # a method's keys: those it would save now, plus any of its declared suffixes (a projected or selected

@@ -168,10 +168,13 @@ def _prefill(model, prompt_ids: list[list[int]], ids, mask, pos, names: dict):
     """The first forward over the (left-padded) prompts, each distinct prompt once: a GRPO group, or best-of-n,
     samples G completions of one prompt, and their prompt KV caches are identical, so the prompt is run once and
     its cache rows are repeated (``Cache.reorder_cache``, what beam search uses to copy a beam) instead of computing
-    G copies. Results are the same as a prefill of every row; it saves (G-1)/G of the prefill."""
+    G copies. Results are the same as a prefill of every row; it saves (G-1)/G of the prefill. Not with per-example adapters: rows with one prompt may differ in adapter."""
+    from tuneforge.methods._scope import PerExample, adapter_layers
+
     first: dict[tuple[int, ...], int] = {}
     inverse = [first.setdefault(tuple(p), len(first)) for p in prompt_ids]
-    if len(first) == len(prompt_ids):
+    per_row = any(isinstance(m.active, PerExample) for m in adapter_layers(model))  # rows may differ in adapter
+    if len(first) == len(prompt_ids) or per_row:
         return _next_logits(model, ids, mask, pos, None, names)
     keep = torch.tensor([inverse.index(u) for u in range(len(first))], device=ids.device)
     logits, cache = _next_logits(model, ids[keep], mask[keep], pos[keep], None, names)  # (U, V)
