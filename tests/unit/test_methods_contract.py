@@ -19,7 +19,14 @@ CONFIGS = {  # method -> config on the tiny llama (bias-free, so bitfit adds bia
     "lora": {"rank": 4}, "dora": {"rank": 4, "dora": True, "name": "lora"},
     "lokr": {"rank": 2}, "ia3": {}, "qlora": {"rank": 4},
     "houlsby": {"bottleneck": 8}, "pfeiffer": {}, "parallel": {"reduction_factor": 8}, "scaled_parallel": {},
+    "prompt_tuning": {"num_virtual_tokens": 4}, "p_tuning": {"num_virtual_tokens": 3, "encoder_hidden_size": 16},
+    "p_tuning_lstm": {"num_virtual_tokens": 3, "encoder": "lstm", "encoder_hidden_size": 8, "name": "p_tuning"},
+    "prefix_tuning": {"num_virtual_tokens": 3},
+    "prefix_projection": {"num_virtual_tokens": 3, "projection": True, "encoder_hidden_size": 16,
+                          "name": "prefix_tuning"},
+    "p_tuning_v2": {"num_virtual_tokens": 2},
 }
+SOFT = ["prompt_tuning", "p_tuning", "p_tuning_lstm", "prefix_tuning", "prefix_projection", "p_tuning_v2"]
 BOTTLENECK = ["houlsby", "pfeiffer", "parallel", "scaled_parallel"]  # non-linear: not mergeable
 IDENTITY_AT_INIT = ["bitfit", "diff_pruning", "sparse", "lora", "dora", "lokr", "ia3", *BOTTLENECK]
 ADAPTERS = ["bitfit", "diff_pruning", "sparse", "lora", "dora", "lokr", "ia3", "qlora"]  # mergeable
@@ -71,10 +78,54 @@ def expected_trainable(key, model) -> int:
         m = c.bottleneck or int(d // (c.reduction_factor or 16))
         per_layer = 2 if key == "houlsby" else 1
         return len(arch.blocks(model)) * per_layer * (2 * d * m + m + d + (key == "scaled_parallel"))
+    if key in SOFT:
+        return soft_prompt_trainable(key, model.config)
     if key == "ia3":  # k_proj and v_proj outputs, down_proj input
         return sum(o if not p.endswith("down_proj") else i for p, (i, o) in lin.items()
                    if p.rsplit(".", 1)[-1] in ("k_proj", "v_proj", "down_proj"))
     raise KeyError(key)
+
+
+def soft_prompt_trainable(key, config, **kw) -> int:
+    """n virtual tokens of width d (input-level) or of layers x 2 x kv_dim (a key/value prefix), plus encoders."""
+    c, d = cfg_of(key, **kw), config.hidden_size
+    n, L = c.num_virtual_tokens, config.num_hidden_layers
+    kv = getattr(config, "num_key_value_heads", config.num_attention_heads) * (
+        getattr(config, "head_dim", None) or d // config.num_attention_heads)
+    if key == "prompt_tuning":
+        return n * d
+    if key in ("prefix_tuning", "p_tuning_v2"):
+        return n * L * 2 * kv
+    h = c.encoder_hidden_size or d
+    if key == "prefix_projection":  # P' (n x kv_dim), then kv_dim -> h -> L*2*kv_dim
+        return n * kv + (kv * h + h) + (h * L * 2 * kv + L * 2 * kv)
+    if key == "p_tuning":  # free embeddings, then PEFT's 3-layer MLP d -> h -> h -> d
+        return n * d + (d * h + h) + (h * h + h) + (h * d + d)
+    # p_tuning_lstm: a bidirectional LSTM (per layer and direction 4h(in + h) + 8h; in = d, then 2h) + MLP 2h->2h->d
+    lstm = sum(2 * (4 * h * ((d if i == 0 else 2 * h) + h) + 8 * h) for i in range(c.encoder_num_layers))
+    return n * d + lstm + (2 * h * 2 * h + 2 * h) + (2 * h * d + d)
+
+
+@pytest.mark.parametrize("key", ["prompt_tuning", "prefix_tuning", "p_tuning_v2", "p_tuning", "houlsby", "pfeiffer"])
+def test_trainable_count_on_a_gpt3_175b_shaped_model(key):
+    """The closed forms at GPT-3 175B's shape (96 layers, d 12288, 96 heads; Brown et al. 2020, table 2.1), on a
+    weightless (meta-device) model: prompt tuning 20 x 12288 = 245,760 numbers; a 20-token prefix 47.2M."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=12288, num_hidden_layers=96, num_attention_heads=96, num_key_value_heads=96,
+                         intermediate_size=4 * 12288, vocab_size=50257, max_position_embeddings=2048)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    c = cfg_of(key, **({"num_virtual_tokens": 20} if key in SOFT else {}))
+    apply_methods(model, [c])
+    if key in SOFT:
+        want = soft_prompt_trainable(key, config, num_virtual_tokens=20)
+    else:
+        m = c.bottleneck or 12288 // 16
+        want = 96 * (2 if key == "houlsby" else 1) * (2 * 12288 * m + m + 12288)
+    assert count_parameters(model)[0] == want
+    assert key != "prefix_tuning" or want == 20 * 96 * 2 * 12288 == 47_185_920
+    assert key != "prompt_tuning" or want == 245_760
 
 
 @pytest.mark.parametrize("key", list(CONFIGS))
@@ -94,7 +145,7 @@ def test_identity_at_init(key):
     assert torch.equal(model(_ids()).logits, ref)
 
 
-@pytest.mark.parametrize("key", ADAPTERS + BOTTLENECK)
+@pytest.mark.parametrize("key", ADAPTERS + BOTTLENECK + SOFT)
 def test_save_load_round_trip(tmp_path, key):
     model, _ = build_tiny("llama")
     cfg = cfg_of(key)

@@ -119,6 +119,9 @@ def check_model(model: nn.Module, method: str) -> None:
     cfg = _cfg(model)
     if getattr(cfg, "is_encoder_decoder", False):
         raise ValueError(f"{method}: encoder-decoder models are not supported yet; use a decoder-only model")
+    if getattr(cfg, "model_type", None) in ("bloom", "mpt") or getattr(cfg, "alibi", False):
+        raise ValueError(f"{method}: ALiBi models ({cfg.model_type}) build position biases from the mask, which a "
+                         "prefix would shift; train lora or ia3 instead")
     dec = decoder_of(model)
     if not (_takes(dec, "cache") or _takes(dec, "past_key_values")):
         raise ValueError(f"{method}: {type(dec).__name__} takes no KV cache (no past_key_values argument), so it "
@@ -126,9 +129,6 @@ def check_model(model: nn.Module, method: str) -> None:
     if not _takes(dec, "position_ids"):
         raise ValueError(f"{method}: {type(dec).__name__} takes no position_ids, so inputs cannot be placed after "
                          "the virtual tokens; train a method that changes weights (lora, ia3) instead")
-    if getattr(cfg, "model_type", None) in ("bloom", "mpt") or getattr(cfg, "alibi", False):
-        raise ValueError(f"{method}: ALiBi models ({cfg.model_type}) build position biases from the mask, which a "
-                         "prefix would shift; train lora or ia3 instead")
 
 
 def max_positions(model: nn.Module) -> int | None:
