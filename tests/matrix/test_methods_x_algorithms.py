@@ -20,6 +20,11 @@ METHODS = {  # name -> method config on the tiny llama (bias-free: bitfit adds b
     "lora+ia3": [{"name": "lora", "rank": 4}, {"name": "ia3"}],
     "houlsby": {"name": "houlsby", "bottleneck": 4}, "pfeiffer": {"name": "pfeiffer", "bottleneck": 4},
     "parallel": {"name": "parallel", "bottleneck": 4}, "scaled_parallel": {"name": "scaled_parallel", "bottleneck": 4},
+    "prompt_tuning": {"name": "prompt_tuning", "num_virtual_tokens": 4},
+    "prefix_tuning": {"name": "prefix_tuning", "num_virtual_tokens": 3, "projection": True, "encoder_hidden_size": 8},
+    "p_tuning": {"name": "p_tuning", "num_virtual_tokens": 3, "encoder": "lstm", "encoder_hidden_size": 8},
+    "p_tuning_v2": {"name": "p_tuning_v2", "num_virtual_tokens": 3},
+    "mam": [{"name": "prefix_tuning", "num_virtual_tokens": 3}, {"name": "parallel", "bottleneck": 4}],
 }
 ONLINE = {"max_new_tokens": 4, "rewards": [{"name": "length", "target": 2}]}
 ALGORITHM_CONFIGS = {
