@@ -308,7 +308,8 @@ def cmd_estimate(a) -> int:
             return 0
         targets = [t for t in a.targets.split(",") if t] if a.targets else None
         e = est.estimate(a.model, method=a.method, bits=a.bits, batch=a.batch, seq=a.seq, optimizer=a.optimizer,
-                         rank=a.rank, targets=targets, top_k=a.top_k, device=a.device)
+                         rank=a.rank, targets=targets, top_k=a.top_k, device=a.device,
+                         virtual_tokens=a.virtual_tokens, bottleneck=a.bottleneck)
     except est.EstimateError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -429,7 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     es = sub.add_parser("estimate", help="memory to serve or fine-tune a model (no weights loaded)")
     es.add_argument("--model", required=True, help="model directory (config.json), preset (llama-3-8b, tiny:llama, "
                     "...) or parameter count (7b, 70e9)")
-    es.add_argument("--method", default="full", help="none, full, freeze, lora, qlora, ia3, bitfit")
+    es.add_argument("--method", default="full", help="none, full, freeze, lora, qlora, ia3, bitfit, "
+                    "prompt_tuning, p_tuning, prefix_tuning, p_tuning_v2, houlsby, pfeiffer, parallel, scaled_parallel")
+    es.add_argument("--virtual-tokens", type=int, default=20, help="soft prompts: n virtual tokens")
+    es.add_argument("--bottleneck", type=int, default=0, help="bottleneck adapters: m (0 = hidden / 16)")
     es.add_argument("--rank", type=int, default=8, help="LoRA rank")
     es.add_argument("--targets", help="LoRA targets, comma-separated (default: every block projection)")
     es.add_argument("--top-k", type=int, default=1, help="freeze: train the top k blocks")

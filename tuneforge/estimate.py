@@ -43,7 +43,9 @@ GIB, GB = 1024**3, 1e9
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4-bit codes, 8-bit absmax per 64 weights, fp32 absmax per 256 blocks
 ADAM8_BYTES = 2 * (1 + 4 / 2048)  # two 8-bit moments, fp32 absmax per 2048-value block each
 HEAD_CHUNK_ELEMENTS = 1 << 22  # tuneforge.algorithms._head_logps.CHUNK_ELEMENTS (asserted by a test)
-METHODS = ("none", "full", "freeze", "lora", "qlora", "ia3", "bitfit")
+SOFT_PROMPTS = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2")
+BOTTLENECKS = ("houlsby", "pfeiffer", "parallel", "scaled_parallel")
+METHODS = ("none", "full", "freeze", "lora", "qlora", "ia3", "bitfit", *SOFT_PROMPTS, *BOTTLENECKS)
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 DTYPE_DIVISOR = {32: 1, 16: 2, 8: 4, 4: 8}  # can-it-run-llm: fp32 size / this ("float16/bfloat16", "int8", "int4")
 
@@ -263,6 +265,8 @@ def _plan(a: Arch, method: str, targets, top_k: int) -> dict:
         plan["lora"] = chosen
     elif method == "ia3":  # PEFT/tuneforge defaults: keys and values scaled on their output, the FFN down on its input
         plan.update(ia3_out={"k_proj", "v_proj"} if a.gated else {"qkv"}, ia3_in={names[-1]})
+    elif method in SOFT_PROMPTS + BOTTLENECKS:
+        pass  # no block weight trains; their own tensors are counted by ``_additive``
     elif method == "bitfit":
         if not any(b for *_, b, _ in block_linears(a)) and a.gated:
             raise EstimateError("bitfit trains bias vectors and this architecture has none")
@@ -285,6 +289,49 @@ def _trainable(a: Arch, plan: dict, rank: int) -> tuple[int, int]:
     if plan["bias"]:
         n, biggest = a.layers * pc["block_bias"] + (0 if a.gated else a.hidden), max(a.intermediate, a.hidden)
     return n, biggest
+
+
+def _additive(a: Arch, method: str, n: int, m: int) -> int:
+    """Trainable numbers of the methods that add tensors beside the weights: n virtual tokens of width d (input
+    level; P-tuning adds its MLP encoder, d -> d -> d -> d) or of layers x 2 x kv_dim (a key/value prefix); a
+    bottleneck adapter's D (m x d) + U (d x m) and their biases, twice per block for Houlsby."""
+    kv = a.kv_heads * a.hd
+    if method == "prompt_tuning":
+        return n * a.hidden
+    if method == "p_tuning":
+        return n * a.hidden + 3 * (a.hidden * a.hidden + a.hidden)
+    if method in ("prefix_tuning", "p_tuning_v2"):
+        return n * a.layers * 2 * kv
+    per = 2 * a.hidden * m + m + a.hidden + (method == "scaled_parallel")
+    return a.layers * (2 if method == "houlsby" else 1) * per
+
+
+def _additive_activations(a: Arch, method: str, per_block: float, attn_part: float, act: int, batch: int,
+                          seq: int, n: int, m: int) -> float:
+    """Bytes autograd keeps for the additive methods (measured with ``saved_tensors_hooks`` on HF's Llama, SDPA):
+
+    * soft prompts: every block is in the gradient's path (a prefix trains at every layer, or the virtual tokens
+      enter at the bottom) -- the seeds' point that prompt methods cost about full fine-tuning's activations. With a
+      prefix the attention gets an explicit mask, so transformers repeats K and V to every query head (SDPA's GQA
+      path needs no mask) and saves them at T + n positions, plus a (B, 1, T, T + n) mask per layer; input-level
+      prompts also run their n tokens through every block once (batch 1);
+    * bottleneck adapters: each adapter keeps its input (fp32, the adapter's dtype) and its m-wide activation; the
+      lowest adapter's sub-layer and everything below it is out of the gradient's path (Houlsby's first adapter
+      follows block 0's attention, so block 0's MLP is in it; Pfeiffer's and the parallel adapter's follow block
+      0's MLP, so none of block 0 is)."""
+    N = batch * seq
+    if method in SOFT_PROMPTS:
+        kv_plain = 2 * a.kv_heads * a.hd * act  # K and V per token as the block model counts them
+        per_layer = (N * (per_block - kv_plain) + 2 * batch * a.heads * (seq + n) * a.hd * act
+                     + batch * seq * (seq + n) * act)
+        virtual = n * per_block if method in ("prompt_tuning", "p_tuning") else 0
+        return a.layers * (per_layer + virtual)
+    adapters = a.layers * (2 if method == "houlsby" else 1)
+    lowest = per_block - attn_part if method == "houlsby" else 0
+    scaled = a.hidden * 4 if method == "scaled_parallel" else 0  # U f(D x), kept for the gradient of the learned s
+    # the block model leaves out the lowest block's input (no gradient below it); here it comes from an adapter
+    entry = a.hidden * (4 if a.gated else act)
+    return N * ((a.layers - 1) * per_block + lowest + adapters * ((a.hidden + m) * 4 + scaled) + entry)
 
 
 def _saved_per_token(a: Arch, plan: dict, act: int, rank: int) -> tuple[float, float]:
@@ -314,13 +361,16 @@ def _saved_per_token(a: Arch, plan: dict, act: int, rank: int) -> tuple[float, f
     head += a.hidden * act if plan["head"] else a.hidden * 4  # the head's input copy, or d = W^T (e_y - p) in fp32
     head += 8 + (8 if plan["emb"] else 0)  # int64 targets; token ids for the embedding's backward
     # With nothing trainable below it, the lowest trained block's input needs no gradient: its norm saves no copy.
+    plan["attn_bytes"] = sum(v for k, v in keep.items() if k in ("x1", "rstd1", "normed1", "q", "k", "v", "attn",
+                                                                 "lse"))
     return sum(keep.values()), head - (0 if plan["emb"] else a.hidden * nb)
 
 
 def estimate(model, method: str = "full", bits: int = 16, batch: int = 1, seq: int = 512, optimizer: str = "adamw",
              rank: int = 8, targets: list[str] | None = None, top_k: int = 1, device: str = "cuda",
-             overhead: int = 0) -> Estimate:
+             overhead: int = 0, virtual_tokens: int = 20, bottleneck: int = 0) -> Estimate:
     """Memory of ``method`` training (and of serving the result) at ``bits`` for ``batch`` x ``seq`` tokens.
+    ``virtual_tokens``: a soft prompt's n; ``bottleneck``: an adapter's m (0 = hidden / 16).
 
     ``device`` matters only for the optimizer's temporaries: tuneforge's AdamW runs per tensor on CPU (two
     temporaries the size of the largest tensor) and ``foreach`` on GPU (one the size of all trainable tensors)."""
@@ -335,8 +385,8 @@ def estimate(model, method: str = "full", bits: int = 16, batch: int = 1, seq: i
     if bits < 16 and method in ("full", "freeze", "bitfit"):
         raise EstimateError(f"{method} updates base weights, which cannot train in {bits}-bit; use lora/qlora/ia3 "
                             "on a quantised base, or bits 16/32")
-    if min(batch, seq, rank) < 1:
-        raise EstimateError("batch, seq and rank must be at least 1")
+    if min(batch, seq, rank, virtual_tokens) < 1 or bottleneck < 0:
+        raise EstimateError("batch, seq, rank and virtual_tokens must be at least 1 (bottleneck at least 0)")
     m = resolve_model(model)
     base_b, act = (4, 4) if bits == 32 else (2, 2)  # storage of unquantised tensors; compute dtype
     opt_per = {"adamw": None, "adamw8bit": ADAM8_BYTES, "sgd": 0}[optimizer]
@@ -360,7 +410,13 @@ def estimate(model, method: str = "full", bits: int = 16, batch: int = 1, seq: i
     weights = int(q_bytes + (pc["total"] - quantised) * base_b)
     plan = _plan(m, method, targets, top_k)
     n_train, biggest = _trainable(m, plan, rank) if method != "none" else (0, 0)
-    adapter_like = method in ("lora", "qlora", "ia3")
+    width = bottleneck or max(1, m.hidden // 16)
+    additive = method in SOFT_PROMPTS + BOTTLENECKS
+    if additive:
+        n_train = _additive(m, method, virtual_tokens, width)
+        biggest = (virtual_tokens * m.layers * 2 * m.kv_heads * m.hd if method in ("prefix_tuning", "p_tuning_v2")
+                   else m.hidden * max(width, m.hidden if method == "p_tuning" else 0, virtual_tokens))
+    adapter_like = method in ("lora", "qlora", "ia3") or additive
     tb = 4 if adapter_like else base_b  # adapters are created in fp32 (as PEFT does)
     e = Estimate(m.name, method, bits, batch, seq, optimizer, pc["total"], n_train, weights=weights,
                  adapter=n_train * 4 if adapter_like else 0)
@@ -376,6 +432,12 @@ def estimate(model, method: str = "full", bits: int = 16, batch: int = 1, seq: i
     e.optimizer_state = int(n_train * (2 * tb if opt_per is None else opt_per))
     per_block, head = _saved_per_token(m, plan, act, rank)
     blocks = N * plan["region"] * per_block
+    if additive:
+        blocks = _additive_activations(m, method, per_block, plan["attn_bytes"], act, batch, seq, virtual_tokens,
+                                       width)
+        if method in SOFT_PROMPTS:  # serving keeps the prefix in every row's KV cache
+            e.kv_cache = 2 * m.layers * m.kv_heads * m.hd * act * batch * (seq + virtual_tokens)
+            e.inference += e.kv_cache - 2 * m.layers * m.kv_heads * m.hd * act * N
     e.activations = int(blocks + N * head)
     rows = HEAD_CHUNK_ELEMENTS // m.vocab  # a CPU process only makes the rows it writes resident; a GPU holds all
     head_ws = (min(rows, N) if device == "cpu" else rows) * m.vocab * (4 + (2 if act == 2 else 0))
