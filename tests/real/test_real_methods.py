@@ -129,3 +129,79 @@ def test_peft_loads_the_adapter_with_equal_logits(smol, smollm2_dir, case, tmp_p
     hf = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32)
     theirs = _logits(PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval(), ids, mask)
     assert (theirs - ours).abs().max().item() < 1e-4
+
+
+SOFT = {  # case -> (method name, config, learning rate, whether PEFT's logits include the virtual positions)
+    "prompt_tuning": ("prompt_tuning", {"num_virtual_tokens": 8}, 5e-2, True),
+    "p_tuning": ("p_tuning", {"num_virtual_tokens": 8, "encoder_hidden_size": 64}, 1e-2, True),
+    "prefix_tuning": ("prefix_tuning", {"num_virtual_tokens": 8}, 3e-2, False),
+    "prefix_projection": ("prefix_tuning", {"num_virtual_tokens": 8, "projection": True,
+                                            "encoder_hidden_size": 64}, 1e-3, False),
+    "p_tuning_v2": ("p_tuning_v2", {"num_virtual_tokens": 8}, 3e-2, False),
+}
+
+
+@pytest.mark.parametrize("case", list(SOFT))
+def test_soft_prompt_trains_saves_reloads_and_refuses_merge(smol, case, tmp_path):
+    """Virtual tokens on a GQA model with tied embeddings: logits stay (B, T, V), three steps lower the chat loss,
+    the adapter reloads bit-equal, and merge says why it cannot."""
+    base, tok = smol
+    ids, mask, labels = _chat_batch(tok)
+    name, kw, lr, _ = SOFT[case]
+    cfg = METHODS[name].Config(**kw)
+    model = copy.deepcopy(base)
+    apply_methods(model, [cfg], tokenizer=tok)
+    opt = torch.optim.AdamW(list(trainable_parameters(model).values()), lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(4):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        assert out.logits.shape[:2] == ids.shape
+        losses.append(out.loss.item())
+        if len(losses) == 4:
+            break
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert losses[-1] < 0.95 * losses[0], losses
+    model.eval()
+    ours = _logits(model, ids, mask)
+    save_adapter(model, [cfg], tmp_path / "adapter")
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, tmp_path / "adapter")
+    assert torch.equal(_logits(fresh.eval(), ids, mask), ours)
+    with pytest.raises(ValueError, match="virtual tokens"):
+        merge_methods(fresh, [cfg])
+
+
+@pytest.mark.parametrize("case", ["prompt_tuning", "p_tuning", "prefix_tuning", "prefix_projection"])
+def test_soft_prompt_peft_interop_both_ways(smol, smollm2_dir, case, tmp_path):
+    """PEFT reads tuneforge's file and tuneforge reads PEFT's, with equal logits on SmolLM2 (GQA: the prefix is
+    head_dim 64 x 3 KV heads wide). PEFT's prompt-tuning logits carry the n virtual positions first."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, tok = smol
+    ids, mask, _ = _chat_batch(tok, n=2, seed=9)
+    name, kw, _, shifted = SOFT[case]
+    n = kw["num_virtual_tokens"]
+    cfg = METHODS[name].Config(**kw)
+    model = copy.deepcopy(base)
+    apply_methods(model, [cfg])
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in trainable_parameters(model).values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    model.eval()
+    ours = _logits(model, ids, mask)
+    save_adapter(model, [cfg], tmp_path / "adapter", base_path=str(smollm2_dir))
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32)
+    pm = PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    theirs = _logits(pm, ids, mask)
+    theirs = theirs[:, n:] if shifted else theirs
+    real = mask.bool()
+    assert (theirs - ours)[real].abs().max().item() < 1e-4
+    pm.save_pretrained(str(tmp_path / "peft"))  # PEFT's own file (its inference layout) back into tuneforge
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, tmp_path / "peft")
+    assert (_logits(fresh.eval(), ids, mask) - ours)[real].abs().max().item() < 1e-4
