@@ -31,16 +31,20 @@ METHODS = LEARNING_SETUPS  # label -> (method config, learning rate)
 def summarise(label: str, lr: float, runs: list[dict]) -> dict:
     """One table row from a method's runs (one per seed): held-out exact match after, as mean / min / max."""
     after = [r["after"] for r in runs]
+    loss_after = [r["loss_after"] for r in runs]
     return {"method": label, "lr": lr, "seeds": [r["seed"] for r in runs],
             "before": max(r["before"] for r in runs), "after": after,
             "after_mean": round(statistics.fmean(after), 4), "after_min": min(after), "after_max": max(after),
+            "loss_before": runs[0]["loss_before"], "loss_after": loss_after, "loss_after_max": max(loss_after),
             "seconds": round(statistics.fmean(r["seconds"] for r in runs), 1)}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | lr | held-out EM before | after: mean (min – max) | seconds |", "|---|---|---|---|---|"]
+    lines = ["| method | lr | held-out EM before | after: mean (min – max) | held-out loss before → after (worst) "
+             "| seconds |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['lr']:g} | {r['before']:.1%} | {r['after_mean']:.1%} "
-              f"({r['after_min']:.1%} – {r['after_max']:.1%}) | {r['seconds']} |" for r in rows]
+              f"({r['after_min']:.1%} – {r['after_max']:.1%}) | {r['loss_before']:.3f} → {r['loss_after_max']:.3f} "
+              f"| {r['seconds']} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -52,6 +56,7 @@ def run_method(base: str, tmp: Path, plan: DemoPlan, label: str, seeds: list[int
         r = finetune(base, tmp / f"{label.split()[0]}-{seed}", dataclasses.replace(plan, seed=seed), method=method,
                      lr=lr, log=lambda *_: None)
         runs.append({"seed": seed, "before": r["exact_match_before"], "after": r["exact_match_after"],
+                     "loss_before": r["held_out_loss_before"], "loss_after": r["held_out_loss_after"],
                      "seconds": time.perf_counter() - t0})
         print(f"{label:24s} seed {seed}: {r['exact_match_before']:6.1%} -> {r['exact_match_after']:6.1%}  "
               f"({runs[-1]['seconds']:.1f} s)", flush=True)

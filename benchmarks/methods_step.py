@@ -1,5 +1,6 @@
 """Per-method step time and peak memory: every tuneforge method against tuneforge's LoRA on the same model and
-batch, and against PEFT's implementation where PEFT has the method (LoRA, DoRA, LoKr, IA3).
+batch, and against PEFT's implementation where PEFT has the method (LoRA, DoRA, LoKr, IA3, prompt tuning,
+P-tuning, prefix tuning; P-tuning v2 against PEFT's prefix tuning without projection, which is what it is).
 
 Model, data and batch are those of ``lora_sft.py`` (tiny Llama hidden 512 x 8 layers, vocab 32000; batch 4 x 256
 tokens, every token supervised; fp32; AdamW lr 1e-4). tuneforge runs go through ``tuneforge.api.train`` (the real
@@ -48,6 +49,30 @@ METHODS = {
     "full": ([{"name": "full"}], None),
     "qlora": ([{"name": "qlora", "rank": RANK, "alpha": ALPHA, "target_modules": TARGETS}],
               lambda p: p.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(TARGETS))),
+    # soft prompts, 20 virtual tokens (the anchors' setting in shared/bench/RESULTS.md)
+    "prompt_tuning": ([{"name": "prompt_tuning", "num_virtual_tokens": 20}],
+                      lambda p: p.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20)),
+    "p_tuning": ([{"name": "p_tuning", "num_virtual_tokens": 20}],
+                 lambda p: p.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=20)),
+    "prefix_tuning": ([{"name": "prefix_tuning", "num_virtual_tokens": 20}],
+                      lambda p: p.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20)),
+    "prefix_projection": ([{"name": "prefix_tuning", "num_virtual_tokens": 20, "projection": True}],
+                          lambda p: p.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20,
+                                                         prefix_projection=True, encoder_hidden_size=512)),
+    "p_tuning_v2": ([{"name": "p_tuning_v2", "num_virtual_tokens": 20}],
+                    lambda p: p.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20)),
+    # bottleneck adapters (PEFT has none): against AdapterHub's ``adapters`` (ADAPTERHUB below)
+    "houlsby": ([{"name": "houlsby"}], None), "pfeiffer": ([{"name": "pfeiffer"}], None),
+    "parallel": ([{"name": "parallel"}], None), "scaled_parallel": ([{"name": "scaled_parallel"}], None),
+}
+# AdapterHub configs of the same adapters (m = d/16 everywhere, tuneforge's defaults): Houlsby = DoubleSeqBn (after
+# attention and FFN, swish), Pfeiffer = SeqBn (after the FFN, relu), parallel = ParBn (beside the FFN, s = 4) and
+# its learned-scaling form. AdapterHub pins transformers 4.57, so it runs in its own venv (--adapterhub-python).
+ADAPTERHUB = {
+    "houlsby": lambda A: A.DoubleSeqBnConfig(reduction_factor=16),
+    "pfeiffer": lambda A: A.SeqBnConfig(reduction_factor=16),
+    "parallel": lambda A: A.ParBnConfig(reduction_factor=16, scaling=4.0),
+    "scaled_parallel": lambda A: A.ParBnConfig(reduction_factor=16, scaling="learned"),
 }
 
 
@@ -112,8 +137,38 @@ def child_peft(a) -> dict:
     return {**step_stats(times, a.warmup), "trainable_params": sum(p.numel() for p in params), "losses": losses}
 
 
+def child_adapterhub(a) -> dict:
+    """AdapterHub's own training recipe: ``adapters.init``, ``add_adapter``, ``train_adapter`` (freezes the rest),
+    then the same plain AdamW loop as the PEFT child."""
+    import adapters
+    import torch
+
+    torch.manual_seed(SEED)
+    model = llama_model()
+    adapters.init(model)
+    model.add_adapter("bench", config=ADAPTERHUB[a.method](adapters))
+    model.train_adapter("bench")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    model.train()
+    rows = load_rows(a.ids)
+    times, losses = [], []
+    for step in range(a.warmup + a.steps):
+        t0 = time.perf_counter()
+        ids = torch.tensor(rows[step * BATCH:(step + 1) * BATCH], dtype=torch.long)
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        times.append(time.perf_counter() - t0)
+    return {**step_stats(times, a.warmup), "trainable_params": sum(p.numel() for p in params), "losses": losses,
+            "versions": {"adapters": adapters.__version__, "transformers": __import__("transformers").__version__}}
+
+
 def spawn(a, lib: str, method: str, paths: dict) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", lib, "--method", method, "--workdir",
+    python = a.adapterhub_python if lib == "adapterhub" else sys.executable
+    cmd = [python, os.path.abspath(__file__), "--child", lib, "--method", method, "--workdir",
            paths["workdir"], "--jsonl", paths["jsonl"], "--ids", paths["ids"], "--steps", str(a.steps),
            "--warmup", str(a.warmup)]
     quiet = SimpleNamespace(idle=0.3, max_load=1.0, idle_for=3.0, max_wait=a.max_wait)
@@ -142,10 +197,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--max-wait", type=float, default=120)
+    ap.add_argument("--adapterhub-python", default=None, help="python of a venv with AdapterHub's adapters "
+                    "(python -m venv V && V/bin/pip install torch==2.13.0 adapters); bottleneck runs are compared "
+                    "with it when given")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "methods_step_cpu.json"))
     a = ap.parse_args()
     if a.child:
-        res = {"tuneforge": child_tuneforge, "peft": child_peft}[a.child](a)
+        res = {"tuneforge": child_tuneforge, "peft": child_peft, "adapterhub": child_adapterhub}[a.child](a)
         res.update(lib=a.child, method=a.method, peak_rss_mb=round(peak_rss_mb(), 1))
         print(json.dumps(res), flush=True)
         return
@@ -154,8 +212,10 @@ def main() -> None:
         jsonl, ids, _ = make_data(tmp, BATCH * (a.warmup + a.steps + 2))
         paths = {"workdir": tmp, "jsonl": jsonl, "ids": ids}
         for m in a.methods.split(","):
-            for lib in ("tuneforge", "peft"):
+            for lib in ("tuneforge", "peft", "adapterhub"):
                 if (lib == "peft" and METHODS[m][1] is None) or (lib == "tuneforge" and METHODS[m][0] is None):
+                    continue
+                if lib == "adapterhub" and (m not in ADAPTERHUB or not a.adapterhub_python):
                     continue
                 r = spawn(a, lib, m, paths)
                 runs.append(r)
@@ -164,16 +224,19 @@ def main() -> None:
                       flush=True)
     ok = {(r["lib"], r["method"]): r for r in runs if "error" not in r}
     ref = ok.get(("tuneforge", "lora"))
-    rows = ["| method | trainable | tuneforge s/step | vs tuneforge LoRA | peak RSS MB | PEFT s/step | "
-            "tuneforge speed-up vs PEFT | PEFT peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| method | trainable | tuneforge s/step | vs tuneforge LoRA | peak RSS MB | anchor | anchor s/step | "
+            "tuneforge speed-up vs anchor | anchor peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
     for m in a.methods.split(","):
-        t, p = ok.get(("tuneforge", m)), ok.get(("peft", m))
+        t = ok.get(("tuneforge", m))
+        p = ok.get(("peft", m)) or ok.get(("adapterhub", m))
         if t is None:
             continue
+        anchor = p["lib"] if p else "–"
         rows.append(f"| {m} | {t['trainable_params']:,} | {t['median_step_s']:.3f} | "
-                    f"{t['median_step_s'] / ref['median_step_s']:.2f}x | {t['peak_rss_mb']:.0f} | "
+                    + (f"{t['median_step_s'] / ref['median_step_s']:.2f}x" if ref else "–")
+                    + f" | {t['peak_rss_mb']:.0f} | {anchor} | "
                     + (f"{p['median_step_s']:.3f} | {p['median_step_s'] / t['median_step_s']:.2f}x | "
-                       f"{p['peak_rss_mb']:.0f} |" if p else "– | – | – |") if ref else "")
+                       f"{p['peak_rss_mb']:.0f} |" if p else "– | – | – |"))
     print("\n".join(rows))
     with open(a.out, "w") as f:
         json.dump({"versions": versions(), "batch": BATCH, "seq": SEQ, "precision": "fp32", "runs": runs,

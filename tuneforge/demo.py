@@ -63,6 +63,12 @@ LEARNING_SETUPS: dict[str, tuple[dict, float]] = {
     "pfeiffer (m = d/2)": ({"name": "pfeiffer", "reduction_factor": 2}, 1e-2),
     "parallel (m = d/16; s = 4)": ({"name": "parallel"}, 1e-2),
     "scaled_parallel (m = d/16)": ({"name": "scaled_parallel"}, 1e-2),
+    "prompt_tuning (n = 20)": ({"name": "prompt_tuning", "num_virtual_tokens": 20}, 1e-1),
+    "p_tuning (MLP; n = 20)": ({"name": "p_tuning", "num_virtual_tokens": 20}, 3e-2),
+    "prefix_tuning (n = 20)": ({"name": "prefix_tuning", "num_virtual_tokens": 20}, 1e-1),
+    "prefix_tuning (projection; n = 20)": ({"name": "prefix_tuning", "num_virtual_tokens": 20, "projection": True},
+                                           1e-2),
+    "p_tuning_v2 (n = 20)": ({"name": "p_tuning_v2", "num_virtual_tokens": 20}, 1e-1),
 }
 
 QUICK = DemoPlan(pretrain_rows=2000, pretrain_steps=20, pretrain_batch=32, lora_rows=256, lora_steps=20,
@@ -77,12 +83,22 @@ def _recipe(model: str, data: str, out: Path, method, steps: int, lr: float, bat
                       "log_every": max(1, steps // 10), "seed": seed, "save_every": 0, "precision": "fp32"}}
 
 
-def _accuracy(model_dir: str, adapter: str | None, examples: list[dict]) -> float:
+def _accuracy(model_dir: str, adapter: str | None, examples: list[dict], eval_file: Path | None = None):
+    """Held-out exact match; with ``eval_file``, also the held-out answer-token cross entropy (exact match, loss)."""
     whole = adapter is not None and not (Path(adapter) / "adapter_config.json").exists()  # full/freeze runs
     model, tok = load_model(ModelConfig(path=adapter if whole else model_dir))
     if adapter and not whole:
         load_adapter(model, adapter)
-    return exact_match(model, tok, examples, max_new_tokens=12)["exact_match"]
+    em = exact_match(model, tok, examples, max_new_tokens=12)["exact_match"]
+    if eval_file is None:
+        return em
+    from tuneforge.data import build_dataset
+    from tuneforge.data.collate import collate
+    from tuneforge.eval.metrics import eval_loss
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    loss = eval_loss(model, build_dataset(str(eval_file), tok, max_len=64), lambda rows: collate(rows, pad), 64)
+    return em, loss["loss"]
 
 
 def pretrain(out: Path, plan: DemoPlan) -> str:
@@ -106,14 +122,15 @@ def finetune(base: str, out: Path, plan: DemoPlan, method: dict | list | None = 
     held_out = make_examples(plan.task, plan.eval_rows, seed=2)
     write_jsonl(make_examples(plan.task, plan.lora_rows, seed=1), train_file)
     write_jsonl(held_out, eval_file)
-    before = _accuracy(base, None, held_out)
+    before, loss_before = _accuracy(base, None, held_out, eval_file)
     log(f"[2/3] exact match on held-out '{plan.task}' before {name}: {before:.1%}; fine-tuning "
         f"({plan.lora_steps} steps)")
     run_dir = out / name
     result = train(load_config(_recipe(base, str(train_file), run_dir, method, plan.lora_steps, lr or plan.lora_lr,
                                        plan.lora_batch, plan.seed)))
-    after = _accuracy(base, str(result.saved), held_out)
+    after, loss_after = _accuracy(base, str(result.saved), held_out, eval_file)
     return {"task": plan.task, "method": name, "exact_match_before": before, "exact_match_after": after,
+            "held_out_loss_before": round(loss_before, 4), "held_out_loss_after": round(loss_after, 4),
             "held_out_examples": len(held_out), "base_model": base, "adapter": str(result.saved),
             "metrics": str(run_dir / "metrics.jsonl"), "loss_curve": str(run_dir / "loss.png"),
             "tensorboard": str(run_dir / "tensorboard")}

@@ -24,7 +24,14 @@ WORST_OF_SEEDS = {"full": 1.0, "freeze (top 2 blocks)": 0.205, "bitfit (added bi
                   "qlora r8 (nf4)": 0.985, "lokr r8": 0.965, "ia3": 0.21,
                   # benchmarks/results/method_learning_bottleneck.json (Intel Xeon, seeds 0-4)
                   "houlsby (m = d/16)": 0.815, "pfeiffer (m = d/2)": 0.39, "parallel (m = d/16; s = 4)": 0.44,
-                  "scaled_parallel (m = d/16)": 0.365}
+                  "scaled_parallel (m = d/16)": 0.365,
+                  # benchmarks/results/method_learning_soft.json (AMD EPYC, seeds 0-4)
+                  "prefix_tuning (n = 20)": 0.31, "prefix_tuning (projection; n = 20)": 0.39,
+                  "p_tuning_v2 (n = 20)": 0.325}
+# Input-level soft prompts barely move exact match on this 4-block model (prompt tuning 3.5-8%, P-tuning 0-4.5%:
+# Lester et al.'s finding that prompt tuning needs scale), but they do learn: held-out answer loss from 4.95 to at
+# worst these (method_learning_soft.json, "loss_after"). Their test asserts half of that worst drop.
+LOSS_WORST = {"prompt_tuning (n = 20)": 2.1648, "p_tuning (MLP; n = 20)": 2.8853}
 
 
 def margin(label: str) -> float:
@@ -32,7 +39,8 @@ def margin(label: str) -> float:
 
 
 def test_every_setup_has_a_measured_margin():
-    assert set(WORST_OF_SEEDS) == set(LEARNING_SETUPS)
+    assert set(WORST_OF_SEEDS) | set(LOSS_WORST) == set(LEARNING_SETUPS)
+    assert not set(WORST_OF_SEEDS) & set(LOSS_WORST)
 
 
 @pytest.mark.parametrize("label", list(LEARNING_SETUPS))
@@ -41,5 +49,9 @@ def test_method_lifts_held_out_exact_match(demo_base, tmp_path, label):
     method, lr = LEARNING_SETUPS[label]
     r = finetune(base, tmp_path, DemoPlan(), method=method, lr=lr, log=lambda *_: None)
     assert r["exact_match_before"] < 0.05, r
+    if label in LOSS_WORST:
+        before = r["held_out_loss_before"]
+        assert r["held_out_loss_after"] <= before - (before - LOSS_WORST[label]) / 2, (label, r)
+        return
     assert r["exact_match_after"] >= r["exact_match_before"] + margin(label), (label, r["exact_match_after"],
                                                                                 margin(label))
