@@ -246,7 +246,7 @@ class SoftPrompts(AdapterLayer):
         self.active: tuple[str, ...] | PerExample = ()
         self.__dict__["decoder"] = decoder  # not a child: the decoder is the model's, not this layer's
         self.__dict__["building"] = False
-        self.__dict__["handle"] = decoder.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        decoder.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         self.__dict__["cache_key"] = "cache" if _takes(decoder, "cache") else "past_key_values"
 
     def adapter_names(self) -> list[str]:
@@ -272,7 +272,12 @@ class SoftPrompts(AdapterLayer):
             p.requires_grad_(True)
 
     def remove(self) -> None:
-        self.handle.remove()
+        """Take this container's hook off the decoder (found by owner, so a deep copy of the model removes its own
+        copy's hook, not the original's)."""
+        hooks = self.decoder._forward_pre_hooks
+        for key in [k for k, h in hooks.items() if getattr(h, "__self__", None) is self]:
+            del hooks[key]
+            self.decoder._forward_pre_hooks_with_kwargs.pop(key, None)
 
     # -------------------------------------------------------------------------------------------- the prefix
     def _selections(self, batch: int) -> list[tuple[str, ...]]:
