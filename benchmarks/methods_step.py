@@ -120,6 +120,13 @@ def child_peft(a) -> dict:
     torch.manual_seed(SEED)
     base = bnb_nf4_model(a.workdir) if a.method == "qlora" else llama_model()
     model = peft.get_peft_model(base, METHODS[a.method][1](peft))
+    return plain_loop(model, a)
+
+
+def plain_loop(model, a) -> dict:
+    """What the anchors' users write: AdamW over the trainable tensors, forward with labels, backward, step."""
+    import torch
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     model.train()
@@ -148,21 +155,7 @@ def child_adapterhub(a) -> dict:
     adapters.init(model)
     model.add_adapter("bench", config=ADAPTERHUB[a.method](adapters))
     model.train_adapter("bench")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-    model.train()
-    rows = load_rows(a.ids)
-    times, losses = [], []
-    for step in range(a.warmup + a.steps):
-        t0 = time.perf_counter()
-        ids = torch.tensor(rows[step * BATCH:(step + 1) * BATCH], dtype=torch.long)
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        times.append(time.perf_counter() - t0)
-    return {**step_stats(times, a.warmup), "trainable_params": sum(p.numel() for p in params), "losses": losses,
+    return {**plain_loop(model, a),
             "versions": {"adapters": adapters.__version__, "transformers": __import__("transformers").__version__}}
 
 

@@ -109,6 +109,15 @@ def test_method_trains_saves_reloads_and_merges(smol, case, tmp_path):
         assert not any("4bit" in type(m).__name__.lower() for m in fresh.modules())
 
 
+def _trained_looking(model, scale):
+    """Every trainable tensor moved off its init (an adapter whose factors are all non-zero); eval mode."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in trainable_parameters(model).values():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    model.eval()
+
+
 @pytest.mark.parametrize("case", ["lora", "ia3", "lokr"])
 def test_peft_loads_the_adapter_with_equal_logits(smol, smollm2_dir, case, tmp_path):
     from peft import PeftModel
@@ -119,11 +128,7 @@ def test_peft_loads_the_adapter_with_equal_logits(smol, smollm2_dir, case, tmp_p
     model = copy.deepcopy(base)
     cfg = _cfg(case)
     apply_methods(model, [cfg])
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # a trained-looking adapter: every factor non-zero
-        for p in trainable_parameters(model).values():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    model.eval()
+    _trained_looking(model, 0.02)
     ours = _logits(model, ids, mask)
     save_adapter(model, [cfg], tmp_path / "adapter", base_path=str(smollm2_dir))
     hf = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32)
@@ -188,11 +193,7 @@ def test_soft_prompt_peft_interop_both_ways(smol, smollm2_dir, case, tmp_path):
     cfg = METHODS[name].Config(**kw)
     model = copy.deepcopy(base)
     apply_methods(model, [cfg])
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in trainable_parameters(model).values():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    model.eval()
+    _trained_looking(model, 0.05)
     ours = _logits(model, ids, mask)
     save_adapter(model, [cfg], tmp_path / "adapter", base_path=str(smollm2_dir))
     hf = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32)
