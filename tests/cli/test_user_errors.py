@@ -24,9 +24,9 @@ def _run(argv, capsys):
 def test_unsupported_peft_adapter_type(tmp_path, capsys):
     ad = tmp_path / "pt"
     ad.mkdir()
-    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}))
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": "VERA", "r": 4}))
     line = _run(["generate", "--model", "tiny:llama", "--adapter", str(ad), "--prompt", "a"], capsys)
-    assert str(ad / "adapter_config.json") in line and "'PROMPT_TUNING'" in line and "peft.PeftModel" in line
+    assert str(ad / "adapter_config.json") in line and "'VERA'" in line and "peft.PeftModel" in line
 
 
 def test_adapter_with_only_pickle_weights(tmp_path, capsys):
