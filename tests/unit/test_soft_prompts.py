@@ -249,3 +249,47 @@ def test_models_that_cannot_hold_a_prefix_are_refused():
 
     with pytest.raises(ValueError, match="takes no KV cache"):
         SP.check_model(NoCache(), "prompt_tuning")
+
+
+def test_training_rows_draw_their_own_dropout_on_the_virtual_tokens():
+    """In training with dropout each row runs the virtual tokens with its own mask (as PEFT's per-row [P; E(x)]),
+    not one mask broadcast to the batch; in eval the prefix is computed once and shared."""
+    from tuneforge.methods._scope import adapter_layers
+
+    model, _ = build_tiny("gpt2")  # dropout 0.1 in its config
+    apply_methods(model, [METHODS["prompt_tuning"].Config(num_virtual_tokens=4)])
+    c = SP.container(model)
+    ids = _ids(1, 6).repeat(2, 1)
+    seen = {}
+
+    def grab(module, args, kwargs, output):
+        seen["cache"] = kwargs.get("cache", kwargs.get("past_key_values"))
+
+    h = model.base_model.register_forward_hook(grab, with_kwargs=True)
+    try:
+        model.train()
+        torch.manual_seed(0)
+        model(ids)
+        k = seen["cache"].layers[0].keys[:, :, :4]
+        assert not torch.equal(k[0], k[1])
+        model.eval()
+        model(ids)
+        k = seen["cache"].layers[0].keys[:, :, :4]
+        assert torch.equal(k[0], k[1])
+    finally:
+        h.remove()
+    assert adapter_layers(model) == [c]
+
+
+def test_gradient_checkpointing_and_static_caches_are_refused_with_the_reason():
+    model, _ = build_tiny("llama")
+    apply_methods(model, [METHODS["prefix_tuning"].Config(num_virtual_tokens=3)])
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(_ids())
+    model.gradient_checkpointing_disable()
+    model.eval()
+    with pytest.raises(ValueError, match="dynamic KV cache"):
+        model.generate(input_ids=_ids(1, 5), max_new_tokens=2, do_sample=False, cache_implementation="static",
+                       pad_token_id=0)

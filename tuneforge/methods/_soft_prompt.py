@@ -26,10 +26,13 @@ directly. Either way the prefix enters through the model's own KV cache, so
 
 **Per-example selection.** In a mixed batch each row gets its adapter's prefix (rows of different prefix lengths
 are left-aligned with masked slots in front: ``[pad][prefix][input]``), a row with no soft-prompt adapter gets an
-all-masked prefix, so a mixed batch equals its rows run one by one.
+all-masked prefix, so a mixed batch equals its rows run one by one. Input-level prompts are computed once per
+adapter and shared by its rows, except while training with dropout: then each row runs them with its own dropout
+mask, as PEFT's per-row ``[P; E(x)]`` does.
 
-What cannot combine fails before training: a 4D attention mask (packed rows; shared-prompt scoring is skipped while
-a soft prompt is active), a model whose decoder takes no KV cache or no position ids.
+What cannot combine fails with the reason: a 4D attention mask (packed rows are refused at config time;
+shared-prompt scoring is skipped while a soft prompt is active), a model whose decoder takes no KV cache or no
+position ids, gradient checkpointing (its layers drop the cache), a static KV cache.
 """
 
 from __future__ import annotations
@@ -334,30 +337,41 @@ class SoftPrompts(AdapterLayer):
                 n += m
         return [(layer.keys, layer.values) for layer in cache.layers], n
 
+    def _noisy(self, selections: list[tuple[str, ...]]) -> bool:
+        """Whether the virtual tokens' own forward draws dropout noise (training, dropout > 0, an input-level
+        prompt): then each row runs it separately, as ``[P; E(x)]`` per row would, instead of sharing one mask."""
+        if not self.decoder.training:
+            return False
+        if not any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.decoder.modules()):
+            return False
+        return any(mod.kind == "input" for s in selections for n in s for mod in self.prompts[n].values())
+
     def _fill(self, cache, selections: list[tuple[str, ...]], device: torch.device):
         """Put the batch's prefixes into ``cache``; returns (prefix width, per-row lengths: an int when equal)."""
-        uniq = {s: self._prefix_of(s, device) for s in dict.fromkeys(selections) if s}
         B = len(selections)
-        lengths = [uniq[s][1] if s else 0 for s in selections]
+        if self._noisy(selections):
+            rows = [self._prefix_of(s, device) if s else None for s in selections]
+        else:
+            uniq = {s: self._prefix_of(s, device) for s in dict.fromkeys(selections) if s}
+            if len(uniq) == 1 and all(selections):  # one prefix for every row: broadcast it
+                kv, width = next(iter(uniq.values()))
+                for layer, (k, v) in enumerate(kv):
+                    cache.update(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), layer)
+                return width, width
+            rows = [uniq[s] if s else None for s in selections]
+        lengths = [r[1] if r else 0 for r in rows]
         width = max(lengths)
-        if len(uniq) == 1 and all(selections):
-            kv, _ = next(iter(uniq.values()))
-            for layer, (k, v) in enumerate(kv):
-                cache.update(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), layer)
-            return width, width
-        n_layers = len(next(iter(uniq.values()))[0])
-        for layer in range(n_layers):
+        some = next(r for r in rows if r)
+        for layer in range(len(some[0])):
+            ref = some[0][layer][0]
             ks, vs = [], []
-            for s, length in zip(selections, lengths):
-                if s:
-                    k, v = uniq[s][0][layer]
-                else:
-                    k = v = None
-                ref = next(iter(uniq.values()))[0][layer][0]
+            for r, length in zip(rows, lengths):
                 pad = ref.new_zeros(1, ref.shape[1], width - length, ref.shape[3])
-                ks.append(torch.cat([pad, k], 2) if k is not None else pad)
-                vs.append(torch.cat([pad, v], 2) if v is not None else pad)
+                ks.append(torch.cat([pad, r[0][layer][0]], 2) if r else pad)
+                vs.append(torch.cat([pad, r[0][layer][1]], 2) if r else pad)
             cache.update(torch.cat(ks), torch.cat(vs), layer)
+        if len(set(lengths)) == 1:
+            return width, width
         return width, torch.tensor(lengths, device=device)
 
     def _pre_hook(self, module, args, kwargs):
@@ -372,8 +386,16 @@ class SoftPrompts(AdapterLayer):
         selections = self._selections(B)
         if not any(selections):
             return None
+        if getattr(self.decoder, "gradient_checkpointing", False) and self.decoder.training:
+            raise ValueError("soft prompts cannot train under gradient checkpointing: its layers drop the KV cache "
+                             "that carries the virtual tokens; call model.gradient_checkpointing_disable()")
         cache = kwargs.pop("cache", None)
         cache = kwargs.pop("past_key_values", None) if cache is None else cache
+        from transformers import DynamicCache
+
+        if cache is not None and not isinstance(cache, DynamicCache):
+            raise ValueError(f"soft prompts need a dynamic KV cache, not {type(cache).__name__}; generate with "
+                             "cache_implementation='dynamic' (the default)")
         mark = getattr(cache, MARK, None) if cache is not None else None
         if mark is None:
             if cache is not None and cache.get_seq_length() > 0:
