@@ -138,7 +138,7 @@ def test_peft_loads_the_adapter_with_equal_logits(smol, smollm2_dir, case, tmp_p
 
 SOFT = {  # case -> (method name, config, learning rate, whether PEFT's logits include the virtual positions)
     "prompt_tuning": ("prompt_tuning", {"num_virtual_tokens": 8}, 5e-2, True),
-    "p_tuning": ("p_tuning", {"num_virtual_tokens": 8, "encoder_hidden_size": 64}, 1e-2, True),
+    "p_tuning": ("p_tuning", {"num_virtual_tokens": 8, "encoder_hidden_size": 64}, 2e-3, True),
     "prefix_tuning": ("prefix_tuning", {"num_virtual_tokens": 8}, 3e-2, False),
     "prefix_projection": ("prefix_tuning", {"num_virtual_tokens": 8, "projection": True,
                                             "encoder_hidden_size": 64}, 1e-3, False),
@@ -155,6 +155,7 @@ def test_soft_prompt_trains_saves_reloads_and_refuses_merge(smol, case, tmp_path
     name, kw, lr, _ = SOFT[case]
     cfg = METHODS[name].Config(**kw)
     model = copy.deepcopy(base)
+    torch.manual_seed(0)  # the initial prompt (sampled vocabulary, random encoder input) draws from the global RNG
     apply_methods(model, [cfg], tokenizer=tok)
     opt = torch.optim.AdamW(list(trainable_parameters(model).values()), lr=lr, weight_decay=0.0)
     model.train()
@@ -192,6 +193,7 @@ def test_soft_prompt_peft_interop_both_ways(smol, smollm2_dir, case, tmp_path):
     n = kw["num_virtual_tokens"]
     cfg = METHODS[name].Config(**kw)
     model = copy.deepcopy(base)
+    torch.manual_seed(0)
     apply_methods(model, [cfg])
     _trained_looking(model, 0.05)
     ours = _logits(model, ids, mask)
@@ -201,8 +203,12 @@ def test_soft_prompt_peft_interop_both_ways(smol, smollm2_dir, case, tmp_path):
     theirs = _logits(pm, ids, mask)
     theirs = theirs[:, n:] if shifted else theirs
     real = mask.bool()
-    assert (theirs - ours)[real].abs().max().item() < 1e-4
+    # P-tuning's perturbed encoder puts out virtual tokens 2.6x the norm of SmolLM2's token embeddings, and the
+    # model is that much more sensitive to rounding there: even in float64, where only the fp32 rounding of PEFT's
+    # saved prompt_embeddings differs, the two agree to 1.7e-4 (logits up to ~26); fp32 measured 3.2e-3
+    tol = 5e-3 if case == "p_tuning" else 1e-4
+    assert (theirs - ours)[real].abs().max().item() < tol
     pm.save_pretrained(str(tmp_path / "peft"))  # PEFT's own file (its inference layout) back into tuneforge
     fresh = copy.deepcopy(base)
     load_adapter(fresh, tmp_path / "peft")
-    assert (_logits(fresh.eval(), ids, mask) - ours)[real].abs().max().item() < 1e-4
+    assert (_logits(fresh.eval(), ids, mask) - ours)[real].abs().max().item() < tol
