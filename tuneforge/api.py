@@ -53,6 +53,9 @@ def seed_everything(seed: int) -> None:
 
 def check_targets(cfg: RunConfig, tok=None) -> None:
     """Apply the methods to a weightless (meta-device) copy of the model: a wrong target fails in milliseconds."""
+    problems = fusion_problems(cfg)  # before the members' weights are read
+    if problems:
+        raise ConfigError(problems, "config")
     model = meta_model(cfg.model)
     try:
         apply_methods(model, cfg.method, tokenizer=tok)
@@ -61,6 +64,23 @@ def check_targets(cfg: RunConfig, tok=None) -> None:
     problems = soft_prompt_problems(cfg, model)
     if problems:
         raise ConfigError(problems, "config")
+
+
+def fusion_problems(cfg: RunConfig) -> list[tuple[str, str]]:
+    """AdapterFusion members trained on another base model than this run's (their files record it)."""
+    from tuneforge.methods import METHODS_FILE
+
+    out, base = [], base_model_reference(cfg.model)
+    for i, m in enumerate(cfg.method):
+        if m.name != "adapter_fusion" or m.members is not None:
+            continue
+        for j, path in enumerate(m.adapters):
+            f = Path(path) / METHODS_FILE
+            recorded = json.loads(f.read_text()).get("base_model_name_or_path") if f.exists() else None
+            if recorded and recorded != base:
+                out.append((f"method[{i}].adapters[{j}]", f"{path} was trained on {recorded}, this run's base is "
+                            f"{base}; fuse adapters trained on the same base model"))
+    return out
 
 
 def soft_prompt_problems(cfg: RunConfig, model) -> list[tuple[str, str]]:

@@ -431,9 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--model", required=True, help="model directory (config.json), preset (llama-3-8b, tiny:llama, "
                     "...) or parameter count (7b, 70e9)")
     es.add_argument("--method", default="full", help="none, full, freeze, lora, qlora, ia3, bitfit, "
-                    "prompt_tuning, p_tuning, prefix_tuning, p_tuning_v2, houlsby, pfeiffer, parallel, scaled_parallel")
+                    "prompt_tuning, p_tuning, prefix_tuning, p_tuning_v2, houlsby, pfeiffer, parallel, scaled_parallel, "
+                    "compacter, compacter_pp, adapter_bias")
     es.add_argument("--virtual-tokens", type=int, default=20, help="soft prompts: n virtual tokens")
-    es.add_argument("--bottleneck", type=int, default=0, help="bottleneck adapters: m (0 = hidden / 16)")
+    es.add_argument("--bottleneck", type=int, default=0, help="bottleneck adapters: m (0 = hidden / 16; "
+                    "compacter: hidden / 32)")
     es.add_argument("--rank", type=int, default=8, help="LoRA rank")
     es.add_argument("--targets", help="LoRA targets, comma-separated (default: every block projection)")
     es.add_argument("--top-k", type=int, default=1, help="freeze: train the top k blocks")

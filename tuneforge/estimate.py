@@ -44,7 +44,10 @@ NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4-bit codes, 8-bit absmax per 64 weig
 ADAM8_BYTES = 2 * (1 + 4 / 2048)  # two 8-bit moments, fp32 absmax per 2048-value block each
 HEAD_CHUNK_ELEMENTS = 1 << 22  # tuneforge.algorithms._head_logps.CHUNK_ELEMENTS (asserted by a test)
 SOFT_PROMPTS = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2")
-BOTTLENECKS = ("houlsby", "pfeiffer", "parallel", "scaled_parallel")
+BOTTLENECKS = ("houlsby", "pfeiffer", "parallel", "scaled_parallel", "compacter", "compacter_pp", "adapter_bias")
+# where each bottleneck-family method sits (its activations follow that placement's)
+PLACED_AS = {"compacter": "houlsby", "compacter_pp": "pfeiffer", "adapter_bias": "parallel"}
+PHM_N = 4  # Compacter's n (and rank 1): its defaults
 METHODS = ("none", "full", "freeze", "lora", "qlora", "ia3", "bitfit", *SOFT_PROMPTS, *BOTTLENECKS)
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 DTYPE_DIVISOR = {32: 1, 16: 2, 8: 4, 4: 8}  # can-it-run-llm: fp32 size / this ("float16/bfloat16", "int8", "int4")
@@ -302,6 +305,11 @@ def _additive(a: Arch, method: str, n: int, m: int) -> int:
         return n * a.hidden + 3 * (a.hidden * a.hidden + a.hidden)
     if method in ("prefix_tuning", "p_tuning_v2"):
         return n * a.layers * 2 * kv
+    if method == "adapter_bias":  # v (d) and L_α (d -> 1, with bias) per block
+        return a.layers * (2 * a.hidden + 1)
+    if method in ("compacter", "compacter_pp"):  # PHM D and U: (m + d) each at rank 1, biases, 2 n^3 shared rules
+        per = 2 * (m + a.hidden) + m + a.hidden
+        return a.layers * (2 if method == "compacter" else 1) * per + 2 * PHM_N ** 3
     per = 2 * a.hidden * m + m + a.hidden + (method == "scaled_parallel")
     return a.layers * (2 if method == "houlsby" else 1) * per
 
@@ -320,6 +328,10 @@ def _additive_activations(a: Arch, method: str, per_block: float, attn_part: flo
       follows block 0's attention, so block 0's MLP is in it; Pfeiffer's and the parallel adapter's follow block
       0's MLP, so none of block 0 is)."""
     N = batch * seq
+    # Compacter's PHM layers build each weight per step (kept for backward: W, m x d, and the n factors s_i t_i,
+    # m d / n), and GELU keeps its m-wide input beside the up-projection's input
+    phm = (N * m * 4 + 2 * (m * a.hidden + m * a.hidden // PHM_N) * 4) if method.startswith("compacter") else 0
+    method = PLACED_AS.get(method, method)
     if method in SOFT_PROMPTS:
         kv_plain = 2 * a.kv_heads * a.hd * act  # K and V per token as the block model counts them
         per_layer = (N * (per_block - kv_plain) + 2 * batch * a.heads * (seq + n) * a.hd * act
@@ -331,7 +343,7 @@ def _additive_activations(a: Arch, method: str, per_block: float, attn_part: flo
     scaled = a.hidden * 4 if method == "scaled_parallel" else 0  # U f(D x), kept for the gradient of the learned s
     # the block model leaves out the lowest block's input (no gradient below it); here it comes from an adapter
     entry = a.hidden * (4 if a.gated else act)
-    return N * ((a.layers - 1) * per_block + lowest + adapters * ((a.hidden + m) * 4 + scaled) + entry)
+    return N * ((a.layers - 1) * per_block + lowest + adapters * ((a.hidden + m) * 4 + scaled) + entry) + adapters * phm
 
 
 def _saved_per_token(a: Arch, plan: dict, act: int, rank: int) -> tuple[float, float]:
@@ -370,7 +382,8 @@ def estimate(model, method: str = "full", bits: int = 16, batch: int = 1, seq: i
              rank: int = 8, targets: list[str] | None = None, top_k: int = 1, device: str = "cuda",
              overhead: int = 0, virtual_tokens: int = 20, bottleneck: int = 0) -> Estimate:
     """Memory of ``method`` training (and of serving the result) at ``bits`` for ``batch`` x ``seq`` tokens.
-    ``virtual_tokens``: a soft prompt's n; ``bottleneck``: an adapter's m (0 = hidden / 16).
+    ``virtual_tokens``: a soft prompt's n; ``bottleneck``: an adapter's m (0 = hidden / 16; Compacter's
+    hidden / 32 rounded up to a multiple of 4).
 
     ``device`` matters only for the optimizer's temporaries: tuneforge's AdamW runs per tensor on CPU (two
     temporaries the size of the largest tensor) and ``foreach`` on GPU (one the size of all trainable tensors)."""
@@ -411,6 +424,9 @@ def estimate(model, method: str = "full", bits: int = 16, batch: int = 1, seq: i
     plan = _plan(m, method, targets, top_k)
     n_train, biggest = _trainable(m, plan, rank) if method != "none" else (0, 0)
     width = bottleneck or max(1, m.hidden // 16)
+    if method in ("compacter", "compacter_pp") and not bottleneck:  # d / 32, up to a multiple of n
+        width = max(PHM_N, -(-(m.hidden // 32) // PHM_N) * PHM_N)
+    width = 1 if method == "adapter_bias" else width
     additive = method in SOFT_PROMPTS + BOTTLENECKS
     if additive:
         n_train = _additive(m, method, virtual_tokens, width)

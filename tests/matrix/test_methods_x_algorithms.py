@@ -25,6 +25,10 @@ METHODS = {  # name -> method config on the tiny llama (bias-free: bitfit adds b
     "p_tuning": {"name": "p_tuning", "num_virtual_tokens": 3, "encoder": "lstm", "encoder_hidden_size": 8},
     "p_tuning_v2": {"name": "p_tuning_v2", "num_virtual_tokens": 3},
     "mam": [{"name": "prefix_tuning", "num_virtual_tokens": 3}, {"name": "parallel", "bottleneck": 4}],
+    "compacter": {"name": "compacter", "bottleneck": 4}, "compacter_pp": {"name": "compacter_pp", "bottleneck": 8},
+    "adapter_bias": {"name": "adapter_bias"},
+    "adapter_drop": [{"name": "houlsby", "bottleneck": 4}, {"name": "adapter_drop", "drop_layers": 1, "random": True}],
+    "adapter_fusion": {"name": "adapter_fusion", "adapters": "MEMBERS"},  # two Pfeiffer adapters (``files``)
 }
 ONLINE = {"max_new_tokens": 4, "rewards": [{"name": "length", "target": 2}]}
 ALGORITHM_CONFIGS = {
@@ -44,9 +48,29 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("matrix")
     judge = d / "judge.py"
     judge.write_text("def shorter(prompt, a, b):\n    return 1.0 if len(a) < len(b) else 0.0\n")
-    return {"pc": write_jsonl(d / "pc.jsonl", make_examples("copy", 24, seed=1)),
+    return {"members": _fusion_members(d),
+            "pc": write_jsonl(d / "pc.jsonl", make_examples("copy", 24, seed=1)),
             "pref": write_jsonl(d / "pref.jsonl", preference_pairs("reverse", 24, seed=1)),
             "judge": f"{judge}:shorter"}
+
+
+def _fusion_members(d) -> list[str]:
+    """Two trained-looking Pfeiffer adapters on the tiny llama, for AdapterFusion's row."""
+    from tuneforge.methods import METHODS as REGISTRY
+    from tuneforge.methods import apply_methods, save_adapter
+    from tuneforge.methods._inject import trainable_parameters
+    from tuneforge.models.tiny import build_tiny
+
+    out = []
+    for i in range(2):
+        model, cfg = build_tiny("llama")[0], REGISTRY["pfeiffer"].Config(bottleneck=4)
+        apply_methods(model, [cfg])
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in trainable_parameters(model).values():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        out.append(str(save_adapter(model, [cfg], d / f"member{i}")))
+    return out
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -58,7 +82,9 @@ def test_method_trains_under_algorithm(method, algorithm, files, tmp_path):
     data = files["pref"] if algorithm in ("reward", "dpo", "orpo") else files["pc"]
     cfg = base_config(tmp_path, data, max_steps=3, batch_size=2, learning_rate=1e-2)
     m = METHODS[method]
-    cfg.update(method=m if isinstance(m, list) else [m], algorithm=algo)
+    m = [{**c, "adapters": files["members"]} if c.get("adapters") == "MEMBERS" else c
+         for c in (m if isinstance(m, list) else [m])]
+    cfg.update(method=m, algorithm=algo)
     before = {}
 
     def snapshot(loop):

@@ -102,7 +102,8 @@ def _tiny_llama():
 
 ADDITIVE = [("prompt_tuning", {"num_virtual_tokens": 10}), ("p_tuning", {"num_virtual_tokens": 10}),
             ("prefix_tuning", {"num_virtual_tokens": 10}), ("p_tuning_v2", {"num_virtual_tokens": 7}),
-            ("houlsby", {}), ("pfeiffer", {"bottleneck": 24}), ("parallel", {}), ("scaled_parallel", {})]
+            ("houlsby", {}), ("pfeiffer", {"bottleneck": 24}), ("parallel", {}), ("scaled_parallel", {}),
+            ("compacter", {}), ("compacter_pp", {"bottleneck": 24}), ("adapter_bias", {})]
 
 
 def _est_kw(kw):

@@ -19,6 +19,8 @@ CONFIGS = {  # method -> config on the tiny llama (bias-free, so bitfit adds bia
     "lora": {"rank": 4}, "dora": {"rank": 4, "dora": True, "name": "lora"},
     "lokr": {"rank": 2}, "ia3": {}, "qlora": {"rank": 4},
     "houlsby": {"bottleneck": 8}, "pfeiffer": {}, "parallel": {"reduction_factor": 8}, "scaled_parallel": {},
+    "compacter": {}, "compacter_pp": {"bottleneck": 8}, "adapter_bias": {},
+    "phm_adapter": {"name": "compacter", "factorized": False, "shared_rules": False, "phm_dim": 2, "bottleneck": 6},
     "prompt_tuning": {"num_virtual_tokens": 4}, "p_tuning": {"num_virtual_tokens": 3, "encoder_hidden_size": 16},
     "p_tuning_lstm": {"num_virtual_tokens": 3, "encoder": "lstm", "encoder_hidden_size": 8, "name": "p_tuning"},
     "prefix_tuning": {"num_virtual_tokens": 3},
@@ -27,8 +29,9 @@ CONFIGS = {  # method -> config on the tiny llama (bias-free, so bitfit adds bia
     "p_tuning_v2": {"num_virtual_tokens": 2},
 }
 SOFT = ["prompt_tuning", "p_tuning", "p_tuning_lstm", "prefix_tuning", "prefix_projection", "p_tuning_v2"]
-BOTTLENECK = ["houlsby", "pfeiffer", "parallel", "scaled_parallel"]  # non-linear: not mergeable
-IDENTITY_AT_INIT = ["bitfit", "diff_pruning", "sparse", "lora", "dora", "lokr", "ia3", *BOTTLENECK]
+# not mergeable (non-linear, or, AdapterBias, reading another point than it writes)
+BOTTLENECK = ["houlsby", "pfeiffer", "parallel", "scaled_parallel", "compacter", "compacter_pp", "adapter_bias"]
+IDENTITY_AT_INIT = ["bitfit", "diff_pruning", "sparse", "lora", "dora", "lokr", "ia3", *BOTTLENECK, "phm_adapter"]
 ADAPTERS = ["bitfit", "diff_pruning", "sparse", "lora", "dora", "lokr", "ia3", "qlora"]  # mergeable
 
 
@@ -73,6 +76,10 @@ def expected_trainable(key, model) -> int:
             (a, b), (cc, d) = factorization(o), factorization(i)
             total += a * cc + ((b + d) * c.rank if c.rank < max(b, d) / 2 else b * d)
         return total
+    if key in ("compacter", "compacter_pp", "phm_adapter"):
+        return compacter_trainable(key, model.config.hidden_size, len(arch.blocks(model)))
+    if key == "adapter_bias":  # v (d) and L_α (d -> 1, with bias) per block
+        return len(arch.blocks(model)) * (2 * model.config.hidden_size + 1)
     if key in BOTTLENECK:  # D (m x d) + its bias, U (d x m) + its bias per adapted sub-layer, a learned s each
         d = model.config.hidden_size
         m = c.bottleneck or int(d // (c.reduction_factor or 16))
@@ -84,6 +91,19 @@ def expected_trainable(key, model) -> int:
         return sum(o if not p.endswith("down_proj") else i for p, (i, o) in lin.items()
                    if p.rsplit(".", 1)[-1] in ("k_proj", "v_proj", "down_proj"))
     raise KeyError(key)
+
+
+def compacter_trainable(key, d: int, blocks: int, **kw) -> int:
+    """Per adapted sub-layer: D and U as PHM layers, each r (k + d) numbers (s_i: k/n x r, t_i: r x d/n, n of
+    each) or, unfactorised, n (k/n)(d/n) = k d / n, plus the biases m + d; the rules 2 n^3 once (shared) or per
+    sub-layer. Karimi Mahabadi et al. 2021, sec. 3.4."""
+    from tuneforge.methods.compacter import width
+
+    c = cfg_of(key, **kw)
+    n, r, m = c.phm_dim, c.phm_rank, width(c, d)
+    per = (2 * r * (m + d) if c.factorized else 2 * m * d // n) + m + d
+    sites = blocks * (2 if c.name == "compacter" else 1)  # Houlsby's two places, or Pfeiffer's one
+    return sites * per + (2 * n ** 3 if c.shared_rules else sites * 2 * n ** 3)
 
 
 def soft_prompt_trainable(key, config, **kw) -> int:
@@ -106,7 +126,8 @@ def soft_prompt_trainable(key, config, **kw) -> int:
     return n * d + lstm + (2 * h * 2 * h + 2 * h) + (2 * h * d + d)
 
 
-@pytest.mark.parametrize("key", ["prompt_tuning", "prefix_tuning", "p_tuning_v2", "p_tuning", "houlsby", "pfeiffer"])
+@pytest.mark.parametrize("key", ["prompt_tuning", "prefix_tuning", "p_tuning_v2", "p_tuning", "houlsby", "pfeiffer",
+                                 "compacter", "compacter_pp", "adapter_bias"])
 def test_trainable_count_on_a_gpt3_175b_shaped_model(key):
     """The closed forms at GPT-3 175B's shape (96 layers, d 12288, 96 heads; Brown et al. 2020, table 2.1), on a
     weightless (meta-device) model: prompt tuning 20 x 12288 = 245,760 numbers; a 20-token prefix 47.2M."""
@@ -116,10 +137,16 @@ def test_trainable_count_on_a_gpt3_175b_shaped_model(key):
                          intermediate_size=4 * 12288, vocab_size=50257, max_position_embeddings=2048)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    c = cfg_of(key, **({"num_virtual_tokens": 20} if key in SOFT else {}))
+    kw = {"num_virtual_tokens": 20} if key in SOFT else {"bottleneck": None} if "compacter" in key else {}
+    c = cfg_of(key, **kw)
     apply_methods(model, [c])
     if key in SOFT:
         want = soft_prompt_trainable(key, config, num_virtual_tokens=20)
+    elif key in ("compacter", "compacter_pp"):  # m = 12288 / 32 = 384: a Compacter++ is 3.6M numbers, 0.002%
+        want = compacter_trainable(key, 12288, 96, **kw)
+        assert key != "compacter_pp" or want == 96 * (2 * (384 + 12288) + 384 + 12288) + 128 == 3_649_664
+    elif key == "adapter_bias":  # 96 x (2 x 12288 + 1): the seed documents' L x 2 x d_h
+        want = 96 * (2 * 12288 + 1)
     else:
         m = c.bottleneck or 12288 // 16
         want = 96 * (2 if key == "houlsby" else 1) * (2 * 12288 * m + m + 12288)
@@ -145,7 +172,7 @@ def test_identity_at_init(key):
     assert torch.equal(model(_ids()).logits, ref)
 
 
-@pytest.mark.parametrize("key", ADAPTERS + BOTTLENECK + SOFT)
+@pytest.mark.parametrize("key", ADAPTERS + BOTTLENECK + ["phm_adapter"] + SOFT)
 def test_save_load_round_trip(tmp_path, key):
     model, _ = build_tiny("llama")
     cfg = cfg_of(key)
@@ -203,7 +230,7 @@ def test_bottleneck_adapters_refuse_merge_and_unload_to_the_base(key, preset):
     apply_methods(model, [cfg])
     _perturb(model)
     assert not torch.allclose(model(_ids()).logits, ref, atol=1e-4)  # the perturbed adapter acts
-    with pytest.raises(ValueError, match="non-linear"):
+    with pytest.raises(ValueError, match="cannot be folded into the base weights"):
         merge_methods(model, [cfg])
     METHODS[key].unload(model)
     assert not any(getattr(m, "is_adapter_layer", False) for m in model.modules())

@@ -24,15 +24,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tuneforge.methods import (bitfit, diff_pruning, freeze, full, houlsby, ia3, lokr, lora, p_tuning, p_tuning_v2,
-                               parallel, pfeiffer, prefix_tuning, prompt_tuning, qlora, scaled_parallel, sparse)
+from tuneforge.methods import (adapter_bias, adapter_drop, adapter_fusion, bitfit, compacter, compacter_pp,
+                               diff_pruning, freeze, full, houlsby, ia3, lokr, lora, p_tuning, p_tuning_v2, parallel,
+                               pfeiffer, prefix_tuning, prompt_tuning, qlora, scaled_parallel, sparse)
 from tuneforge.methods._inject import count_parameters, freeze_all
 from tuneforge.methods._scope import adapter_layers, adapter_scope, set_active
 
 METHODS = {"full": full, "freeze": freeze, "bitfit": bitfit, "diff_pruning": diff_pruning, "sparse": sparse,
            "lora": lora, "qlora": qlora, "lokr": lokr, "ia3": ia3, "houlsby": houlsby, "pfeiffer": pfeiffer,
            "parallel": parallel, "scaled_parallel": scaled_parallel, "prompt_tuning": prompt_tuning,
-           "prefix_tuning": prefix_tuning, "p_tuning": p_tuning, "p_tuning_v2": p_tuning_v2}
+           "prefix_tuning": prefix_tuning, "p_tuning": p_tuning, "p_tuning_v2": p_tuning_v2, "compacter": compacter,
+           "compacter_pp": compacter_pp, "adapter_bias": adapter_bias, "adapter_drop": adapter_drop,
+           "adapter_fusion": adapter_fusion}
 SOFT_PROMPTS = ("prompt_tuning", "prefix_tuning", "p_tuning", "p_tuning_v2")  # virtual tokens (``_soft_prompt``)
 METHOD_CONFIGS = {name: mod.Config for name, mod in METHODS.items()}
 PEFT_TYPES: dict[str, str] = {}  # PEFT's type -> our method; the first listed wins (LORA -> lora, not qlora)
@@ -53,9 +56,12 @@ class NothingToTrainError(ValueError):
     pass
 
 
-WRAPS_SUBLAYERS = ("houlsby", "pfeiffer", "parallel", "scaled_parallel")  # bottleneck adapters (``_bottleneck``)
-# methods that may follow them in a list (soft prompts touch no layer)
-AFTER_SUBLAYERS_OK = WRAPS_SUBLAYERS + ("full", "freeze", "prompt_tuning", "prefix_tuning", "p_tuning", "p_tuning_v2")
+# bottleneck adapters (``_bottleneck``)
+WRAPS_SUBLAYERS = ("houlsby", "pfeiffer", "parallel", "scaled_parallel", "compacter", "compacter_pp", "adapter_bias",
+                   "adapter_fusion")
+# methods that may follow them in a list (soft prompts touch no layer; AdapterDrop acts on them)
+AFTER_SUBLAYERS_OK = WRAPS_SUBLAYERS + ("full", "freeze", "prompt_tuning", "prefix_tuning", "p_tuning", "p_tuning_v2",
+                                        "adapter_drop")
 
 
 def method_order_error(names: list[str]) -> str | None:
@@ -200,7 +206,9 @@ def save_adapter(model: nn.Module, cfgs: list, out_dir: str | Path, adapter: str
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    methods = [c.model_dump(mode="json") for c in cfgs]
+    # a method may complete its config from the model (AdapterFusion records its members' configs)
+    methods = [getattr(METHODS[c.name], "saved_config", lambda m, c, a: c)(model, c, adapter).model_dump(mode="json")
+               for c in cfgs]
     if _is_peft_native(cfgs):
         config = {k: v for k, v in METHODS[cfgs[0].name].peft_config(model, cfgs[0], base_path).items()
                   if not k.startswith("tuneforge")}

@@ -32,7 +32,8 @@ from tuneforge.methods._inject import find_targets, replace_module
 from tuneforge.methods._scope import AdapterLayer, PerExample
 from tuneforge.models import arch
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh}
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh,
+               "identity": lambda x: x}  # identity: AdapterBias's linear shift
 DEFAULT_REDUCTION = 16  # m = d / 16 (AdapterHub's default reduction factor)
 INIT_STD = 1e-2  # D's initial scale (AdapterHub's and Houlsby's near-zero initialisation)
 
@@ -69,41 +70,59 @@ class BottleneckConfig(BaseModel):
 class BottleneckLayer(AdapterLayer):
     """A module with bottleneck adapters: ``base(x) + A(base(x))`` (sequential) or ``base(x) + s A(x)`` (parallel)."""
 
-    ADAPTER_TENSORS = {"adapter_down": True, "adapter_up": True, "adapter_scale": False}
+    ADAPTER_TENSORS = {"adapter_down": True, "adapter_up": True, "adapter_scale": False, "fusion": True}
     wraps_linear = False  # models.arch: the base's own linear layers stay visible to other methods, not this one's
 
-    def __init__(self, base: nn.Module, d_in: int, d_out: int, placement: str, method: str):
+    def __init__(self, base: nn.Module, d_in: int, d_out: int, placement: str, method: str, block: int | None = None):
         super().__init__()
         self.base = base
         self.d_in, self.d_out, self.placement, self.method = d_in, d_out, placement, method
+        self.block = block  # index of the transformer block this sits in (AdapterDrop drops the lowest ones)
         self.adapter_down, self.adapter_up = nn.ModuleDict(), nn.ModuleDict()
         self.adapter_scale = nn.ParameterDict()  # learned s (scaled_parallel)
+        self.fusion = nn.ModuleDict()  # adapter_fusion: attention over this layer's frozen member adapters
         self.fixed_scale: dict[str, float] = {}
         self.act: dict[str, str] = {}
         self.active: tuple[str, ...] | PerExample = ()
+        self.drop_below = {"train": 0, "eval": 0}  # adapter_drop: adapters off in blocks below these indices
 
     def adapter_names(self) -> list[str]:
-        return list(self.adapter_down)
+        return list(self.adapter_down) + list(self.fusion)
 
     def adapter_tensors(self) -> dict[str, tuple[nn.Parameter, bool]]:
         """D's and U's weights decay (their identity is 0); their biases do not, like every bias (HF Trainer's and
-        AdapterHub's practice, and this project's for the model's own)."""
-        return {n: (p, decays and not n.endswith(".bias")) for n, (p, decays) in super().adapter_tensors().items()}
+        AdapterHub's practice, and this project's for the model's own); nor does AdapterFusion's value matrix,
+        whose starting point is the identity."""
+        return {n: (p, decays and not n.endswith(".bias") and ".value." not in n)
+                for n, (p, decays) in super().adapter_tensors().items()}
 
     def base_parameters(self) -> list[nn.Parameter]:
         return list(self.base.parameters())
 
-    def add_adapter(self, name: str, width: int, act: str, scale: float = 1.0, learn_scale: bool = False) -> None:
+    def dropped(self) -> bool:
+        """Whether AdapterDrop has switched this block's adapters off in the current mode."""
+        limit = self.drop_below["train" if self.training else "eval"]
+        return self.block is not None and self.block < limit
+
+    def add_adapter(self, name: str, width: int, act: str, scale: float = 1.0, learn_scale: bool = False,
+                    pair=None, up_bias: bool = True) -> None:
+        """Add adapter ``name``: D and U are ``nn.Linear`` unless ``pair`` builds them (Compacter's PHM layers:
+        ``pair(d_src, width, d_out, device, dtype) -> (D, U)``, U already zero)."""
         ref = next((p for p in self.base.parameters() if p.is_floating_point()), None)
         dev = ref.device if ref is not None else None
         dt = torch.float32 if ref is None or ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
         src = self.d_in if self.placement == "parallel" else self.d_out
-        down, up = nn.Linear(src, width, device=dev, dtype=dt), nn.Linear(width, self.d_out, device=dev, dtype=dt)
-        with torch.no_grad():
-            nn.init.normal_(down.weight, std=INIT_STD)
-            nn.init.zeros_(down.bias)
-            nn.init.zeros_(up.weight)  # A = 0: outputs unchanged at step 0
-            nn.init.zeros_(up.bias)
+        if pair is not None:
+            down, up = pair(src, width, self.d_out, dev, dt)
+        else:
+            down = nn.Linear(src, width, device=dev, dtype=dt)
+            up = nn.Linear(width, self.d_out, bias=up_bias, device=dev, dtype=dt)
+            with torch.no_grad():
+                nn.init.normal_(down.weight, std=INIT_STD)
+                nn.init.zeros_(down.bias)
+                nn.init.zeros_(up.weight)  # A = 0: outputs unchanged at step 0
+                if up.bias is not None:
+                    nn.init.zeros_(up.bias)
         self.adapter_down[name], self.adapter_up[name] = down, up
         self.act[name] = act
         if learn_scale:
@@ -113,15 +132,19 @@ class BottleneckLayer(AdapterLayer):
         if not isinstance(self.active, PerExample):
             self.active = tuple(self.active) + (name,)
 
-    def _delta(self, name: str, src: torch.Tensor) -> torch.Tensor:
+    def _delta(self, name: str, src: torch.Tensor, main: torch.Tensor | None = None) -> torch.Tensor:
+        """What adapter (or fusion) ``name`` adds to the sub-layer's output; ``src`` is what it reads."""
+        if name in self.fusion:
+            return self.fusion[name](src, [self._delta(m, src) for m in self.fusion[name].members])
         down, up = self.adapter_down[name], self.adapter_up[name]
-        a = up(ACTIVATIONS[self.act[name]](down(src.to(down.weight.dtype))))
+        dt = next(down.parameters()).dtype
+        a = up(ACTIVATIONS[self.act[name]](down(src.to(dt))))
         s = self.adapter_scale[name] if name in self.adapter_scale else self.fixed_scale[name]
         return a * s if not (isinstance(s, float) and s == 1.0) else a
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         out = self.base(x, *args, **kwargs)
-        groups = self.batch_groups(x)
+        groups = self.batch_groups(x) if not self.dropped() else []
         if not groups:
             return out
         main = out[0] if isinstance(out, tuple) else out
@@ -159,9 +182,20 @@ def _hidden(model: nn.Module) -> int:
     return int(d)
 
 
+def block_index(model: nn.Module, path: str) -> int | None:
+    """Index of the transformer block holding module ``path`` (None outside the blocks)."""
+    for i, (bp, _) in enumerate(arch.blocks(model)):
+        if path.startswith(bp + "."):
+            return i
+    return None
+
+
 def apply_bottleneck(model: nn.Module, cfg: BottleneckConfig, adapter: str, method: str, defaults: list[dict],
-                     placement: str, scale: float = 1.0, learn_scale: bool = False) -> None:
-    """Wrap each target (or the architecture's defaults, ``defaults`` = list of suffix tables) and add ``adapter``."""
+                     placement: str, scale: float = 1.0, learn_scale: bool = False, pair=None, width=None,
+                     act: str | None = None, up_bias: bool = True) -> dict[str, BottleneckLayer]:
+    """Wrap each target (or the architecture's defaults, ``defaults`` = list of suffix tables) and add ``adapter``;
+    ``pair``/``width``/``act``/``up_bias`` as in ``BottleneckLayer.add_adapter`` (``width`` default: the config's).
+    Returns the layers by path."""
     if any(layer.method == method and adapter in layer.adapter_names() for layer in bottleneck_layers(model).values()):
         raise ValueError(f"{method} adapter {adapter!r} already exists on this model")
     targets = cfg.target_modules
@@ -172,6 +206,7 @@ def apply_bottleneck(model: nn.Module, cfg: BottleneckConfig, adapter: str, meth
                              f"(e.g. {', '.join(t['llama'] for t in defaults)} on Llama)")
         targets = [table[model_type] for table in defaults]
     d = _hidden(model)
+    out: dict[str, BottleneckLayer] = {}
     found = _modules_by_suffix(model, targets, cfg.exclude_modules, blocks_only=placement == "parallel")
     for path, module in found.items():
         if isinstance(module, BottleneckLayer) and module.method == method:
@@ -179,13 +214,15 @@ def apply_bottleneck(model: nn.Module, cfg: BottleneckConfig, adapter: str, meth
         else:
             linear = isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2
             d_in, d_out = arch.weight_in_out(module) if linear else (d, d)
-            layer = BottleneckLayer(module, d_in, d_out, placement, method)
+            layer = BottleneckLayer(module, d_in, d_out, placement, method, block_index(model, path))
             replace_module(model, path, layer)
-        layer.add_adapter(adapter, cfg.width(d), cfg.non_linearity, scale, learn_scale)
+        layer.add_adapter(adapter, width or cfg.width(d), act or cfg.non_linearity, scale, learn_scale, pair, up_bias)
         for p in (*layer.adapter_down[adapter].parameters(), *layer.adapter_up[adapter].parameters()):
             p.requires_grad_(True)
         if adapter in layer.adapter_scale:
             layer.adapter_scale[adapter].requires_grad_(True)
+        out[path] = layer
+    return out
 
 
 class NotMergeableError(ValueError):
@@ -221,14 +258,20 @@ def method_functions(method: str):
 
 # ------------------------------------------------------------------------------------------------------ saving
 def state_dict(model: nn.Module, method: str, adapter: str) -> dict[str, torch.Tensor]:
+    """``<path>.adapter_down.weight`` etc. per adapted sub-layer; a tensor shared by every layer (Compacter's rule
+    matrices, the ``SHARED`` attribute of its D/U modules) once, as ``<method>.<attr>.<down|up>``."""
     out = {}
     for path, layer in bottleneck_layers(model).items():
-        if layer.method != method or adapter not in layer.adapter_names():
+        if layer.method != method or adapter not in layer.adapter_down:
             continue
         for part in ("down", "up"):
-            lin = getattr(layer, f"adapter_{part}")[adapter]
-            out[f"{path}.adapter_{part}.weight"] = lin.weight.detach()
-            out[f"{path}.adapter_{part}.bias"] = lin.bias.detach()
+            mod = getattr(layer, f"adapter_{part}")[adapter]
+            shared = getattr(mod, "SHARED", ())
+            for n, p in mod.named_parameters():
+                if n.split(".")[0] in shared:
+                    out.setdefault(f"{method}.{n.split('.')[0]}.{part}", p.detach())
+                else:
+                    out[f"{path}.adapter_{part}.{n}"] = p.detach()
         if adapter in layer.adapter_scale:
             out[f"{path}.adapter_scale"] = layer.adapter_scale[adapter].detach()
     return out

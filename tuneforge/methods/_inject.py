@@ -58,6 +58,9 @@ def _unmatched_message(model: nn.Module, unmatched: list[str], candidates: dict[
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
+    # the new module takes the mode of the one it replaces: a layer added to a model in eval mode must not run
+    # its dropout (or AdapterDrop's training k) until the model is put in training mode
+    new.train(getattr(parent, child).training)
     setattr(parent, child, new)
 
 
