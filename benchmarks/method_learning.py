@@ -10,7 +10,7 @@ sweep: adapters that scale or shift activations need larger steps than LoRA). Wr
 and a markdown table; ``--quick`` runs a tiny version (seconds) for a smoke test.
 ``tests/e2e/test_method_learning.py`` asserts seed 0's run clears half of the worst seed measured here.
 
-    python benchmarks/method_learning.py [--quick] [--methods lora,ia3] [--seeds 0,1,2] [--base DIR]
+    python benchmarks/method_learning.py [--quick] [--methods lora,ia3] [--seeds 0,1,2] [--base DIR] [--fusion]
 """
 
 from __future__ import annotations
@@ -63,12 +63,36 @@ def run_method(base: str, tmp: Path, plan: DemoPlan, label: str, seeds: list[int
     return summarise(label, lr, runs)
 
 
+def run_fusion(base: str, tmp: Path, plan: DemoPlan, seeds: list[int]) -> dict:
+    """AdapterFusion (Pfeiffer et al. 2021): per seed, a Houlsby adapter trained on the task and one on another task
+    ("max"), then a fusion of the two trained on the task; held-out exact match of the task's member and the fusion."""
+    runs = []
+    quiet = lambda *_: None  # noqa: E731
+    for seed in seeds:
+        t0 = time.perf_counter()
+        p = dataclasses.replace(plan, seed=seed)
+        member = finetune(base, tmp / f"fusion-task-{seed}", p, method={"name": "houlsby"}, lr=3e-2, log=quiet)
+        other = finetune(base, tmp / f"fusion-other-{seed}", dataclasses.replace(p, task="max"),
+                         method={"name": "houlsby"}, lr=3e-2, log=quiet)
+        fused = finetune(base, tmp / f"fusion-{seed}", p, method={"name": "adapter_fusion", "adapters": [
+            member["adapter"], other["adapter"]]}, lr=1e-3, log=quiet)
+        runs.append({"seed": seed, "before": fused["exact_match_before"], "member": member["exact_match_after"],
+                     "other_member_on_its_task": other["exact_match_after"], "fusion": fused["exact_match_after"],
+                     "fusion_loss": fused["held_out_loss_after"], "seconds": time.perf_counter() - t0})
+        print(f"adapter_fusion seed {seed}: task member {runs[-1]['member']:6.1%}, fusion {runs[-1]['fusion']:6.1%}",
+              flush=True)
+    return {"method": "adapter_fusion (houlsby members: the task + max)", "lr": 1e-3, "runs": runs,
+            "fusion_min": min(r["fusion"] for r in runs), "member_min": min(r["member"] for r in runs),
+            "gain_min": round(min(r["fusion"] - r["member"] for r in runs), 4)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", default="0,1,2", help="fine-tuning seeds, comma-separated")
     ap.add_argument("--base", default=None, help="an already pretrained demo base (skips pretraining)")
+    ap.add_argument("--fusion", action="store_true", help="also the AdapterFusion experiment (run_fusion)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "method_learning.json"))
     a = ap.parse_args()
     plan = QUICK if a.quick else DemoPlan()
@@ -77,11 +101,12 @@ def main() -> None:
         t0 = time.perf_counter()
         base = a.base or pretrain(Path(tmp), plan)
         print(f"pretrained base in {time.perf_counter() - t0:.0f} s", flush=True)
-        rows = [run_method(base, Path(tmp), plan, label, seeds) for label in a.methods.split(",")]
+        rows = [run_method(base, Path(tmp), plan, label, seeds) for label in a.methods.split(",") if label]
+        fusion = run_fusion(base, Path(tmp), plan, seeds) if a.fusion else None
     print(table(rows))
     if not a.quick:
-        Path(a.out).write_text(json.dumps({"task": plan.task, "steps": plan.lora_steps, "held_out": plan.eval_rows,
-                                           "seeds": seeds, "rows": rows}, indent=2) + "\n")
+        res = {"task": plan.task, "steps": plan.lora_steps, "held_out": plan.eval_rows, "seeds": seeds, "rows": rows}
+        Path(a.out).write_text(json.dumps({**res, **({"fusion": fusion} if fusion else {})}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -256,12 +256,18 @@ def _ls_model(path: str) -> None:
                            attn_implementation="sdpa")
     n = count_parameters(meta_model(mcfg))[1]
     print(f"trainable parameters on {path} ({n:,d} parameters):")
-    shown = {"freeze": {"top_k": 1}}  # methods without a meaningful all-default configuration
+    # methods without a meaningful all-default configuration
+    shown = {"freeze": {"top_k": 1}, "intrinsic": {"dimension": 1000}, "adapter_drop": {"drop_layers": 1}}
+    before = {"adapter_drop": [METHODS["houlsby"].Config()]}  # what it acts on (its own count is 0)
     for name, mod in METHODS.items():
+        if name == "adapter_fusion":
+            print(f"  {name:16s} {'n/a':>14s}  (fuses adapters trained before: Q, K, V, 3 (d² + d) per sub-layer "
+                  "they adapt, with them frozen)")
+            continue
         cfg = mod.Config(**shown.get(name, {}))
         model = meta_model(mcfg)
         try:
-            apply_methods(model, [cfg])
+            apply_methods(model, before.get(name, []) + [cfg])
         except ValueError as exc:
             if name != "bitfit":  # e.g. no default targets for this architecture
                 print(f"  {name:16s} {'n/a':>14s}  ({str(exc).splitlines()[0]})")
@@ -270,7 +276,8 @@ def _ls_model(path: str) -> None:
             model = meta_model(mcfg)
             apply_methods(model, [cfg])
         t, _ = count_parameters(model)
-        print(f"  {name:16s} {t:>14,d} ({100 * t / n:8.3f}% of the model)  {cfg.model_dump(exclude={'name'})}")
+        with_ = f" with {', '.join(c.name for c in before[name])}" if name in before else ""
+        print(f"  {name:16s} {t:>14,d} ({100 * t / n:8.3f}% of the model)  {cfg.model_dump(exclude={'name'})}{with_}")
 
 
 def cmd_data_check(a) -> int:
@@ -314,6 +321,23 @@ def cmd_estimate(a) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(e.to_dict()) if a.json else est.format_estimate(e))
+    return 0
+
+
+def cmd_intrinsic_dim(a) -> int:
+    from tuneforge.config import ConfigError, load_config
+    from tuneforge.intrinsic_dim import search
+
+    try:
+        dims = [int(x) for x in a.dims.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError([("--dims", f"{a.dims!r}: give comma-separated integers, e.g. 10,100,1000")],
+                          "arguments") from None
+    cfg = load_config(a.config, a.overrides)
+    out = a.out or str(Path(cfg.train.output_dir) / "intrinsic_dim")
+    s = search(cfg, dims, out, threshold=a.threshold, metric=a.metric, full_lr=a.full_lr, refine=a.refine,
+               log=lambda line: print(line, flush=True))
+    print(f"results {Path(out) / 'intrinsic_dim.json'}\nplot    {s['plot']}")
     return 0
 
 
@@ -427,6 +451,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "(needs no model package)")
     dm.add_argument("--quick", action="store_true", help="the tiny demo, much shorter (for smoke tests)")
     dm.set_defaults(fn=cmd_demo)
+    idim = sub.add_parser("intrinsic-dim", help="search the smallest random-subspace dimension reaching 90%% of "
+                          "full fine-tuning (d90), with a plot")
+    idim.add_argument("config", help="YAML recipe (its data.eval scores every run; an intrinsic entry in its "
+                      "method list gives the projection options)")
+    idim.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
+    idim.add_argument("--dims", default="10,100,1000,10000", help="dimensions to try, comma-separated")
+    idim.add_argument("--threshold", type=float, default=0.9, help="share of full fine-tuning's metric (0.9: d90)")
+    idim.add_argument("--metric", default="exact_match", choices=["exact_match", "loss"])
+    idim.add_argument("--full-lr", type=float, default=None, help="the full fine-tuning run's learning rate "
+                      "(default: the recipe's, which suits the subspace runs; full usually wants ~100x less)")
+    idim.add_argument("--refine", type=int, default=2, help="bisection steps between the last miss and first hit")
+    idim.add_argument("--out", default=None, help="default: <train.output_dir>/intrinsic_dim")
+    idim.set_defaults(fn=cmd_intrinsic_dim)
     es = sub.add_parser("estimate", help="memory to serve or fine-tune a model (no weights loaded)")
     es.add_argument("--model", required=True, help="model directory (config.json), preset (llama-3-8b, tiny:llama, "
                     "...) or parameter count (7b, 70e9)")

@@ -48,7 +48,7 @@ class DemoPlan:
 # Per-method set-ups for the demo task (label -> method config, learning rate), used by
 # benchmarks/method_learning.py and the e2e learning test. The rates come from a small sweep on this task: methods
 # with few parameters that scale or shift activations (IA3, BitFit) need much larger steps than LoRA.
-LEARNING_SETUPS: dict[str, tuple[dict, float]] = {
+LEARNING_SETUPS: dict[str, tuple[dict | list, float]] = {
     "full": ({"name": "full"}, 1e-3),
     "freeze (top 2 blocks)": ({"name": "freeze", "top_k": 2}, 1e-2),
     "bitfit (added biases)": ({"name": "bitfit", "add_bias": True}, 1e-1),
@@ -69,6 +69,14 @@ LEARNING_SETUPS: dict[str, tuple[dict, float]] = {
     "prefix_tuning (projection; n = 20)": ({"name": "prefix_tuning", "num_virtual_tokens": 20, "projection": True},
                                            1e-2),
     "p_tuning_v2 (n = 20)": ({"name": "p_tuning_v2", "num_virtual_tokens": 20}, 1e-1),
+    "compacter (m = d/32)": ({"name": "compacter"}, 1e-1),
+    "compacter_pp (m = d/2)": ({"name": "compacter_pp", "reduction_factor": 2}, 1e-1),
+    "adapter_bias": ({"name": "adapter_bias"}, 3e-2),
+    "houlsby + adapter_drop (robust k <= 2)": ([{"name": "houlsby"},
+                                                 {"name": "adapter_drop", "drop_layers": 2, "random": True}], 3e-2),
+    "houlsby + adapter_drop (k = 1)": ([{"name": "houlsby"}, {"name": "adapter_drop", "drop_layers": 1}], 3e-2),
+    "intrinsic (fastfood d = 10000)": ({"name": "intrinsic", "dimension": 10000}, 3e-1),
+    "intrinsic (SAID d = 10000)": ({"name": "intrinsic", "dimension": 10000, "said": True}, 3e-1),
 }
 
 QUICK = DemoPlan(pretrain_rows=2000, pretrain_steps=20, pretrain_batch=32, lora_rows=256, lora_steps=20,

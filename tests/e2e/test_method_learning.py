@@ -27,11 +27,21 @@ WORST_OF_SEEDS = {"full": 1.0, "freeze (top 2 blocks)": 0.205, "bitfit (added bi
                   "scaled_parallel (m = d/16)": 0.365,
                   # benchmarks/results/method_learning_soft.json (AMD EPYC, seeds 0-4)
                   "prefix_tuning (n = 20)": 0.31, "prefix_tuning (projection; n = 20)": 0.39,
-                  "p_tuning_v2 (n = 20)": 0.325}
+                  "p_tuning_v2 (n = 20)": 0.325,
+                  # benchmarks/results/method_learning_adapters.json (AMD EPYC, seeds 0-4)
+                  "compacter (m = d/32)": 0.32, "compacter_pp (m = d/2)": 0.09,
+                  "houlsby + adapter_drop (robust k <= 2)": 0.115, "intrinsic (SAID d = 10000)": 0.875}
 # Input-level soft prompts barely move exact match on this 4-block model (prompt tuning 3.5-8%, P-tuning 0-4.5%:
 # Lester et al.'s finding that prompt tuning needs scale), but they do learn: held-out answer loss from 4.95 to at
 # worst these (method_learning_soft.json, "loss_after"). Their test asserts half of that worst drop.
-LOSS_WORST = {"prompt_tuning (n = 20)": 2.1648, "p_tuning (MLP; n = 20)": 2.8853}
+LOSS_WORST = {"prompt_tuning (n = 20)": 2.1648, "p_tuning (MLP; n = 20)": 2.8853,
+              # AdapterBias (2d + 1 numbers per block) moves exact match 3.5-9.5% on this model, its loss reliably
+              "adapter_bias": ADAPTER_BIAS_LOSS}
+# Set-ups the benchmark reports but no test asserts, with why: on this 4-block model, dropping block 0's adapters
+# (a fixed k = 1) leaves reversal unlearnable (0-0.5%; Houlsby without block 0's adapters and no AdapterDrop does the
+# same, LoRA without block 0 falls from 99% to 23%), and a plain random subspace of d = 10000 at one learning rate
+# spreads from 6% to 76.5% over seeds (SAID's per-layer scales make it 87.5-96%: that row is tested)
+BENCHMARK_ONLY = {"houlsby + adapter_drop (k = 1)", "intrinsic (fastfood d = 10000)"}
 
 
 def margin(label: str) -> float:
@@ -39,11 +49,11 @@ def margin(label: str) -> float:
 
 
 def test_every_setup_has_a_measured_margin():
-    assert set(WORST_OF_SEEDS) | set(LOSS_WORST) == set(LEARNING_SETUPS)
+    assert set(WORST_OF_SEEDS) | set(LOSS_WORST) | BENCHMARK_ONLY == set(LEARNING_SETUPS)
     assert not set(WORST_OF_SEEDS) & set(LOSS_WORST)
 
 
-@pytest.mark.parametrize("label", list(LEARNING_SETUPS))
+@pytest.mark.parametrize("label", [k for k in LEARNING_SETUPS if k not in BENCHMARK_ONLY])
 def test_method_lifts_held_out_exact_match(demo_base, tmp_path, label):
     base, _ = demo_base
     method, lr = LEARNING_SETUPS[label]
@@ -55,3 +65,24 @@ def test_method_lifts_held_out_exact_match(demo_base, tmp_path, label):
         return
     assert r["exact_match_after"] >= r["exact_match_before"] + margin(label), (label, r["exact_match_after"],
                                                                                 margin(label))
+
+
+# AdapterFusion (benchmarks/results/method_learning_adapters.json, "fusion"): two Houlsby members, one trained on
+# reversal and one on "max"; the fusion, trained on reversal, beat the reversal member alone on every seed 0-4.
+FUSION_WORST = {"fusion": 0.81, "gain_over_member": 0.05}
+
+
+def test_fusion_of_two_trained_adapters_learns_the_task(demo_base, tmp_path):
+    import dataclasses
+
+    base, _ = demo_base
+    plan, quiet = DemoPlan(), (lambda *_: None)
+    rev = finetune(base, tmp_path / "rev", plan, method={"name": "houlsby"}, lr=3e-2, log=quiet)
+    other = finetune(base, tmp_path / "max", dataclasses.replace(plan, task="max"), method={"name": "houlsby"},
+                     lr=3e-2, log=quiet)
+    fused = finetune(base, tmp_path / "fusion", plan, method={"name": "adapter_fusion",
+                                                              "adapters": [rev["adapter"], other["adapter"]]},
+                     lr=1e-3, log=quiet)
+    assert fused["exact_match_after"] >= fused["exact_match_before"] + FUSION_WORST["fusion"] / 2, fused
+    # it does not lose what the reversal member knows (the paper's claim is that it gains; a margin for rounding)
+    assert fused["exact_match_after"] >= rev["exact_match_after"] - 0.1, (fused, rev)

@@ -29,6 +29,8 @@ METHODS = {  # name -> method config on the tiny llama (bias-free: bitfit adds b
     "adapter_bias": {"name": "adapter_bias"},
     "adapter_drop": [{"name": "houlsby", "bottleneck": 4}, {"name": "adapter_drop", "drop_layers": 1, "random": True}],
     "adapter_fusion": {"name": "adapter_fusion", "adapters": "MEMBERS"},  # two Pfeiffer adapters (``files``)
+    "intrinsic": {"name": "intrinsic", "dimension": 32}, "intrinsic_said": {"name": "intrinsic", "dimension": 48,
+                                                                            "said": True, "projection": "dense"},
 }
 ONLINE = {"max_new_tokens": 4, "rewards": [{"name": "length", "target": 2}]}
 ALGORITHM_CONFIGS = {

@@ -138,10 +138,11 @@ def test_robust_adapter_drop_draws_k_per_step_from_the_step_alone_and_uses_the_i
     model.train()
     for s in (0, 1, 2):
         step_methods(model, cfgs, s, 10)
-        assert {layer.drop_below["train"] for layer in bottleneck_layers(model).values()} == {draws[s]}
-        assert [layer.dropped() for layer in bottleneck_layers(model).values()] == [b < draws[s] for b in range(4)]
+        assert {layer.drop_below["default"]["train"] for layer in bottleneck_layers(model).values()} == {draws[s]}
+        assert [layer.dropped("default") for layer in bottleneck_layers(model).values()] == [
+            b < draws[s] for b in range(4)]
     model.eval()
-    assert [layer.dropped() for layer in bottleneck_layers(model).values()] == [True, False, False, False]
+    assert [layer.dropped("default") for layer in bottleneck_layers(model).values()] == [True, False, False, False]
 
 
 def test_dropping_k_blocks_stops_the_backward_at_block_k():
@@ -188,6 +189,70 @@ def test_parallel_tasks_refuse_when_the_shared_blocks_have_adapters():
     apply_methods(model, [METHODS["houlsby"].Config(bottleneck=4)], adapter="a")
     with pytest.raises(ValueError, match="must be dropped at inference"):
         adapter_drop.parallel_tasks(model, _ids(), ["a"], shared_layers=2)
+
+
+def test_adapter_drop_acts_on_its_own_adapter_only():
+    """A robust drop applied under "a" leaves adapter "b" in the same blocks running, in eval and in training."""
+    model = _four_blocks()
+    apply_methods(model, [METHODS["houlsby"].Config(bottleneck=4), METHODS["adapter_drop"].Config(
+        drop_layers=3, random=True, inference_drop_layers=2)], adapter="a")
+    apply_methods(model, [METHODS["houlsby"].Config(bottleneck=4)], adapter="b")
+    _perturb(model)
+    alone = _four_blocks()
+    apply_methods(alone, [METHODS["houlsby"].Config(bottleneck=4)], adapter="b")
+    alone.load_state_dict({k: v for k, v in model.state_dict().items() if k in alone.state_dict()}, strict=False)
+    for name, layer in bottleneck_layers(alone).items():  # copy b's tensors under the same paths
+        src = dict(bottleneck_layers(model))[name]
+        layer.adapter_down["b"].load_state_dict(src.adapter_down["b"].state_dict())
+        layer.adapter_up["b"].load_state_dict(src.adapter_up["b"].state_dict())
+    for mode in ("eval", "train"):
+        getattr(model, mode)(), getattr(alone, mode)()
+        step_methods(model, [METHODS["adapter_drop"].Config(drop_layers=3, random=True)], 5, 10, adapter="a")
+        with adapter_scope(model, "b"), adapter_scope(alone, "b"):
+            assert torch.allclose(model(_ids()).logits, alone(_ids()).logits, atol=1e-6), mode
+
+
+def test_with_dropout_off_a_robust_drop_trains_with_the_inference_k():
+    """PPO's ratio and DPO's reference need train-mode and eval-mode forwards to agree at equal weights: turning
+    dropout off (as those algorithms do) makes a robust AdapterDrop use its inference k in training too."""
+    from tuneforge.algorithms._dropout import disable_dropout
+
+    model = _four_blocks()
+    cfgs = [METHODS["houlsby"].Config(bottleneck=4),
+            METHODS["adapter_drop"].Config(drop_layers=3, random=True, inference_drop_layers=1)]
+    apply_methods(model, cfgs)
+    _perturb(model)
+    ref = model.eval()(_ids()).logits
+    model.train()
+    step_methods(model, cfgs, 0, 10)
+    k = adapter_drop.draw_k(cfgs[1], 0)
+    assert k != 1 and not torch.allclose(model(_ids()).logits, ref, atol=1e-6)
+    assert disable_dropout(model) >= 1
+    assert torch.allclose(model(_ids()).logits, ref, atol=1e-6)
+
+
+def test_a_bottleneck_adapter_after_adapter_drop_is_refused():
+    with pytest.raises(ValueError, match="pfeiffer after adapter_drop"):
+        apply_methods(_four_blocks(), [METHODS["houlsby"].Config(), METHODS["adapter_drop"].Config(drop_layers=1),
+                                       METHODS["pfeiffer"].Config()])
+
+
+def test_methods_find_their_targets_under_a_block_adapter():
+    """adapter_bias wraps each FFN (mlp -> mlp.base); Houlsby after it still finds mlp.down_proj."""
+    model = _four_blocks()
+    cfgs = [METHODS["adapter_bias"].Config(), METHODS["houlsby"].Config(bottleneck=4)]
+    apply_methods(model, cfgs)
+    paths = set(bottleneck_layers(model))
+    assert "model.layers.0.mlp.base.down_proj" in paths and "model.layers.0.mlp" in paths
+
+
+def test_a_bottleneck_adapter_named_value_still_decays():
+    from tuneforge.methods import weight_decays
+
+    model = _four_blocks()
+    apply_methods(model, [METHODS["houlsby"].Config(bottleneck=4)], adapter="value")
+    decays = weight_decays(model, trainable_parameters(model))
+    assert all(d == n.endswith(".weight") for n, d in decays.items())
 
 
 # -------------------------------------------------------------------------------------------- AdapterFusion
@@ -266,6 +331,37 @@ def test_fusion_members_stay_frozen_through_training(tmp_path):
     saved = load_safetensors(f"{paths[0]}/adapter_model.safetensors")
     assert set(member0) == set(saved) and all(torch.equal(member0[k], saved[k]) for k in saved)
     assert set(seen["loop"].params) == {n for n in seen["loop"].params if ".fusion.default." in n}
+
+
+def test_fusion_cannot_share_its_name_with_an_adapter_at_its_sites(tmp_path):
+    paths = _members(tmp_path, "pfeiffer", bottleneck=4)
+    with pytest.raises(ValueError, match="already used at"):
+        apply_methods(build_tiny("llama")[0], [METHODS["pfeiffer"].Config(bottleneck=4),
+                                               METHODS["adapter_fusion"].Config(adapters=paths)])
+    with pytest.raises(ValueError, match="already used at this sub-layer"):
+        apply_methods(build_tiny("llama")[0], [METHODS["adapter_fusion"].Config(adapters=paths),
+                                               METHODS["pfeiffer"].Config(bottleneck=4)])
+
+
+def test_fusion_over_members_with_different_targets_freezes_them_all(tmp_path):
+    """A member trained on fewer sub-layers is left out where it has none (AdapterHub's rule); every member stays
+    frozen everywhere and is reached only through the fusion."""
+    a = _members(tmp_path / "a", "houlsby", n=1, bottleneck=4)
+    b = _members(tmp_path / "b", "houlsby", n=1, bottleneck=4, target_modules=["mlp.down_proj"])
+    model, _ = build_tiny("llama")
+    apply_methods(model, [METHODS["adapter_fusion"].Config(adapters=a + b)])
+    assert all(".fusion.default." in n for n in trainable_parameters(model))
+    sites = {p: layer.fusion["default"].members for p, layer in bottleneck_layers(model).items()}
+    assert all(m == ["default__member0"] for p, m in sites.items() if p.endswith("o_proj"))
+    assert all(m == ["default__member0", "default__member1"] for p, m in sites.items() if p.endswith("down_proj"))
+    assert all(layer.active == ("default",) for layer in bottleneck_layers(model).values())
+
+
+def test_freeze_after_a_fusion_leaves_the_members_frozen(tmp_path):
+    paths = _members(tmp_path, "pfeiffer", bottleneck=4)
+    model, _ = build_tiny("llama")
+    apply_methods(model, [METHODS["adapter_fusion"].Config(adapters=paths), METHODS["freeze"].Config(top_k=1)])
+    assert not [n for n in trainable_parameters(model) if "__member" in n]
 
 
 def test_fusion_refuses_members_of_different_types_or_not_bottleneck_adapters(tmp_path):

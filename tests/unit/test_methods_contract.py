@@ -20,6 +20,8 @@ CONFIGS = {  # method -> config on the tiny llama (bias-free, so bitfit adds bia
     "lokr": {"rank": 2}, "ia3": {}, "qlora": {"rank": 4},
     "houlsby": {"bottleneck": 8}, "pfeiffer": {}, "parallel": {"reduction_factor": 8}, "scaled_parallel": {},
     "compacter": {}, "compacter_pp": {"bottleneck": 8}, "adapter_bias": {},
+    "intrinsic": {"dimension": 50}, "intrinsic_dense": {"name": "intrinsic", "dimension": 40, "projection": "dense"},
+    "intrinsic_said": {"name": "intrinsic", "dimension": 60, "said": True},
     "phm_adapter": {"name": "compacter", "factorized": False, "shared_rules": False, "phm_dim": 2, "bottleneck": 6},
     "prompt_tuning": {"num_virtual_tokens": 4}, "p_tuning": {"num_virtual_tokens": 3, "encoder_hidden_size": 16},
     "p_tuning_lstm": {"num_virtual_tokens": 3, "encoder": "lstm", "encoder_hidden_size": 8, "name": "p_tuning"},
@@ -31,8 +33,10 @@ CONFIGS = {  # method -> config on the tiny llama (bias-free, so bitfit adds bia
 SOFT = ["prompt_tuning", "p_tuning", "p_tuning_lstm", "prefix_tuning", "prefix_projection", "p_tuning_v2"]
 # not mergeable (non-linear, or, AdapterBias, reading another point than it writes)
 BOTTLENECK = ["houlsby", "pfeiffer", "parallel", "scaled_parallel", "compacter", "compacter_pp", "adapter_bias"]
-IDENTITY_AT_INIT = ["bitfit", "diff_pruning", "sparse", "lora", "dora", "lokr", "ia3", *BOTTLENECK, "phm_adapter"]
-ADAPTERS = ["bitfit", "diff_pruning", "sparse", "lora", "dora", "lokr", "ia3", "qlora"]  # mergeable
+INTRINSIC = ["intrinsic", "intrinsic_dense", "intrinsic_said"]
+IDENTITY_AT_INIT = ["bitfit", "diff_pruning", "sparse", "lora", "dora", "lokr", "ia3", *BOTTLENECK, "phm_adapter",
+                    *INTRINSIC]
+ADAPTERS = ["bitfit", "diff_pruning", "sparse", "lora", "dora", "lokr", "ia3", "qlora", *INTRINSIC]  # mergeable
 
 
 def cfg_of(key, **kw):
@@ -76,6 +80,8 @@ def expected_trainable(key, model) -> int:
             (a, b), (cc, d) = factorization(o), factorization(i)
             total += a * cc + ((b + d) * c.rank if c.rank < max(b, d) / 2 else b * d)
         return total
+    if key in INTRINSIC:  # d numbers (with SAID, θ^{d-m} and one λ per layer: d in all)
+        return c.dimension
     if key in ("compacter", "compacter_pp", "phm_adapter"):
         return compacter_trainable(key, model.config.hidden_size, len(arch.blocks(model)))
     if key == "adapter_bias":  # v (d) and L_α (d -> 1, with bias) per block
@@ -204,7 +210,8 @@ def test_merge_equals_unmerged(key, preset):
         n for n in build_tiny(preset)[0].state_dict()}  # a plain model of the same architecture again
 
 
-@pytest.mark.parametrize("key", ["lora", "dora", "lokr", "ia3", "sparse", "diff_pruning", "qlora", *BOTTLENECK])
+@pytest.mark.parametrize("key", ["lora", "dora", "lokr", "ia3", "sparse", "diff_pruning", "qlora", *BOTTLENECK,
+                                 *INTRINSIC])
 def test_per_example_adapters_equal_one_by_one(key):
     model, _ = build_tiny("llama")
     cfg = cfg_of(key)

@@ -54,15 +54,18 @@ def disable_dropout(model: nn.Module) -> int:
     as plain float attributes and pass to the attention kernel (Llama's ``attention_dropout``, OPT's ``dropout``),
     probabilities a model reads from its config at every forward (Falcon's ``hidden_dropout`` and
     ``attention_dropout``, Persimmon's ``attention_dropout``: zeroing modules alone, as TRL does, misses these), and
-    LoKr's rank and module dropout (drawn in its forward while training); ``*_pdrop`` and OPT-style ``layerdrop``
-    too. Train mode is
+    LoKr's rank and module dropout (drawn in its forward while training), and robust AdapterDrop's random k
+    (training then drops the inference k); ``*_pdrop`` and OPT-style ``layerdrop`` too. Train mode is
     kept: nothing else in the model changes behaviour. The config's original rates are remembered and
     ``config_dropout_restored`` puts them back while a model is saved, so a saved model keeps its own settings.
     """
+    from tuneforge.methods._bottleneck import BottleneckLayer
     from tuneforge.methods.lokr import LoKrLayer
 
     changed = 0
     for m in model.modules():
+        if isinstance(m, BottleneckLayer) and any(ks["train"] != ks["eval"] for ks in m.drop_below.values()):
+            m.train_k_is_eval_k, changed = True, changed + 1  # robust AdapterDrop's random k
         if isinstance(m, DROPOUT_MODULES) and m.p:
             m.p, changed = 0.0, changed + 1
         for name, value in list(vars(m).items()):

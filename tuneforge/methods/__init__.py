@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from tuneforge.methods import (adapter_bias, adapter_drop, adapter_fusion, bitfit, compacter, compacter_pp,
-                               diff_pruning, freeze, full, houlsby, ia3, lokr, lora, p_tuning, p_tuning_v2, parallel,
-                               pfeiffer, prefix_tuning, prompt_tuning, qlora, scaled_parallel, sparse)
+                               diff_pruning, freeze, full, houlsby, ia3, intrinsic, lokr, lora, p_tuning, p_tuning_v2,
+                               parallel, pfeiffer, prefix_tuning, prompt_tuning, qlora, scaled_parallel, sparse)
 from tuneforge.methods._inject import count_parameters, freeze_all
 from tuneforge.methods._scope import adapter_layers, adapter_scope, set_active
 
@@ -35,7 +35,7 @@ METHODS = {"full": full, "freeze": freeze, "bitfit": bitfit, "diff_pruning": dif
            "parallel": parallel, "scaled_parallel": scaled_parallel, "prompt_tuning": prompt_tuning,
            "prefix_tuning": prefix_tuning, "p_tuning": p_tuning, "p_tuning_v2": p_tuning_v2, "compacter": compacter,
            "compacter_pp": compacter_pp, "adapter_bias": adapter_bias, "adapter_drop": adapter_drop,
-           "adapter_fusion": adapter_fusion}
+           "adapter_fusion": adapter_fusion, "intrinsic": intrinsic}
 SOFT_PROMPTS = ("prompt_tuning", "prefix_tuning", "p_tuning", "p_tuning_v2")  # virtual tokens (``_soft_prompt``)
 METHOD_CONFIGS = {name: mod.Config for name, mod in METHODS.items()}
 PEFT_TYPES: dict[str, str] = {}  # PEFT's type -> our method; the first listed wins (LORA -> lora, not qlora)
@@ -73,6 +73,11 @@ def method_order_error(names: list[str]) -> str | None:
     if late:
         return (f"{', '.join(late)} after {names[first]}: list the bottleneck adapters last (e.g. "
                 f"[{', '.join(late + [names[first]])}]), so the linear layers they wrap are adapted first")
+    drop = next((i for i, n in enumerate(names) if n == "adapter_drop"), None)
+    after = [n for n in names[drop + 1:] if n in WRAPS_SUBLAYERS] if drop is not None else []
+    if after:  # AdapterDrop acts on the adapters that exist when it is applied
+        return (f"{', '.join(after)} after adapter_drop: list adapter_drop after every bottleneck adapter it should "
+                f"drop (e.g. [{', '.join(after)}, adapter_drop])")
     return None
 
 

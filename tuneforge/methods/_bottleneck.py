@@ -1,4 +1,7 @@
-"""Bottleneck adapters, shared by ``houlsby``, ``pfeiffer``, ``parallel`` and ``scaled_parallel``.
+"""Bottleneck adapters, shared by ``houlsby``, ``pfeiffer``, ``parallel`` and ``scaled_parallel``, and the family
+built on the same layer: ``compacter``/``compacter_pp`` (D and U as PHM layers), ``adapter_bias`` (width 1, no
+non-linearity), ``adapter_fusion`` (attention over a layer's frozen adapters) and ``adapter_drop`` (per-adapter
+block thresholds).
 
 A bottleneck adapter is a small two-layer network with a narrow middle, added to a sub-layer of every block
 (Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP", https://arxiv.org/abs/1902.00751, sec. 2.1 and
@@ -84,7 +87,9 @@ class BottleneckLayer(AdapterLayer):
         self.fixed_scale: dict[str, float] = {}
         self.act: dict[str, str] = {}
         self.active: tuple[str, ...] | PerExample = ()
-        self.drop_below = {"train": 0, "eval": 0}  # adapter_drop: adapters off in blocks below these indices
+        # adapter_drop: adapter name -> {"train": k, "eval": k}, that adapter off here when this block is below k
+        self.drop_below: dict[str, dict[str, int]] = {}
+        self.train_k_is_eval_k = False  # set when dropout is off: a robust k is dropout, and goes with it
 
     def adapter_names(self) -> list[str]:
         return list(self.adapter_down) + list(self.fusion)
@@ -93,21 +98,27 @@ class BottleneckLayer(AdapterLayer):
         """D's and U's weights decay (their identity is 0); their biases do not, like every bias (HF Trainer's and
         AdapterHub's practice, and this project's for the model's own); nor does AdapterFusion's value matrix,
         whose starting point is the identity."""
-        return {n: (p, decays and not n.endswith(".bias") and ".value." not in n)
+        no_decay = {id(p) for f in self.fusion.values() for p in f.value.parameters()}
+        return {n: (p, decays and not n.endswith(".bias") and id(p) not in no_decay)
                 for n, (p, decays) in super().adapter_tensors().items()}
 
     def base_parameters(self) -> list[nn.Parameter]:
         return list(self.base.parameters())
 
-    def dropped(self) -> bool:
-        """Whether AdapterDrop has switched this block's adapters off in the current mode."""
-        limit = self.drop_below["train" if self.training else "eval"]
-        return self.block is not None and self.block < limit
+    def dropped(self, name: str) -> bool:
+        """Whether AdapterDrop has switched adapter ``name`` off in this block, in the current mode."""
+        ks = self.drop_below.get(name)
+        if ks is None or self.block is None:
+            return False
+        return self.block < ks["train" if self.training and not self.train_k_is_eval_k else "eval"]
 
     def add_adapter(self, name: str, width: int, act: str, scale: float = 1.0, learn_scale: bool = False,
                     pair=None, up_bias: bool = True) -> None:
         """Add adapter ``name``: D and U are ``nn.Linear`` unless ``pair`` builds them (Compacter's PHM layers:
         ``pair(d_src, width, d_out, device, dtype) -> (D, U)``, U already zero)."""
+        if name in self.adapter_names():
+            raise ValueError(f"adapter name {name!r} is already used at this sub-layer (by {self.method} or an "
+                             "adapter_fusion); give the second method its own adapter name")
         ref = next((p for p in self.base.parameters() if p.is_floating_point()), None)
         dev = ref.device if ref is not None else None
         dt = torch.float32 if ref is None or ref.dtype in (torch.float16, torch.bfloat16) else ref.dtype
@@ -132,7 +143,7 @@ class BottleneckLayer(AdapterLayer):
         if not isinstance(self.active, PerExample):
             self.active = tuple(self.active) + (name,)
 
-    def _delta(self, name: str, src: torch.Tensor, main: torch.Tensor | None = None) -> torch.Tensor:
+    def _delta(self, name: str, src: torch.Tensor) -> torch.Tensor:
         """What adapter (or fusion) ``name`` adds to the sub-layer's output; ``src`` is what it reads."""
         if name in self.fusion:
             return self.fusion[name](src, [self._delta(m, src) for m in self.fusion[name].members])
@@ -144,7 +155,7 @@ class BottleneckLayer(AdapterLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         out = self.base(x, *args, **kwargs)
-        groups = self.batch_groups(x) if not self.dropped() else []
+        groups = [(n, rows) for n, rows in self.batch_groups(x) if not self.dropped(n)]
         if not groups:
             return out
         main = out[0] if isinstance(out, tuple) else out
@@ -196,7 +207,7 @@ def apply_bottleneck(model: nn.Module, cfg: BottleneckConfig, adapter: str, meth
     """Wrap each target (or the architecture's defaults, ``defaults`` = list of suffix tables) and add ``adapter``;
     ``pair``/``width``/``act``/``up_bias`` as in ``BottleneckLayer.add_adapter`` (``width`` default: the config's).
     Returns the layers by path."""
-    if any(layer.method == method and adapter in layer.adapter_names() for layer in bottleneck_layers(model).values()):
+    if any(layer.method == method and adapter in layer.adapter_down for layer in bottleneck_layers(model).values()):
         raise ValueError(f"{method} adapter {adapter!r} already exists on this model")
     targets = cfg.target_modules
     if targets is None:

@@ -26,15 +26,37 @@ def _matches(path: str, target: str) -> bool:
     return path == target or path.endswith("." + target)
 
 
+def logical_path(model: nn.Module, path: str) -> str:
+    """``path`` without the ``base`` segments of layers that wrap a block or sub-layer (bottleneck adapters): a
+    parallel adapter around ``mlp`` moves ``mlp.down_proj`` to ``mlp.base.down_proj``, and a later method's target
+    ``mlp.down_proj`` still means it."""
+    parts, keep, module = path.split("."), [], model
+    for part in parts:
+        wraps_around = getattr(module, "is_adapter_layer", False) and not getattr(module, "wraps_linear", True)
+        if not (part == "base" and wraps_around):
+            keep.append(part)
+        module = getattr(module, part, None) if module is not None else None
+    return ".".join(keep)
+
+
 def find_targets(model: nn.Module, targets: list[str], candidates: dict[str, nn.Module] | None = None,
                  exclude: list[str] | None = None) -> dict[str, nn.Module]:
-    """Modules among ``candidates`` (default: every linear layer but the output head) matched by ``targets``."""
+    """Modules among ``candidates`` (default: every linear layer but the output head) matched by ``targets``
+    (against their ``logical_path``)."""
     candidates = arch.linear_modules(model) if candidates is None else candidates
     exclude = exclude or []
     found: dict[str, nn.Module] = {}
     unmatched = []
+    names: dict[str, str] = {}
+    for p in sorted(candidates, key=lambda q: q.count(".")):  # a wrapper and the module it wraps name one place:
+        name = logical_path(model, p)  # the outermost stands for it
+        if name not in names:
+            names[name] = p
+    names = {p: name for name, p in names.items()}
+    candidates = {p: m for p, m in candidates.items() if p in names}
     for t in targets:
-        hits = {p: m for p, m in candidates.items() if _matches(p, t) and not any(_matches(p, e) for e in exclude)}
+        hits = {p: m for p, m in candidates.items()
+                if _matches(names[p], t) and not any(_matches(names[p], e) for e in exclude)}
         if not hits:
             unmatched.append(t)
         found.update(hits)

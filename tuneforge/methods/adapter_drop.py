@@ -15,7 +15,10 @@ scaled_parallel, compacter, compacter_pp, adapter_bias, or an adapter_fusion), i
 (L - k) x ...). ``random: true`` is the paper's robust AdapterDrop: every optimizer step draws k uniformly from
 0 .. drop_layers (from the step number and ``seed`` alone, so a resumed run and every rank draw the same), which
 keeps all adapters and lets inference pick any k (``inference_drop_layers``, default 0 for a robust model, k for a
-fixed one). AdapterDrop adds no tensor; whether the result merges is up to the adapters (none of these does).
+fixed one). A random k is a kind of dropout: where the algorithm trains with dropout off (DPO, PPO, GRPO, ...:
+their two forwards must agree at equal weights), training uses the inference k too. The drop acts on the adapter
+name it is applied under, not on other adapters in the same blocks. AdapterDrop adds no tensor; whether the result
+merges is up to the adapters (none of these does).
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> None:
         if not cfg.random and layer.block is not None and layer.block < cfg.drop_layers:
             _remove(model, path, layer, adapter)
             continue
-        layer.drop_below = {"train": 0 if cfg.random else cfg.drop_layers, "eval": cfg.eval_k()}
+        layer.drop_below[adapter] = {"train": 0 if cfg.random else cfg.drop_layers, "eval": cfg.eval_k()}
 
 
 def _remove(model: nn.Module, path: str, layer: BN.BottleneckLayer, adapter: str) -> None:
@@ -87,6 +90,7 @@ def _remove(model: nn.Module, path: str, layer: BN.BottleneckLayer, adapter: str
             del d[adapter]
     layer.fixed_scale.pop(adapter, None)
     layer.act.pop(adapter, None)
+    layer.drop_below.pop(adapter, None)
     if isinstance(layer.active, tuple):
         layer.active = tuple(a for a in layer.active if a != adapter)
     if not layer.adapter_names():
@@ -101,7 +105,7 @@ def draw_k(cfg: Config, step: int) -> int:
 def on_step(model: nn.Module, cfg: Config, step: int, total: int, adapter: str = "default") -> None:
     if cfg.random:
         for layer in _layers(model, adapter).values():
-            layer.drop_below["train"] = draw_k(cfg, step)
+            layer.drop_below[adapter]["train"] = draw_k(cfg, step)
 
 
 def merge(model: nn.Module, adapter: str = "default") -> None:
@@ -110,7 +114,7 @@ def merge(model: nn.Module, adapter: str = "default") -> None:
 
 def unload(model: nn.Module) -> None:
     for layer in BN.bottleneck_layers(model).values():
-        layer.drop_below = {"train": 0, "eval": 0}
+        layer.drop_below = {}
 
 
 def state_dict(model: nn.Module, cfg=None, adapter: str = "default") -> dict[str, torch.Tensor]:
@@ -145,9 +149,9 @@ def parallel_tasks(model: nn.Module, input_ids: torch.Tensor, adapters: list[str
     if not 0 < shared_layers < len(blocks):
         raise ValueError(f"shared_layers must be in 1 .. {len(blocks) - 1}")
     for layer in BN.bottleneck_layers(model).values():
-        if layer.block is not None and layer.block < shared_layers and not layer.dropped() and \
-                any(a in layer.adapter_names() for a in adapters):
-            raise ValueError(f"block {layer.block} has an active adapter: blocks below shared_layers "
+        live = [a for a in adapters if a in layer.adapter_names() and not layer.dropped(a)]
+        if layer.block is not None and layer.block < shared_layers and live:
+            raise ValueError(f"block {layer.block} has active adapters {live}: blocks below shared_layers "
                              f"{shared_layers} must be dropped at inference (inference_drop_layers ≥ "
                              f"{shared_layers}, model in eval mode)")
     from tuneforge.methods._scope import adapter_layers

@@ -88,7 +88,8 @@ def read_members(cfg: Config) -> tuple[list, list[dict[str, torch.Tensor] | None
         found = read_adapter_config(path)
         if len(found) != 1 or found[0].name not in FUSABLE:
             raise ValueError(f"{NAME}: {path} holds {[c.name for c in found]}; each member must be one bottleneck "
-                             f"adapter ({', '.join(FUSABLE)})")
+                             f"adapter ({', '.join(FUSABLE)}) saved on its own (not in a list, e.g. with "
+                             "adapter_drop)")
         cfgs.append(found[0])
         weights.append(load_safetensors(_weights_file(path)))
     kinds = sorted({c.name for c in cfgs})
@@ -108,18 +109,27 @@ def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> None:
         mod.apply(model, mcfg, name)
         if tensors is not None:
             mod.load_state_dict(model, mcfg, tensors, name)
+    # every sub-layer that holds any member gets a fusion over the members it holds (a member trained on fewer
+    # targets is left out where it has no adapter, as AdapterHub does); members are frozen and reached only
+    # through the fusion, everywhere
     sites = {p: layer for p, layer in BN.bottleneck_layers(model).items()
-             if all(n in layer.adapter_down for n in names)}
-    for layer in sites.values():
-        for n in names:  # frozen, and reached only through the fusion
+             if any(n in layer.adapter_down for n in names)}
+    for path, layer in sites.items():
+        if adapter in layer.adapter_names():
+            raise ValueError(f"{NAME}: adapter name {adapter!r} is already used at {path} (by {layer.method}); a "
+                             "fusion cannot share its name with an adapter at its sites: apply it under another "
+                             "adapter name, or list it alone")
+        here = [n for n in names if n in layer.adapter_down]
+        for n in here:
             for p in (*layer.adapter_down[n].parameters(), *layer.adapter_up[n].parameters()):
                 p.requires_grad_(False)
             if n in layer.adapter_scale:
                 layer.adapter_scale[n].requires_grad_(False)
-        ref = next(layer.adapter_up[names[0]].parameters())
+        ref = next(layer.adapter_up[here[0]].parameters())
         src = layer.d_in if layer.placement == "parallel" else layer.d_out
-        layer.fusion[adapter] = Fusion(src, layer.d_out, names, cfg.temperature, ref.device, ref.dtype)
-        layer.active = tuple(a for a in layer.active if a not in names) + (adapter,)
+        layer.fusion[adapter] = Fusion(src, layer.d_out, here, cfg.temperature, ref.device, ref.dtype)
+        if isinstance(layer.active, tuple):
+            layer.active = tuple(a for a in layer.active if a not in names) + (adapter,)
     if not hasattr(model, ATTR):
         setattr(model, ATTR, {})
     getattr(model, ATTR)[adapter] = members

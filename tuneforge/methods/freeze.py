@@ -44,10 +44,14 @@ def selected_parameters(model: nn.Module, cfg: Config) -> dict[str, nn.Parameter
     if bad:
         raise ValueError(f"freeze.blocks: {bad} out of range for a model with {len(blocks)} blocks")
     chosen += [blocks[i] for i in cfg.blocks]
+    from tuneforge.methods import adapter_tensors
+
     prefixes = tuple(name + "." for name, _ in chosen)
-    out = {n: p for n, p in model.named_parameters() if n.startswith(prefixes)}
+    added = adapter_tensors(model)  # another method's tensors are not the model's (frozen fusion members stay so)
+    own = [(n, p) for n, p in model.named_parameters() if id(p) not in added]
+    out = {n: p for n, p in own if n.startswith(prefixes)}
     for pattern in cfg.modules:
-        hits = {n: p for n, p in model.named_parameters() if re.search(pattern, n)}
+        hits = {n: p for n, p in own if re.search(pattern, n)}
         if not hits:
             names = sorted({n.rsplit(".", 1)[0] for n, _ in model.named_parameters()})
             raise ValueError(f"freeze.modules: {pattern!r} matches no parameter; modules include: "

@@ -1,0 +1,144 @@
+"""``tuneforge intrinsic-dim``: how many free directions does a task need? The search for d90 (Li et al. 2018,
+https://arxiv.org/abs/1804.08838, sec. 2; Aghajanyan et al. 2021, https://arxiv.org/abs/2012.13255, sec. 4):
+the smallest dimension d of a random subspace (``methods/intrinsic.py``) whose fine-tuning reaches 90% of full
+fine-tuning's metric on the task.
+
+It fine-tunes the recipe's model once with ``full`` (the reference), then with ``intrinsic`` at each d of a grid,
+then bisects (geometrically) between the largest d below the target and the smallest above it. Every run goes
+through ``api.train`` with the recipe's data, algorithm and training settings (only the method, the output folder
+and, for the full run, the learning rate change), and is scored on the recipe's ``data.eval`` file:
+
+* ``exact_match``: greedy answers against the rows' completions (or chat rows' last assistant turn); the target
+  is ``threshold`` x full fine-tuning's exact match;
+* ``loss``: held-out loss; the target is reaching ``threshold`` of full fine-tuning's loss reduction.
+
+Writes ``intrinsic_dim.json`` (every run's metric, the target, d90) and ``intrinsic_dim.png`` (metric against d on
+a log axis, with full fine-tuning and the target drawn in) to the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from tuneforge.config import ConfigError, ModelConfig, RunConfig
+
+
+def _score(cfg: RunConfig, saved: Path | None, metric: str) -> float:
+    """The metric of the base model (``saved`` None), an adapter directory or a saved full model."""
+    from tuneforge.data import build_dataset, collate
+    from tuneforge.eval.examples import answer_examples
+    from tuneforge.eval.metrics import eval_loss, exact_match
+    from tuneforge.methods import load_adapter
+    from tuneforge.models.load import load_model
+
+    whole = saved is not None and not (saved / "adapter_config.json").exists()
+    mcfg = ModelConfig(**{**cfg.model.model_dump(), "path": str(saved), "gguf_file": None}) if whole else cfg.model
+    model, tok = load_model(mcfg)
+    if saved is not None and not whole:
+        load_adapter(model, saved)
+    model.eval()
+    if metric == "exact_match":
+        return exact_match(model, tok, answer_examples(cfg.data.eval), max_new_tokens=32)["exact_match"]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ds = build_dataset(cfg.data.eval, tok, max_len=cfg.data.max_len)
+    return eval_loss(model, ds, lambda rows: collate(rows, pad), cfg.train.batch_size)["loss"]
+
+
+def _variant(cfg: RunConfig, method: list[dict], out: Path, lr: float | None = None) -> RunConfig:
+    d = cfg.model_dump(mode="json")
+    d["method"] = method
+    d["train"]["output_dir"] = str(out)
+    d["train"]["save_every"] = 0
+    if lr is not None:
+        d["train"]["learning_rate"] = lr
+    return RunConfig.model_validate(d)
+
+
+def reached(value: float, target: float, metric: str) -> bool:
+    return value >= target if metric == "exact_match" else value <= target
+
+
+def target_of(before: float, full: float, threshold: float, metric: str) -> float:
+    """exact match: threshold x full's; loss: before minus threshold x full's reduction."""
+    return threshold * full if metric == "exact_match" else before - threshold * (before - full)
+
+
+def d90(results: dict[int, float], target: float, metric: str) -> int | None:
+    """The smallest d whose metric reached the target (None if none did)."""
+    ok = [d for d, v in sorted(results.items()) if reached(v, target, metric)]
+    return ok[0] if ok else None
+
+
+def search(cfg: RunConfig, dims: list[int], out_dir: str | Path, threshold: float = 0.9,
+           metric: str = "exact_match", full_lr: float | None = None, refine: int = 2, log=print) -> dict:
+    from tuneforge.api import train
+
+    if not cfg.data.eval:
+        raise ConfigError([("data.eval", "intrinsic-dim scores every run on a held-out file; set data.eval")],
+                          "config")
+    if not dims or min(dims) < 1:
+        raise ConfigError([("--dims", "give one or more dimensions >= 1, e.g. 10,100,1000")], "arguments")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base_method = next((m.model_dump(mode="json") for m in cfg.method if m.name == "intrinsic"),
+                       {"name": "intrinsic"})
+    before = _score(cfg, None, metric)
+    log(f"base model: {metric} {before:.4g}")
+    full = _score(cfg, train(_variant(cfg, [{"name": "full"}], out / "full", full_lr)).saved, metric)
+    target = target_of(before, full, threshold, metric)
+    log(f"full fine-tuning: {metric} {full:.4g}; target ({threshold:.0%}): {target:.4g}")
+    results: dict[int, float] = {}
+
+    def run(d: int) -> float:
+        if d not in results:
+            saved = train(_variant(cfg, [{**base_method, "dimension": d}], out / f"d{d}")).saved
+            results[d] = _score(cfg, saved, metric)
+            log(f"d = {d}: {metric} {results[d]:.4g}{'  (reached)' if reached(results[d], target, metric) else ''}")
+        return results[d]
+
+    for d in sorted(set(dims)):
+        run(d)
+    for _ in range(refine):  # geometric bisection between the last miss and the first hit
+        hit = d90(results, target, metric)
+        misses = [d for d in results if d < (hit or 0) and not reached(results[d], target, metric)]
+        if hit is None or not misses:
+            break
+        lo = max(misses)
+        mid = int(round(math.sqrt(lo * hit)))
+        if mid in (lo, hit):
+            break
+        run(mid)
+    found = d90(results, target, metric)
+    summary = {"metric": metric, "threshold": threshold, "base": before, "full": full, "target": target,
+               "d90": found, "runs": {str(d): v for d, v in sorted(results.items())},
+               "method": base_method, "plot": str(out / "intrinsic_dim.png")}
+    (out / "intrinsic_dim.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _plot(summary, out / "intrinsic_dim.png")
+    log(f"d90 = {found}" if found else f"no d reached {target:.4g}; try larger dimensions")
+    return summary
+
+
+def _plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ds = [int(d) for d in summary["runs"]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(ds, list(summary["runs"].values()), "o-", label="intrinsic (random subspace)")
+    ax.axhline(summary["full"], color="k", lw=1, label="full fine-tuning")
+    ax.axhline(summary["target"], color="k", lw=1, ls="--", label=f"{summary['threshold']:.0%} target")
+    ax.axhline(summary["base"], color="grey", lw=1, ls=":", label="base model")
+    if summary["d90"]:
+        ax.axvline(summary["d90"], color="tab:red", lw=1, ls="--", label=f"d90 = {summary['d90']}")
+    ax.set_xscale("log")
+    ax.set_xlabel("subspace dimension d")
+    ax.set_ylabel(summary["metric"].replace("_", " "))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
