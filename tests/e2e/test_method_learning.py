@@ -36,7 +36,7 @@ WORST_OF_SEEDS = {"full": 1.0, "freeze (top 2 blocks)": 0.205, "bitfit (added bi
 # worst these (method_learning_soft.json, "loss_after"). Their test asserts half of that worst drop.
 LOSS_WORST = {"prompt_tuning (n = 20)": 2.1648, "p_tuning (MLP; n = 20)": 2.8853,
               # AdapterBias (2d + 1 numbers per block) moves exact match 3.5-9.5% on this model, its loss reliably
-              "adapter_bias": ADAPTER_BIAS_LOSS}
+              "adapter_bias": 1.7843}
 # Set-ups the benchmark reports but no test asserts, with why: on this 4-block model, dropping block 0's adapters
 # (a fixed k = 1) leaves reversal unlearnable (0-0.5%; Houlsby without block 0's adapters and no AdapterDrop does the
 # same, LoRA without block 0 falls from 99% to 23%), and a plain random subspace of d = 10000 at one learning rate
@@ -68,8 +68,9 @@ def test_method_lifts_held_out_exact_match(demo_base, tmp_path, label):
 
 
 # AdapterFusion (benchmarks/results/method_learning_adapters.json, "fusion"): two Houlsby members, one trained on
-# reversal and one on "max"; the fusion, trained on reversal, beat the reversal member alone on every seed 0-4.
-FUSION_WORST = {"fusion": 0.81, "gain_over_member": 0.05}
+# reversal and one on "max"; the fusion, trained on reversal, reached 81-90.5% and beat the reversal member alone
+# (74.5-85%) on every seed 0-4, by 4 to 9.5 points.
+FUSION_WORST = {"fusion": 0.81, "gain_over_member": 0.04}
 
 
 def test_fusion_of_two_trained_adapters_learns_the_task(demo_base, tmp_path):
