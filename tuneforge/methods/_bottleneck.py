@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from tuneforge.methods._inject import find_targets, replace_module
+from tuneforge.methods._inject import copy_checked, find_targets, replace_module
 from tuneforge.methods._scope import AdapterLayer, PerExample
 from tuneforge.models import arch
 
@@ -289,13 +289,4 @@ def state_dict(model: nn.Module, method: str, adapter: str) -> dict[str, torch.T
 
 
 def load_state_dict(model: nn.Module, method: str, tensors: dict[str, torch.Tensor], adapter: str) -> None:
-    expected = state_dict(model, method, adapter)
-    if set(expected) != set(tensors):
-        raise KeyError(f"{method} weights do not fit this model: missing {sorted(set(expected) - set(tensors))[:4]}, "
-                       f"unexpected {sorted(set(tensors) - set(expected))[:4]}")
-    with torch.no_grad():
-        for key, target in expected.items():
-            if target.shape != tensors[key].shape:
-                raise ValueError(f"{key}: shape {tuple(tensors[key].shape)} in the file, {tuple(target.shape)} in "
-                                 "the model")
-            target.copy_(tensors[key])
+    copy_checked(state_dict(model, method, adapter), tensors, method)

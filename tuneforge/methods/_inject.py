@@ -86,6 +86,20 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def copy_checked(expected: dict, tensors: dict, what: str, hint: str = "in the model") -> None:
+    """Copy a file's ``tensors`` into a method's ``expected`` ones (same keys, same shapes), or say what differs."""
+    import torch
+
+    if set(expected) != set(tensors):
+        raise KeyError(f"{what} weights do not fit this model: missing {sorted(set(expected) - set(tensors))[:4]}, "
+                       f"unexpected {sorted(set(tensors) - set(expected))[:4]}")
+    with torch.no_grad():
+        for key, target in expected.items():
+            if target.shape != tensors[key].shape:
+                raise ValueError(f"{key}: shape {tuple(tensors[key].shape)} in the file, {tuple(target.shape)} {hint}")
+            target.copy_(tensors[key])
+
+
 def freeze_all(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)

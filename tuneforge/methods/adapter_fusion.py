@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from tuneforge.methods import _bottleneck as BN
+from tuneforge.methods._inject import copy_checked
 
 MERGEABLE = False
 NAME = "adapter_fusion"
@@ -180,20 +181,13 @@ def load_state_dict(model: nn.Module, cfg: Config, tensors: dict[str, torch.Tens
 
     expected = state_dict(model, cfg, adapter)
     if set(expected) != set(tensors):
-        raise KeyError(f"{NAME} weights do not fit this model: missing {sorted(set(expected) - set(tensors))[:4]}, "
-                       f"unexpected {sorted(set(tensors) - set(expected))[:4]}")
+        copy_checked(expected, tensors, NAME)  # raises, naming what is missing and unexpected
     for i, mcfg in enumerate(getattr(model, ATTR)[adapter]):
         prefix = f"{NAME}.member{i}."
         part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         METHODS[mcfg.name].load_state_dict(model, mcfg, part, member_name(adapter, i))
-    with torch.no_grad():
-        for path, f in _fusions(model, adapter).items():
-            for k, target in f.state_dict().items():
-                src = tensors[f"{path}.fusion.{k}"]
-                if src.shape != target.shape:
-                    raise ValueError(f"{path}.fusion.{k}: shape {tuple(src.shape)} in the file, "
-                                     f"{tuple(target.shape)} in the model")
-                target.copy_(src)
+    fused = {k: v for k, v in expected.items() if not k.startswith(f"{NAME}.member")}
+    copy_checked(fused, {k: tensors[k] for k in fused}, NAME)
 
 
 def merge(model: nn.Module, adapter: str = "default") -> None:

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from tuneforge.methods._delta import DeltaLayer
+from tuneforge.methods._inject import copy_checked
 from tuneforge.methods._linear import merge_layers, unload_layers, wrap_targets, wrapped_layers
 from tuneforge.methods._scope import AdapterLayer
 from tuneforge.models import arch
@@ -211,13 +212,5 @@ def state_dict(model: nn.Module, cfg: Config | None = None, adapter: str = "defa
 
 def load_state_dict(model: nn.Module, cfg: Config | None, tensors: dict[str, torch.Tensor],
                     adapter: str = "default") -> None:
-    expected = state_dict(model, cfg, adapter)
-    if set(expected) != set(tensors):
-        raise KeyError(f"intrinsic weights do not fit: the file has {sorted(tensors)}, the config gives "
-                       f"{sorted(expected)}")
-    with torch.no_grad():
-        for k, target in expected.items():
-            if target.shape != tensors[k].shape:
-                raise ValueError(f"{k}: {tuple(tensors[k].shape)} in the file, {tuple(target.shape)} from the "
-                                 "config (another dimension, said, or other target layers?)")
-            target.copy_(tensors[k])
+    copy_checked(state_dict(model, cfg, adapter), tensors, "intrinsic",
+                 "from the config (another dimension, said, or other target layers?)")
