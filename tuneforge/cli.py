@@ -333,10 +333,15 @@ def cmd_intrinsic_dim(a) -> int:
     except ValueError:
         raise ConfigError([("--dims", f"{a.dims!r}: give comma-separated integers, e.g. 10,100,1000")],
                           "arguments") from None
+    try:
+        factors = tuple(float(x) for x in a.lr_factors.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError([("--lr-factors", f"{a.lr_factors!r}: give comma-separated numbers, e.g. 0.5,1,2")],
+                          "arguments") from None
     cfg = load_config(a.config, a.overrides)
     out = a.out or str(Path(cfg.train.output_dir) / "intrinsic_dim")
     s = search(cfg, dims, out, threshold=a.threshold, metric=a.metric, full_lr=a.full_lr, refine=a.refine,
-               log=lambda line: print(line, flush=True))
+               log=lambda line: print(line, flush=True), lr_scale=a.lr_scale, lr_factors=factors)
     print(f"results {Path(out) / 'intrinsic_dim.json'}\nplot    {s['plot']}")
     return 0
 
@@ -462,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     idim.add_argument("--full-lr", type=float, default=None, help="the full fine-tuning run's learning rate "
                       "(default: the recipe's, which suits the subspace runs; full usually wants ~100x less)")
     idim.add_argument("--refine", type=int, default=2, help="bisection steps between the last miss and first hit")
+    idim.add_argument("--lr-scale", default="sqrt", choices=["sqrt", "none"], help="sqrt: the run at d uses "
+                      "lr * sqrt(d_ref / d), d_ref the recipe's intrinsic dimension (1000 without one), so every d "
+                      "moves the weights by the same step; none: the recipe's rate for every d")
+    idim.add_argument("--lr-factors", default="1", help="multiples of each d's rate to try, keeping the best "
+                      "(e.g. 0.5,1,2: a per-d sweep, one run per factor)")
     idim.add_argument("--out", default=None, help="default: <train.output_dir>/intrinsic_dim")
     idim.set_defaults(fn=cmd_intrinsic_dim)
     es = sub.add_parser("estimate", help="memory to serve or fine-tune a model (no weights loaded)")
