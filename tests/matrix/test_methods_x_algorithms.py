@@ -23,6 +23,8 @@ METHODS = {  # name -> method config on the tiny llama (bias-free: bitfit adds b
     "prompt_tuning": {"name": "prompt_tuning", "num_virtual_tokens": 4},
     "prefix_tuning": {"name": "prefix_tuning", "num_virtual_tokens": 3, "projection": True, "encoder_hidden_size": 8},
     "p_tuning": {"name": "p_tuning", "num_virtual_tokens": 3, "encoder": "lstm", "encoder_hidden_size": 8},
+    "p_tuning_template": {"name": "p_tuning", "template": "[P:2] {prompt} [P:2]", "encoder": "lstm",
+                          "encoder_hidden_size": 8},  # virtual tokens before and after the prompt
     "p_tuning_v2": {"name": "p_tuning_v2", "num_virtual_tokens": 3},
     "mam": [{"name": "prefix_tuning", "num_virtual_tokens": 3}, {"name": "parallel", "bottleneck": 4}],
     "compacter": {"name": "compacter", "bottleneck": 4}, "compacter_pp": {"name": "compacter_pp", "bottleneck": 8},
@@ -31,6 +33,7 @@ METHODS = {  # name -> method config on the tiny llama (bias-free: bitfit adds b
     "adapter_fusion": {"name": "adapter_fusion", "adapters": "MEMBERS"},  # two Pfeiffer adapters (``files``)
     "intrinsic": {"name": "intrinsic", "dimension": 32}, "intrinsic_said": {"name": "intrinsic", "dimension": 48,
                                                                             "said": True, "projection": "dense"},
+    "unipelt": {"name": "unipelt", "num_virtual_tokens": 3, "rank": 4},
 }
 ONLINE = {"max_new_tokens": 4, "rewards": [{"name": "length", "target": 2}]}
 ALGORITHM_CONFIGS = {

@@ -29,13 +29,17 @@ CONFIGS = {  # method -> config on the tiny llama (bias-free, so bitfit adds bia
     "prefix_projection": {"num_virtual_tokens": 3, "projection": True, "encoder_hidden_size": 16,
                           "name": "prefix_tuning"},
     "p_tuning_v2": {"num_virtual_tokens": 2},
+    # UniPELT and the gates it adds to LoRA and the bottleneck adapters
+    "unipelt": {"num_virtual_tokens": 3, "rank": 4}, "lora_gate": {"rank": 4, "gate": True, "name": "lora"},
+    "pfeiffer_gate": {"bottleneck": 8, "gate": True, "name": "pfeiffer"},
 }
 SOFT = ["prompt_tuning", "p_tuning", "p_tuning_lstm", "prefix_tuning", "prefix_projection", "p_tuning_v2"]
 # not mergeable (non-linear, or, AdapterBias, reading another point than it writes)
 BOTTLENECK = ["houlsby", "pfeiffer", "parallel", "scaled_parallel", "compacter", "compacter_pp", "adapter_bias"]
 INTRINSIC = ["intrinsic", "intrinsic_dense", "intrinsic_said"]
+GATED = ["lora_gate", "pfeiffer_gate"]  # not mergeable (the gate depends on the input)
 IDENTITY_AT_INIT = ["bitfit", "diff_pruning", "sparse", "lora", "dora", "lokr", "ia3", *BOTTLENECK, "phm_adapter",
-                    *INTRINSIC]
+                    *INTRINSIC, *GATED]
 ADAPTERS = ["bitfit", "diff_pruning", "sparse", "lora", "dora", "lokr", "ia3", "qlora", *INTRINSIC]  # mergeable
 
 
@@ -70,6 +74,13 @@ def expected_trainable(key, model) -> int:
         return sum(2 * i * o for i, o in lin.values())
     if key == "sparse":
         return sum(sparse.budget(i * o, c.density) for i, o in lin.values())
+    if key == "lora_gate":  # r (in + out) and a gate (in -> 1, with bias) per layer
+        return sum(c.rank * (i + o) + i + 1 for i, o in lin.values())
+    if key == "pfeiffer_gate":  # Pfeiffer's D, U and their biases, and a gate (d -> 1, with bias) per block
+        d = model.config.hidden_size
+        return len(arch.blocks(model)) * (2 * d * c.bottleneck + c.bottleneck + d + d + 1)
+    if key == "unipelt":  # gated LoRA on q and v, an n-token prefix, a gated Pfeiffer adapter (m = d/16)
+        return unipelt_trainable(model.config, c)
     if key in ("lora", "dora", "qlora"):  # r (in + out), DoRA adds one magnitude per output row
         return sum(c.rank * (i + o) + (o if key == "dora" else 0) for i, o in lin.values())
     if key == "lokr":
@@ -97,6 +108,17 @@ def expected_trainable(key, model) -> int:
         return sum(o if not p.endswith("down_proj") else i for p, (i, o) in lin.items()
                    if p.rsplit(".", 1)[-1] in ("k_proj", "v_proj", "down_proj"))
     raise KeyError(key)
+
+
+def unipelt_trainable(config, c) -> int:
+    """Per block: LoRA on W_q (d -> H hd) and W_v (d -> KV hd), r (in + out) + a gate (d + 1) each; the adapter
+    D (m x d) + m, U (d x m) + d, its gate d + 1; and the prefix, n x 2 x KV hd per block (Mao et al. 2022)."""
+    d, L, H = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or H
+    hd = getattr(config, "head_dim", None) or d // H
+    m = d // 16
+    per_block = c.rank * (2 * d + (H + kv) * hd) + 2 * (d + 1) + (2 * d * m + m + d) + (d + 1)
+    return L * per_block + c.num_virtual_tokens * L * 2 * kv * hd
 
 
 def compacter_trainable(key, d: int, blocks: int, **kw) -> int:
@@ -133,7 +155,7 @@ def soft_prompt_trainable(key, config, **kw) -> int:
 
 
 @pytest.mark.parametrize("key", ["prompt_tuning", "prefix_tuning", "p_tuning_v2", "p_tuning", "houlsby", "pfeiffer",
-                                 "compacter", "compacter_pp", "adapter_bias"])
+                                 "compacter", "compacter_pp", "adapter_bias", "unipelt"])
 def test_trainable_count_on_a_gpt3_175b_shaped_model(key):
     """The closed forms at GPT-3 175B's shape (96 layers, d 12288, 96 heads; Brown et al. 2020, table 2.1), on a
     weightless (meta-device) model: prompt tuning 20 x 12288 = 245,760 numbers; a 20-token prefix 47.2M."""
@@ -143,7 +165,8 @@ def test_trainable_count_on_a_gpt3_175b_shaped_model(key):
                          intermediate_size=4 * 12288, vocab_size=50257, max_position_embeddings=2048)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    kw = {"num_virtual_tokens": 20} if key in SOFT else {"bottleneck": None} if "compacter" in key else {}
+    kw = {"num_virtual_tokens": 20} if key in SOFT + ["unipelt"] else {"bottleneck": None} if "compacter" in key \
+        else {}
     c = cfg_of(key, **kw)
     apply_methods(model, [c])
     if key in SOFT:
@@ -153,6 +176,9 @@ def test_trainable_count_on_a_gpt3_175b_shaped_model(key):
         assert key != "compacter_pp" or want == 96 * (2 * (384 + 12288) + 384 + 12288) + 128 == 3_649_664
     elif key == "adapter_bias":  # 96 x (2 x 12288 + 1): the seed documents' L x 2 x d_h
         want = 96 * (2 * 12288 + 1)
+    elif key == "unipelt":  # r = 4 here: LoRA 19.0M, adapters 29.0M (m = 768), a 20-token prefix 47.2M
+        want = unipelt_trainable(config, c)
+        assert want == 96 * (4 * 4 * 12288 + 2 * 12289 + 2 * 12288 * 768 + 768 + 12288 + 12289) + 47_185_920
     else:
         m = c.bottleneck or 12288 // 16
         want = 96 * (2 if key == "houlsby" else 1) * (2 * 12288 * m + m + 12288)
@@ -178,7 +204,7 @@ def test_identity_at_init(key):
     assert torch.equal(model(_ids()).logits, ref)
 
 
-@pytest.mark.parametrize("key", ADAPTERS + BOTTLENECK + ["phm_adapter"] + SOFT)
+@pytest.mark.parametrize("key", ADAPTERS + BOTTLENECK + ["phm_adapter"] + SOFT + GATED + ["unipelt"])
 def test_save_load_round_trip(tmp_path, key):
     model, _ = build_tiny("llama")
     cfg = cfg_of(key)
@@ -211,7 +237,7 @@ def test_merge_equals_unmerged(key, preset):
 
 
 @pytest.mark.parametrize("key", ["lora", "dora", "lokr", "ia3", "sparse", "diff_pruning", "qlora", *BOTTLENECK,
-                                 *INTRINSIC])
+                                 *INTRINSIC, *GATED, "unipelt"])
 def test_per_example_adapters_equal_one_by_one(key):
     model, _ = build_tiny("llama")
     cfg = cfg_of(key)

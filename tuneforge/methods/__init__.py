@@ -26,7 +26,8 @@ from torch import nn
 
 from tuneforge.methods import (adapter_bias, adapter_drop, adapter_fusion, bitfit, compacter, compacter_pp,
                                diff_pruning, freeze, full, houlsby, ia3, intrinsic, lokr, lora, p_tuning, p_tuning_v2,
-                               parallel, pfeiffer, prefix_tuning, prompt_tuning, qlora, scaled_parallel, sparse)
+                               parallel, pfeiffer, prefix_tuning, prompt_tuning, qlora, scaled_parallel, sparse,
+                               unipelt)
 from tuneforge.methods._inject import count_parameters, freeze_all
 from tuneforge.methods._scope import adapter_layers, adapter_scope, set_active
 
@@ -35,8 +36,9 @@ METHODS = {"full": full, "freeze": freeze, "bitfit": bitfit, "diff_pruning": dif
            "parallel": parallel, "scaled_parallel": scaled_parallel, "prompt_tuning": prompt_tuning,
            "prefix_tuning": prefix_tuning, "p_tuning": p_tuning, "p_tuning_v2": p_tuning_v2, "compacter": compacter,
            "compacter_pp": compacter_pp, "adapter_bias": adapter_bias, "adapter_drop": adapter_drop,
-           "adapter_fusion": adapter_fusion, "intrinsic": intrinsic}
-SOFT_PROMPTS = ("prompt_tuning", "prefix_tuning", "p_tuning", "p_tuning_v2")  # virtual tokens (``_soft_prompt``)
+           "adapter_fusion": adapter_fusion, "intrinsic": intrinsic, "unipelt": unipelt}
+# virtual tokens (``_soft_prompt``; unipelt's prefix is one)
+SOFT_PROMPTS = ("prompt_tuning", "prefix_tuning", "p_tuning", "p_tuning_v2", "unipelt")
 METHOD_CONFIGS = {name: mod.Config for name, mod in METHODS.items()}
 PEFT_TYPES: dict[str, str] = {}  # PEFT's type -> our method; the first listed wins (LORA -> lora, not qlora)
 for _name, _mod in METHODS.items():
@@ -58,7 +60,7 @@ class NothingToTrainError(ValueError):
 
 # bottleneck adapters (``_bottleneck``)
 WRAPS_SUBLAYERS = ("houlsby", "pfeiffer", "parallel", "scaled_parallel", "compacter", "compacter_pp", "adapter_bias",
-                   "adapter_fusion")
+                   "adapter_fusion", "unipelt")
 # methods that may follow them in a list (soft prompts touch no layer; AdapterDrop acts on them)
 AFTER_SUBLAYERS_OK = WRAPS_SUBLAYERS + ("full", "freeze", "prompt_tuning", "prefix_tuning", "p_tuning", "p_tuning_v2",
                                         "adapter_drop")
@@ -180,10 +182,16 @@ def finalize_methods(model: nn.Module, cfgs: list, adapter: str = "default") -> 
 
 def merge_methods(model: nn.Module, cfgs: list, adapter: str = "default", unload: bool = True) -> nn.Module:
     """Fold every method that can be folded into the base weights; with ``unload`` restore plain HF modules. A list
-    with a method that cannot be folded is refused before anything is merged (no half-merged model)."""
+    with a method that cannot be folded is refused before anything is merged (no half-merged model): a method that
+    never merges, or a config whose options rule it out (``merge_refusal()``: a gated LoRA)."""
+    from tuneforge.methods._bottleneck import NotMergeableError
+
     for cfg in cfgs:
         if not getattr(METHODS[cfg.name], "MERGEABLE", True):
             METHODS[cfg.name].merge(model, adapter)  # raises its reason
+        reason = getattr(cfg, "merge_refusal", lambda: None)()
+        if reason:
+            raise NotMergeableError(reason)
     for cfg in cfgs:
         METHODS[cfg.name].merge(model, adapter)
         if unload and hasattr(METHODS[cfg.name], "unload"):
@@ -199,7 +207,9 @@ def method_state_dict(model: nn.Module, cfgs: list, adapter: str = "default") ->
 
 
 def _is_peft_native(cfgs: list) -> bool:
-    return len(cfgs) == 1 and hasattr(METHODS[cfgs[0].name], "PEFT_TYPE")
+    """One method PEFT has, with no option PEFT's config cannot hold (``peft_layout()``: a gated LoRA)."""
+    return (len(cfgs) == 1 and hasattr(METHODS[cfgs[0].name], "PEFT_TYPE")
+            and getattr(cfgs[0], "peft_layout", lambda: True)())
 
 
 def save_adapter(model: nn.Module, cfgs: list, out_dir: str | Path, adapter: str = "default",

@@ -16,6 +16,12 @@ https://arxiv.org/abs/2110.04366, sec. 3 and eq. 6, the parallel adapter at the 
 ``scaled_parallel``). U starts at zero, so A = 0 and the model's outputs are unchanged at step 0 (Houlsby's
 near-identity initialisation, made exact); D starts small and random (normal, std 1e-2) so gradients reach U.
 
+With ``gate: true`` the adapter's output is scaled by a learned gate read from the adapter's own input, one value per
+token (UniPELT, Mao et al. 2022, https://arxiv.org/abs/2110.07577, sec. 3.2: h ← G_A · A(h) + h, G_A = σ(W_g h +
+b_g)); W_g ~ N(0, 0.02²) and b_g = 0 start every gate near 0.5, and U = 0 still makes A = 0 at step 0. UniPELT's code
+and AdapterHub average the gate over the sequence; per token keeps a causal LM causal (no token's output depends on
+later tokens) and makes generation with a KV cache equal a full forward.
+
 A is non-linear, so it cannot be folded into the base weights: ``merge`` refuses with the reason. Each wrapped module
 keeps one adapter per name; per-example selection (mixed-task batches) adds each row's adapter to that row only. In a
 composition, list bottleneck adapters after the methods that wrap linear layers (``[lora, houlsby]``): they wrap
@@ -39,6 +45,7 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, 
                "identity": lambda x: x}  # identity: AdapterBias's linear shift
 DEFAULT_REDUCTION = 16  # m = d / 16 (AdapterHub's default reduction factor)
 INIT_STD = 1e-2  # D's initial scale (AdapterHub's and Houlsby's near-zero initialisation)
+GATE_INIT_STD = 0.02  # a gate's initial weight scale (AdapterHub's); its bias starts at 0, the gate near 0.5
 
 # Per-architecture defaults: the attention output and FFN output projections (sequential adapters), and the FFN block
 # (parallel adapters). Any model can name its own with ``target_modules``.
@@ -59,6 +66,8 @@ class BottleneckConfig(BaseModel):
     non_linearity: Literal["relu", "gelu", "silu", "swish", "tanh"] = "relu"
     target_modules: list[str] | None = Field(None, description="modules to adapt; None = the architecture's default")
     exclude_modules: list[str] = Field(default_factory=list)
+    gate: bool = Field(False, description="UniPELT's gate: scale the adapter's output by σ(W_g h + b_g) per token, "
+                                          "h the adapter's input (a learned d -> 1 map per adapted sub-layer)")
 
     @model_validator(mode="after")
     def _one_size(self):
@@ -113,9 +122,9 @@ class BottleneckLayer(AdapterLayer):
         return self.block < ks["train" if self.training and not self.train_k_is_eval_k else "eval"]
 
     def add_adapter(self, name: str, width: int, act: str, scale: float = 1.0, learn_scale: bool = False,
-                    pair=None, up_bias: bool = True) -> None:
+                    pair=None, up_bias: bool = True, gate: bool = False) -> None:
         """Add adapter ``name``: D and U are ``nn.Linear`` unless ``pair`` builds them (Compacter's PHM layers:
-        ``pair(d_src, width, d_out, device, dtype) -> (D, U)``, U already zero)."""
+        ``pair(d_src, width, d_out, device, dtype) -> (D, U)``, U already zero); ``gate`` adds G_A."""
         if name in self.adapter_names():
             raise ValueError(f"adapter name {name!r} is already used at this sub-layer (by {self.method} or an "
                              "adapter_fusion); give the second method its own adapter name")
@@ -135,6 +144,12 @@ class BottleneckLayer(AdapterLayer):
                 if up.bias is not None:
                     nn.init.zeros_(up.bias)
         self.adapter_down[name], self.adapter_up[name] = down, up
+        if gate:  # UniPELT's G_A, a (d_src -> 1) map held by U, whose output it scales: whatever handles an
+            # adapter by its D and U (saving, a fusion freezing its members, AdapterDrop removing one) has it too
+            up.gate = nn.Linear(src, 1, device=dev, dtype=dt)
+            with torch.no_grad():
+                nn.init.normal_(up.gate.weight, std=GATE_INIT_STD)
+                nn.init.zeros_(up.gate.bias)
         self.act[name] = act
         if learn_scale:
             self.adapter_scale[name] = nn.Parameter(torch.tensor(float(scale), device=dev, dtype=dt))
@@ -150,6 +165,9 @@ class BottleneckLayer(AdapterLayer):
         down, up = self.adapter_down[name], self.adapter_up[name]
         dt = next(down.parameters()).dtype
         a = up(ACTIVATIONS[self.act[name]](down(src.to(dt))))
+        gate = getattr(up, "gate", None)
+        if gate is not None:  # G_A, one value per token, from what the adapter reads
+            a = a * torch.sigmoid(gate(src.to(dt)))
         s = self.adapter_scale[name] if name in self.adapter_scale else self.fixed_scale[name]
         return a * s if not (isinstance(s, float) and s == 1.0) else a
 
@@ -227,9 +245,10 @@ def apply_bottleneck(model: nn.Module, cfg: BottleneckConfig, adapter: str, meth
             d_in, d_out = arch.weight_in_out(module) if linear else (d, d)
             layer = BottleneckLayer(module, d_in, d_out, placement, method, block_index(model, path))
             replace_module(model, path, layer)
-        layer.add_adapter(adapter, width or cfg.width(d), act or cfg.non_linearity, scale, learn_scale, pair, up_bias)
+        layer.add_adapter(adapter, width or cfg.width(d), act or cfg.non_linearity, scale, learn_scale, pair, up_bias,
+                          gate=getattr(cfg, "gate", False))
         for p in (*layer.adapter_down[adapter].parameters(), *layer.adapter_up[adapter].parameters()):
-            p.requires_grad_(True)
+            p.requires_grad_(True)  # (U's parameters include a gate's)
         if adapter in layer.adapter_scale:
             layer.adapter_scale[adapter].requires_grad_(True)
         out[path] = layer

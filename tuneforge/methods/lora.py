@@ -13,6 +13,18 @@ magnitude: W' = m * (W0 + sBA) / ||W0 + sBA||_c with m (one value per output row
 layer starts unchanged. The paper found that full fine-tuning moves magnitude and direction in ways LoRA alone
 couples; the norm is treated as a constant in backward (its sec. 4.3), which saves memory at no measured loss.
 
+A gate (``gate: true``; UniPELT, Mao et al. 2022, https://arxiv.org/abs/2110.07577, sec. 3.2) scales the update by
+G_L = σ(W_g x + b_g), one value per token computed from the layer's input by a (d_in -> 1) linear map of its own:
+
+    h = W0 x + σ(W_g x + b_g) · (alpha / r) · B A x,      W_g ~ N(0, 0.02²) and b_g = 0, so G_L starts near 0.5.
+
+B = 0 still makes the layer start unchanged. UniPELT's code and AdapterHub average the gate over a row's whole
+sequence, which in a causal LM would let each token's update depend on the tokens after it; here each token has its
+own gate, so a token's output depends only on itself and generation with a KV cache equals a full forward. The gate
+depends on the input, so a gated adapter is no weight update: it cannot be merged, PEFT cannot hold it (it is saved
+in tuneforge's layout), and it lives in its own layer type (``GatedLoraLayer``), so nothing that folds LoRA into
+weights (merge, rollouts' packed weights, GGUF export) mistakes it for one. DoRA + gate is refused.
+
 Layout: the wrapped layer keeps the base ``weight``/``bias`` under their original names (base checkpoints load
 unchanged) and holds ``lora_A.<adapter>``/``lora_B.<adapter>`` like PEFT, so saving only has to drop the adapter name
 to produce PEFT's file layout. GPT-2's Conv1D stores its weight transposed (in x out); A and B keep PEFT's shapes
@@ -26,7 +38,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from tuneforge.methods._linear import (LinearWrapper, merge_layers, unload_layers, unmerge_layers, wrap_targets,
@@ -49,10 +61,33 @@ class Config(BaseModel):
     rslora: bool = False
     dora: bool = Field(False, description="DoRA: learn a per-output-row magnitude m, W' = m (W0 + sBA)/||W0 + sBA||")
     init: Literal["kaiming", "gaussian"] = "kaiming"
+    gate: bool = Field(False, description="UniPELT's gate: scale the update by σ(W_g x + b_g) per token (a learned "
+                                          "d_in -> 1 map per layer); not mergeable, saved in tuneforge's layout")
+
+    @model_validator(mode="after")
+    def _gate_without_dora(self):
+        if self.gate and self.dora:
+            raise ValueError("gate and dora do not combine: DoRA renormalises the whole adapted weight W0 + sBA per "
+                             "row, and a per-token gate on sBA makes that weight differ token by token; use one")
+        return self
+
+    def merge_refusal(self) -> str | None:
+        """Why this adapter cannot be folded into the weights, or None (read by ``merge_methods``)."""
+        return GATED_NOT_MERGEABLE if self.gate else None
+
+    def peft_layout(self) -> bool:
+        """Whether PEFT's LoraConfig can describe this adapter (PEFT has no gate; read by ``save_adapter``)."""
+        return not self.gate
 
 
-class LoraLayer(LinearWrapper):
-    """A Linear/Conv1D (or a nested/quantised base) with named LoRA adapters, optionally DoRA-decomposed."""
+GATED_NOT_MERGEABLE = ("a gated LoRA scales B A x by σ(W_g x + b_g), a different factor for every token, so its update "
+                       "is no fixed weight and cannot be folded into the base weights; keep the adapter beside the base "
+                       "model (tuneforge generate/serve --adapter), or train LoRA without gate to merge it")
+
+
+class LowRankLayer(LinearWrapper):
+    """A Linear/Conv1D (or a nested/quantised base) with named LoRA adapters, optionally DoRA-decomposed; the
+    behaviour shared by ``LoraLayer`` (a weight update) and ``GatedLoraLayer`` (an input-dependent one)."""
 
     # A and B decay (toward B A = 0, the unchanged layer), as in PEFT/HF Trainer practice; DoRA's magnitude starts at
     # ||W0||_c, so decay toward 0 would shrink the layer's rows rather than keep it close to the base.
@@ -151,16 +186,69 @@ class LoraLayer(LinearWrapper):
         return f"{kind}({self.in_features}, {self.out_features}), adapters={self.adapter_names()}"
 
 
+class LoraLayer(LowRankLayer):
+    """A layer whose LoRA adapters are weight updates (plain or DoRA): they merge, and PEFT's layout holds them."""
+
+
+class GatedLoraLayer(LowRankLayer):
+    """A layer with gated LoRA adapters: h = W0 x + σ(W_g x + b_g) · s B A x, one gate per token (UniPELT's G_L).
+    Its own type, not a ``LoraLayer``: the update depends on the input, so it must never be folded into a weight."""
+
+    # the gate's weight decays toward 0 (an input-independent gate σ(b_g)); its bias, like every bias, does not
+    ADAPTER_TENSORS = {**LowRankLayer.ADAPTER_TENSORS, "lora_gate": True}
+
+    def __init__(self, base: nn.Module):
+        super().__init__(base)
+        self.lora_gate = nn.ModuleDict()
+
+    def adapter_tensors(self) -> dict[str, tuple[nn.Parameter, bool]]:
+        return {n: (p, decays and not n.endswith(".bias")) for n, (p, decays) in super().adapter_tensors().items()}
+
+    def add_adapter(self, name: str, cfg: Config) -> None:
+        dev, dt = self.weight_device_dtype()
+        gate = nn.Linear(self.in_features, 1, device=dev, dtype=dt)
+        with torch.no_grad():  # AdapterHub's N(0, 0.02²) weight; b = 0, so every gate starts near σ(0) = 0.5
+            nn.init.normal_(gate.weight, std=GATE_INIT_STD)
+            nn.init.zeros_(gate.bias)
+        self.lora_gate[name] = gate
+        super().add_adapter(name, cfg)
+
+    def _adapter_out(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        gate = self.lora_gate[name]
+        g = torch.sigmoid(gate(x.to(gate.weight.dtype)))  # (..., 1): one gate per token, from the undropped input
+        return super()._adapter_out(name, x, base_out) * g
+
+    def merge(self, name: str) -> None:
+        from tuneforge.methods._bottleneck import NotMergeableError
+
+        raise NotMergeableError(GATED_NOT_MERGEABLE)
+
+
+GATE_INIT_STD = 0.02
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    """The layers with mergeable (ungated) LoRA adapters."""
     return wrapped_layers(model, LoraLayer)
 
 
+def gated_layers(model: nn.Module) -> dict[str, GatedLoraLayer]:
+    return wrapped_layers(model, GatedLoraLayer)
+
+
+def all_layers(model: nn.Module) -> dict[str, LowRankLayer]:
+    """Every layer with LoRA adapters, gated or not."""
+    return wrapped_layers(model, LowRankLayer)
+
+
 def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> None:
-    """Wrap the target layers (once) and add adapter ``adapter`` to each; only A and B (and DoRA's m) train."""
-    if any(adapter in layer.adapter_names() for layer in lora_layers(model).values()):
+    """Wrap the target layers (once) and add adapter ``adapter`` to each; only A and B (and DoRA's m, or the gate)
+    train."""
+    if any(adapter in layer.adapter_names() for layer in all_layers(model).values()):
         raise ValueError(f"LoRA adapter {adapter!r} already exists on this model")
     targets = cfg.target_modules or arch.default_targets(model)
-    for layer in wrap_targets(model, LoraLayer, targets, cfg.exclude_modules).values():
+    cls = GatedLoraLayer if cfg.gate else LoraLayer
+    for layer in wrap_targets(model, cls, targets, cfg.exclude_modules).values():
         if cfg.dora and not layer.owns_weight and not hasattr(layer.base_layer, "dequantize"):
             raise ValueError("DoRA needs the layer's own weight; it cannot sit on top of another method's wrapper "
                              "(apply lora with dora first in the method list)")
@@ -169,9 +257,16 @@ def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> None:
             p.requires_grad_(True)
         if cfg.dora:
             layer.lora_magnitude_vector[adapter].requires_grad_(True)
+        if cfg.gate:
+            layer.lora_gate[adapter].requires_grad_(True)
 
 
 def merge(model: nn.Module, adapter: str = "default") -> None:
+    """Fold adapter ``adapter`` into the weights; a gated adapter is refused before any layer changes."""
+    if any(adapter in layer.adapter_names() for layer in gated_layers(model).values()):
+        from tuneforge.methods._bottleneck import NotMergeableError
+
+        raise NotMergeableError(GATED_NOT_MERGEABLE)
     merge_layers(model, LoraLayer, adapter)
 
 
@@ -180,25 +275,31 @@ def unmerge(model: nn.Module, adapter: str = "default") -> None:
 
 
 def unload(model: nn.Module) -> None:
-    """Put the original Linear/Conv1D modules back (merged adapters stay in their weights)."""
+    """Put the original Linear/Conv1D modules back (merged adapters stay in their weights; gated ones are dropped)."""
     unload_layers(model, LoraLayer)
+    unload_layers(model, GatedLoraLayer)
 
 
 # ------------------------------------------------------------------------------------------------ saving (PEFT)
 def state_dict(model: nn.Module, cfg: Config | None = None, adapter: str = "default") -> dict[str, torch.Tensor]:
-    """PEFT's keys: ``base_model.model.<layer path>.lora_A.weight`` (the adapter name is not stored)."""
+    """PEFT's keys: ``base_model.model.<layer path>.lora_A.weight`` (the adapter name is not stored); a gated
+    adapter adds ``<layer path>.lora_gate.weight``/``.bias`` (tuneforge's layout only)."""
     out = {}
-    for path, layer in lora_layers(model).items():
+    for path, layer in all_layers(model).items():
         if adapter in layer.adapter_names():
             out[f"base_model.model.{path}.lora_A.weight"] = layer.lora_A[adapter].weight.detach()
             out[f"base_model.model.{path}.lora_B.weight"] = layer.lora_B[adapter].weight.detach()
             if adapter in layer.lora_magnitude_vector:
                 out[f"base_model.model.{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter].detach()
+            if isinstance(layer, GatedLoraLayer):
+                gate = layer.lora_gate[adapter]
+                out[f"base_model.model.{path}.lora_gate.weight"] = gate.weight.detach()
+                out[f"base_model.model.{path}.lora_gate.bias"] = gate.bias.detach()
     return out
 
 
 def load_state_dict(model: nn.Module, cfg: Config | None, tensors: dict[str, torch.Tensor], adapter: str = "default") -> None:
-    layers = lora_layers(model)
+    layers = all_layers(model)
     expected = set(state_dict(model, cfg, adapter))
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:
@@ -208,9 +309,9 @@ def load_state_dict(model: nn.Module, cfg: Config | None, tensors: dict[str, tor
         for key, value in tensors.items():
             if key.endswith(".lora_magnitude_vector"):
                 target = layers[key.removeprefix("base_model.model.").rsplit(".", 1)[0]].lora_magnitude_vector[adapter]
-            else:
-                path, which = key.removeprefix("base_model.model.").rsplit(".", 2)[:2]
-                target = getattr(layers[path], which)[adapter].weight
+            else:  # <path>.lora_A.weight, <path>.lora_gate.bias, ...
+                path, which, param = key.removeprefix("base_model.model.").rsplit(".", 2)
+                target = getattr(getattr(layers[path], which)[adapter], param)
             if target.shape != value.shape:
                 raise ValueError(f"{key}: shape {tuple(value.shape)} in the file, {tuple(target.shape)} in "
                                  "the model (different rank or base model?)")

@@ -15,6 +15,11 @@ generation" in low-data settings): ``sample_vocab`` or ``text`` start P at the k
 computes for real tokens; ``random`` draws normal values at each layer's own key/value scale. With ``projection``,
 P' starts random (its width is the KV width, not the embedding's). The keys sit after rotary embedding (as in
 PEFT, the cache holds rotated keys), and the input's positions start at n.
+
+There is no ``gate`` option (UniPELT's G_P, which LoRA and the bottleneck adapters have): the paper's gate scales the
+prefix per query token, and a prefix held in the KV cache is one set of keys and values read by every query; the
+per-row sequence mean AdapterHub uses instead would leak later tokens into earlier ones and differ between a cached
+generation and a full forward. ``unipelt``'s docstring gives the details.
 """
 
 from __future__ import annotations
