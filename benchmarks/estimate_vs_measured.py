@@ -19,6 +19,7 @@ with ``device="cpu"`` (AdamW's per-tensor temporaries) and nothing is tuned per 
     python benchmarks/estimate_vs_measured.py                   # every case, writes results/estimate_vs_measured.json
     python benchmarks/estimate_vs_measured.py --only bench-lora-b4-t256 --steps 3
     python benchmarks/estimate_vs_measured.py --rescore   # re-run only the estimates against the stored measurements
+                                                          # (and measure only cases not stored yet)
 """
 
 from __future__ import annotations
@@ -45,8 +46,11 @@ EXTRA_PRESETS = {  # Llama shapes registered in the child (tiny.PRESETS is a pla
 # raising of it), so every tensor over 128 KiB is its own mapping, returned to the kernel when freed; "default" lets
 # glibc raise the threshold up to 32 MiB after such frees and keep freed blocks in its heap for reuse.
 MALLOC = {"pinned": {"MALLOC_MMAP_THRESHOLD_": "131072"}, "default": {}}
-# name: (preset, method config, batch, seq)
+# name: (preset, method config or list of them, batch, seq)
 LORA = {"name": "lora", "rank": 16, "alpha": 32, "dropout": 0.0}
+# AdapterFusion's members come as configs (``members``): fresh adapters, which is all memory depends on
+FUSION = {"name": "adapter_fusion", "adapters": ["member0", "member1", "member2"],
+          "members": [{"name": "pfeiffer"}] * 3}
 CASES = {
     "demo-full-b8-t512": ("llama-demo", {"name": "full"}, 8, 512),
     "demo-lora-b8-t512": ("llama-demo", LORA, 8, 512),
@@ -56,7 +60,16 @@ CASES = {
     "bench-freeze2-b4-t512": ("llama-bench", {"name": "freeze", "top_k": 2}, 4, 512),
     "110m-full-b2-t256": ("est-110m", {"name": "full"}, 2, 256),
     "110m-lora-b4-t512": ("est-110m", LORA, 4, 512),
+    "demo-intrinsic-b8-t512": ("llama-demo", {"name": "intrinsic", "dimension": 1000}, 8, 512),
+    "demo-adapterdrop2-b8-t512": ("llama-demo", [{"name": "houlsby"}, {"name": "adapter_drop", "drop_layers": 2}], 8,
+                                  512),
+    "demo-fusion3-b8-t512": ("llama-demo", FUSION, 8, 512),
 }
+
+
+def last_method(method) -> dict:
+    """The method a case is named by (a list ends with it: [houlsby, adapter_drop])."""
+    return method[-1] if isinstance(method, list) else method
 
 
 def status_kib(key: str) -> int:
@@ -81,6 +94,15 @@ def write_rows(path: str, seq: int, n: int, seed: int = 0) -> None:
             f.write(json.dumps({"text": "".join(rng.choice(alphabet) for _ in range(seq - 2))}) + "\n")
 
 
+def warmup_method(method):
+    """The case's method as the 2-block warm-up model takes it (freeze as full; AdapterDrop dropping 1 block)."""
+    if last_method(method)["name"] == "freeze":
+        return {"name": "full"}
+    if last_method(method)["name"] == "adapter_drop":
+        return [*method[:-1], {**method[-1], "drop_layers": 1}]
+    return method
+
+
 def run_config(preset: str, method: dict, batch: int, seq: int, steps: int, workdir: str, tag: str):
     from tuneforge.config import load_config
 
@@ -89,7 +111,7 @@ def run_config(preset: str, method: dict, batch: int, seq: int, steps: int, work
     return load_config({
         "model": {"path": f"tiny:{preset}", "dtype": "float32", "attn_implementation": "sdpa"},
         "data": {"train": data, "format": "text", "max_len": seq, "truncation": "error"},
-        "method": [method], "algorithm": {"name": "sft"},
+        "method": method if isinstance(method, list) else [method], "algorithm": {"name": "sft"},
         "train": {"output_dir": os.path.join(workdir, tag), "seed": 0, "max_steps": steps, "batch_size": batch,
                   "learning_rate": 1e-4, "weight_decay": 0.0, "scheduler": "constant", "precision": "fp32",
                   "progress": False, "tensorboard": False, "log_every": 10**6, "save_every": 0},
@@ -107,8 +129,7 @@ def child(a) -> dict:
     tiny.PRESETS.update(EXTRA_PRESETS)
     preset, method, batch, seq = CASES[a.child]
     with tempfile.TemporaryDirectory() as wd, contextlib.redirect_stdout(sys.stderr):
-        api.train(run_config("llama", method if method["name"] != "freeze" else {"name": "full"}, 2, 32, 2, wd,
-                             "warmup"))
+        api.train(run_config("llama", warmup_method(method), 2, 32, 2, wd, "warmup"))
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         baseline = status_kib("VmRSS")
@@ -148,9 +169,22 @@ def estimate_for(case: str) -> dict:
         arch: Arch | str = arch_from_config(AutoConfig.for_model(spec.pop("model_type"), **spec), preset)
     else:
         arch = f"tiny:{preset}"
-    e = estimate(arch, method=method["name"], bits=32, batch=batch, seq=seq, optimizer="adamw",
-                 rank=method.get("rank", 8), top_k=method.get("top_k", 1), device="cpu")
+    last = last_method(method)
+    e = estimate(arch, method=last["name"], bits=32, batch=batch, seq=seq, optimizer="adamw", device="cpu",
+                 **method_options(method))
     return e.to_dict()
+
+
+def method_options(method) -> dict:
+    """``estimate``'s options for a case's method config(s)."""
+    last = last_method(method)
+    opts = {"rank": last.get("rank", 8), "top_k": last.get("top_k", 1), "intrinsic_dim": last.get("dimension", 0),
+            "drop_layers": last.get("drop_layers", 0)}
+    if last["name"] == "adapter_drop":
+        opts["adapter_method"] = method[0]["name"]
+    if last["name"] == "adapter_fusion":
+        opts.update(fusion_adapters=len(last["adapters"]), adapter_method=last["members"][0]["name"])
+    return opts
 
 
 def main() -> None:
@@ -158,7 +192,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated case names (default: all)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--json-out", default=os.path.join(HERE, "results", "estimate_vs_measured.json"))
-    ap.add_argument("--rescore", action="store_true", help="keep the measurements in --json-out, redo the estimates")
+    ap.add_argument("--rescore", action="store_true", help="keep the measurements in --json-out, redo the estimates "
+                    "(cases not stored yet are measured; with --only, the other stored rows are kept)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -183,14 +218,15 @@ def main() -> None:
             one = json.loads(p.stdout.strip().splitlines()[-1])
             res = {**one, **res, f"measured_{malloc}_mib": one.pop("measured_mib")}
         est = estimate_for(case)
-        added = est["params_trainable"] if est["adapter"] else 0  # adapter tensors are new parameters
+        added = est["adapter"] // 4  # adapter tensors (fp32) are new parameters, fusion members frozen ones
         if (est["params_trainable"], est["params_total"] + added) != (res["params"]["trainable"],
                                                                      res["params"]["total"]):
             sys.exit(f"{case}: the estimator counts {est['params_trainable']}/{est['params_total'] + added} "
                      f"parameters, the model has {res['params']}")
         res["estimate_mib"] = round(est["training"] / 2**20, 1)
         res["estimate_parts_mib"] = {k: round(est[k] / 2**20, 1) for k in
-                                     ("weights", "adapter", "gradients", "optimizer_state", "activations", "workspace")}
+                                     ("weights", "adapter", "projection", "gradients", "optimizer_state",
+                                      "activations", "workspace")}
         for malloc in MALLOC:
             got = res[f"measured_{malloc}_mib"]
             res[f"error_{malloc}_pct"] = round(100 * (res["estimate_mib"] - got) / got, 1)
@@ -198,11 +234,14 @@ def main() -> None:
         print(json.dumps(res), flush=True)
     print("\n| case | params (trainable) | estimate | measured (pinned) | error | measured (glibc default) | error |"
           "\n|---|---:|---:|---:|---:|---:|---:|")
+    if a.rescore and a.only:  # the stored rows, with the ones just scored replaced or added, in CASES order
+        done = {r["case"]: r for r in rows}
+        rows = [done.get(c) or stored[c] for c in CASES if c in done or c in stored]
     for r in rows:
         print(f"| {r['case']} | {r['params']['total'] / 1e6:.1f}M ({r['params']['trainable'] / 1e6:.2f}M) | "
               f"{r['estimate_mib']:.0f} MiB | {r['measured_pinned_mib']:.0f} MiB | {r['error_pinned_pct']:+.1f}% | "
               f"{r['measured_default_mib']:.0f} MiB | {r['error_default_pct']:+.1f}% |")
-    if a.json_out and not a.only:
+    if a.json_out and (a.rescore or not a.only):
         import transformers
 
         os.makedirs(os.path.dirname(a.json_out), exist_ok=True)

@@ -22,10 +22,25 @@ a byte per moment + an fp32 absmax per 2048 values, as ``tuneforge.train.adam8bi
 backward, read off ``torch.autograd.graph.saved_tensors_hooks`` on Hugging Face's Llama with SDPA (tests check it):
 
     per block and token: RMSNorm inputs (HF upcasts them, so fp32) and 1/rms, the normed output if the gain trains,
-    each trainable linear's input (LoRA/IA3 save theirs too; a frozen linear saves none), SDPA's q, k, v, output
-    and log-sum-exp (k and v at the KV-head width: SDPA handles GQA), the MLP's gate, silu(gate), up and their
-    product. Blocks below the first trainable parameter save nothing. Head: tuneforge's chunked head+softmax
-    (``algorithms/_head_logps.py``) keeps no logits: one (N, H) fp32 tensor plus a ~16 MB chunk buffer.
+    each trainable linear's input (LoRA and intrinsic keep it in fp32, IA3 its own; a frozen linear saves none),
+    SDPA's q, k, v, output and log-sum-exp (k and v at the KV-head width: SDPA handles GQA), the MLP's gate,
+    silu(gate), up and their product. Blocks below the first trainable parameter save nothing, and in that block
+    nothing below it (LoRA or intrinsic on o_proj or the MLP only start there). Head: tuneforge's chunked
+    head+softmax (``algorithms/_head_logps.py``) keeps no logits: one (N, H) fp32 tensor plus a ~16 MB chunk buffer.
+
+The methods that add tensors beside the weights are in ``tuneforge.estimate_additive``: soft prompts, the bottleneck
+family, and three that change what is in the gradient's path, each modelled on what tuneforge's implementation
+creates and computes rather than on a per-parameter rule:
+
+* ``adapter_drop`` (Rücklé et al. 2021, AdapterDrop, https://arxiv.org/abs/2010.11918): a fixed k never creates the
+  lowest k blocks' adapters, so those blocks fall out of the gradient's path -- the paper's training saving is
+  activations, and the estimate shows it;
+* ``adapter_fusion`` (Pfeiffer et al. 2021, AdapterFusion, https://arxiv.org/abs/2005.00247): N frozen members
+  (resident, no optimizer state) and a trained d x d attention per site, whose per-token tensors grow with N;
+* ``intrinsic`` (Li et al. 2018, https://arxiv.org/abs/1804.08838; Aghajanyan et al. 2021,
+  https://arxiv.org/abs/2012.13255): d trained numbers, but P is held as buffers (``projection``: 13 bytes a weight
+  for Fastfood) and every step builds a full-size fp32 ΔW per target layer that autograd keeps with Fastfood's
+  intermediates, so its memory scales with the model, not with d.
 
 Gradients and activations do not peak together: backward frees each block's saved tensors as it creates that
 block's gradients, so the step peaks at max(all activations + head gradient + backward temporaries, all gradients +
@@ -45,10 +60,8 @@ ADAM8_BYTES = 2 * (1 + 4 / 2048)  # two 8-bit moments, fp32 absmax per 2048-valu
 HEAD_CHUNK_ELEMENTS = 1 << 22  # tuneforge.algorithms._head_logps.CHUNK_ELEMENTS (asserted by a test)
 SOFT_PROMPTS = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2")
 BOTTLENECKS = ("houlsby", "pfeiffer", "parallel", "scaled_parallel", "compacter", "compacter_pp", "adapter_bias")
-# where each bottleneck-family method sits (its activations follow that placement's)
-PLACED_AS = {"compacter": "houlsby", "compacter_pp": "pfeiffer", "adapter_bias": "parallel"}
-PHM_N = 4  # Compacter's n (and rank 1): its defaults
-METHODS = ("none", "full", "freeze", "lora", "qlora", "ia3", "bitfit", *SOFT_PROMPTS, *BOTTLENECKS)
+ADDED = (*SOFT_PROMPTS, *BOTTLENECKS, "adapter_drop", "adapter_fusion", "intrinsic")  # see ``estimate_additive``
+METHODS = ("none", "full", "freeze", "lora", "qlora", "ia3", "bitfit", *ADDED)
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 DTYPE_DIVISOR = {32: 1, 16: 2, 8: 4, 4: 8}  # can-it-run-llm: fp32 size / this ("float16/bfloat16", "int8", "int4")
 
@@ -236,6 +249,7 @@ class Estimate:
     params_trainable: int
     weights: int = 0
     adapter: int = 0
+    projection: int = 0  # intrinsic's P (buffers, not parameters)
     gradients: int = 0
     optimizer_state: int = 0
     activations: int | None = None
@@ -253,27 +267,28 @@ def _plan(a: Arch, method: str, targets, top_k: int) -> dict:
     """Which tensors train: block linears trained in full, LoRA'd, IA3-scaled; norms, head, embedding; and how
     many top blocks lie in the gradient's path."""
     names = [n for n, *_ in block_linears(a)]
-    plan = {"full": set(), "lora": set(), "ia3_out": set(), "ia3_in": set(), "bias": False, "norms": False,
-            "head": False, "emb": False, "region": a.layers}
+    plan = {"full": set(), "lora": set(), "delta": set(), "ia3_out": set(), "ia3_in": set(), "bias": False,
+            "norms": False, "head": False, "emb": False, "region": a.layers}
     if method == "full":
         plan.update(full=set(names), norms=True, head=True, emb=True)
     elif method == "freeze":
         if not 1 <= top_k <= a.layers:
             raise EstimateError(f"freeze: top_k={top_k} but the model has {a.layers} blocks")
         plan.update(full=set(names), norms=True, region=top_k)
-    elif method in ("lora", "qlora"):
+    elif method in ("lora", "qlora", "intrinsic"):  # intrinsic: an fp32 ΔW beside each target linear
         chosen = set(targets or names)
         if chosen - set(names):
-            raise EstimateError(f"unknown LoRA targets {sorted(chosen - set(names))}; this model has {names}")
-        plan["lora"] = chosen
+            raise EstimateError(f"unknown {method} targets {sorted(chosen - set(names))}; this model has {names}")
+        plan["delta" if method == "intrinsic" else "lora"] = chosen
     elif method == "ia3":  # PEFT/tuneforge defaults: keys and values scaled on their output, the FFN down on its input
         plan.update(ia3_out={"k_proj", "v_proj"} if a.gated else {"qkv"}, ia3_in={names[-1]})
-    elif method in SOFT_PROMPTS + BOTTLENECKS:
-        pass  # no block weight trains; their own tensors are counted by ``_additive``
+    elif method in ADDED:
+        pass  # no block weight trains; their own tensors are counted by ``estimate_additive``
     elif method == "bitfit":
         if not any(b for *_, b, _ in block_linears(a)) and a.gated:
             raise EstimateError("bitfit trains bias vectors and this architecture has none")
         plan["bias"] = True
+    plan["start"] = _start_level(a, plan)
     return plan
 
 
@@ -294,105 +309,71 @@ def _trainable(a: Arch, plan: dict, rank: int) -> tuple[int, int]:
     return n, biggest
 
 
-def _additive(a: Arch, method: str, n: int, m: int) -> int:
-    """Trainable numbers of the methods that add tensors beside the weights: n virtual tokens of width d (input
-    level; P-tuning adds its MLP encoder, d -> d -> d -> d) or of layers x 2 x kv_dim (a key/value prefix); a
-    bottleneck adapter's D (m x d) + U (d x m) and their biases, twice per block for Houlsby."""
-    kv = a.kv_heads * a.hd
-    if method == "prompt_tuning":
-        return n * a.hidden
-    if method == "p_tuning":
-        return n * a.hidden + 3 * (a.hidden * a.hidden + a.hidden)
-    if method in ("prefix_tuning", "p_tuning_v2"):
-        return n * a.layers * 2 * kv
-    if method == "adapter_bias":  # v (d) and L_α (d -> 1, with bias) per block
-        return a.layers * (2 * a.hidden + 1)
-    if method in ("compacter", "compacter_pp"):  # PHM D and U: (m + d) each at rank 1, biases, 2 n^3 shared rules
-        per = 2 * (m + a.hidden) + m + a.hidden
-        return a.layers * (2 if method == "compacter" else 1) * per + 2 * PHM_N ** 3
-    per = 2 * a.hidden * m + m + a.hidden + (method == "scaled_parallel")
-    return a.layers * (2 if method == "houlsby" else 1) * per
+SRC_LEVEL = {"h1": 0, "attn": 1, "h2": 2, "p": 3}  # where each linear's input sits in a block, bottom up
 
 
-def _additive_activations(a: Arch, method: str, per_block: float, attn_part: float, act: int, batch: int,
-                          seq: int, n: int, m: int) -> float:
-    """Bytes autograd keeps for the additive methods (measured with ``saved_tensors_hooks`` on HF's Llama, SDPA):
-
-    * soft prompts: every block is in the gradient's path (a prefix trains at every layer, or the virtual tokens
-      enter at the bottom) -- the seeds' point that prompt methods cost about full fine-tuning's activations. With a
-      prefix the attention gets an explicit mask, so transformers repeats K and V to every query head (SDPA's GQA
-      path needs no mask) and saves them at T + n positions, plus a (B, 1, T, T + n) mask per layer; input-level
-      prompts also run their n tokens through every block once (batch 1);
-    * bottleneck adapters: each adapter keeps its input (fp32, the adapter's dtype) and its m-wide activation; the
-      lowest adapter's sub-layer and everything below it is out of the gradient's path (Houlsby's first adapter
-      follows block 0's attention, so block 0's MLP is in it; Pfeiffer's and the parallel adapter's follow block
-      0's MLP, so none of block 0 is)."""
-    N = batch * seq
-    # Compacter's PHM layers build each weight per step (kept for backward: W, m x d, and the n factors s_i t_i,
-    # m d / n), and GELU keeps its m-wide input beside the up-projection's input
-    phm = (N * m * 4 + 2 * (m * a.hidden + m * a.hidden // PHM_N) * 4) if method.startswith("compacter") else 0
-    method = PLACED_AS.get(method, method)
-    if method in SOFT_PROMPTS:
-        kv_plain = 2 * a.kv_heads * a.hd * act  # K and V per token as the block model counts them
-        per_layer = (N * (per_block - kv_plain) + 2 * batch * a.heads * (seq + n) * a.hd * act
-                     + batch * seq * (seq + n) * act)
-        virtual = n * per_block if method in ("prompt_tuning", "p_tuning") else 0
-        return a.layers * (per_layer + virtual)
-    adapters = a.layers * (2 if method == "houlsby" else 1)
-    lowest = per_block - attn_part if method == "houlsby" else 0
-    scaled = a.hidden * 4 if method == "scaled_parallel" else 0  # U f(D x), kept for the gradient of the learned s
-    # the block model leaves out the lowest block's input (no gradient below it); here it comes from an adapter
-    entry = a.hidden * (4 if a.gated else act)
-    return N * ((a.layers - 1) * per_block + lowest + adapters * ((a.hidden + m) * 4 + scaled) + entry) + adapters * phm
+def _start_level(a: Arch, plan: dict) -> int:
+    """The lowest stage of a block with something trainable (SRC_LEVEL): below it, the lowest trained block saves
+    nothing. Only side paths (LoRA, intrinsic's ΔW) can start above the attention's inputs."""
+    side = plan["lora"] | plan["delta"]
+    if not side or plan["full"] or plan["ia3_out"] or plan["ia3_in"] or plan["bias"] or plan["norms"]:
+        return 0
+    return min(SRC_LEVEL[src] for name, *_, src in block_linears(a) if name in side)
 
 
-def _saved_per_token(a: Arch, plan: dict, act: int, rank: int) -> tuple[float, float]:
-    """Bytes autograd keeps per token: (one block in the gradient's path, the head). Names dedupe tensors that
-    several consumers save (in fp32 an fp32 adapter's ``x.to(float32)`` is ``x`` itself; in 16 bit it is a copy)."""
-    keep: dict[str, float] = {}
+def _block_keep(a: Arch, plan: dict, act: int, rank: int) -> dict[str, tuple[float, int]]:
+    """Per token, what one block in the gradient's path keeps: name -> (bytes, stage it belongs to). Names dedupe
+    tensors that several consumers save (in fp32 an fp32 adapter's ``x.to(float32)`` is ``x`` itself; in 16 bit it
+    is a copy)."""
+    keep: dict[str, tuple[float, int]] = {}
     nb = 4 if a.gated else act  # HF's RMSNorm upcasts its input to fp32 before saving it; LayerNorm does not
-    for i in (1, 2):
-        keep[f"x{i}"], keep[f"rstd{i}"] = a.hidden * nb, 4 * (1 if a.gated else 2)
+    for i, level in ((1, 0), (2, 1)):
+        keep[f"x{i}"], keep[f"rstd{i}"] = (a.hidden * nb, level), (4 * (1 if a.gated else 2), level)
         if plan["norms"] and a.gated:
-            keep[f"normed{i}"] = a.hidden * act
-    q, kv = a.heads * a.hd, a.kv_heads * a.hd
-    keep.update(q=q * act, k=kv * act, v=kv * act, attn=q * act, lse=a.heads * 4)
-    if a.gated:
-        keep.update(gate=a.intermediate * act, act=a.intermediate * act, up=a.intermediate * act)
-    else:
-        keep["fc"] = a.intermediate * act  # GELU's input; its output is "p"
+            keep[f"normed{i}"] = (a.hidden * act, level)
+    q, kv, I = a.heads * a.hd, a.kv_heads * a.hd, a.intermediate
+    keep.update(q=(q * act, 0), k=(kv * act, 0), v=(kv * act, 0), attn=(q * act, 0), lse=(a.heads * 4, 0))
+    keep.update(dict(gate=(I * act, 2), act=(I * act, 2), up=(I * act, 2)) if a.gated else {"fc": (I * act, 2)})
     for name, i, o, _, src in block_linears(a):
+        level = SRC_LEVEL[src]
         if name in plan["full"] or name in plan["ia3_in"]:
-            keep[src] = i * act
+            keep[src] = (i * act, level)
+        if name in plan["lora"] or name in plan["delta"]:
+            keep[src if act == 4 else f"{src}:{name}"] = (i * 4, level)
         if name in plan["lora"]:
-            keep[src if act == 4 else f"{src}:{name}"] = i * 4
-            keep[f"lora_a:{name}"] = rank * 4
+            keep[f"lora_a:{name}"] = (rank * 4, level)
         if name in plan["ia3_out"]:
-            keep[f"out:{name}"] = o * act
+            keep[f"out:{name}"] = (o * act, level)
+    return keep
+
+
+def _saved_per_token(a: Arch, plan: dict, act: int, rank: int) -> tuple[float, float, float]:
+    """Bytes autograd keeps per token: (one block in the gradient's path, the lowest trained block, the head).
+
+    The lowest trained block's input needs no gradient (nothing trainable below it), so its norm saves no copy: the
+    head's share leaves one block input out. When a side path starts above the attention's inputs (LoRA or
+    intrinsic on o_proj or the MLP only), that block keeps only its stages from there up, and the next block's
+    input, which now needs a gradient."""
+    keep = _block_keep(a, plan, act, rank)
+    nb = 4 if a.gated else act
+    start = plan["start"]
+    lowest = sum(v for v, level in keep.values() if level >= start) + (a.hidden * nb if start else 0)
     head = a.hidden * nb + 4 + (a.hidden * act if plan["head"] and a.gated else 0)  # final norm
     head += a.hidden * act if plan["head"] else a.hidden * 4  # the head's input copy, or d = W^T (e_y - p) in fp32
     head += 8 + (8 if plan["emb"] else 0)  # int64 targets; token ids for the embedding's backward
-    # With nothing trainable below it, the lowest trained block's input needs no gradient: its norm saves no copy.
-    plan["attn_bytes"] = sum(v for k, v in keep.items() if k in ("x1", "rstd1", "normed1", "q", "k", "v", "attn",
-                                                                 "lse"))
-    return sum(keep.values()), head - (0 if plan["emb"] else a.hidden * nb)
+    plan["attn_bytes"] = sum(v for k, (v, _) in keep.items() if k in ("x1", "rstd1", "normed1", "q", "k", "v", "attn",
+                                                                      "lse"))
+    return sum(v for v, _ in keep.values()), lowest, head - (0 if plan["emb"] else a.hidden * nb)
 
 
-def estimate(model, method: str = "full", bits: int = 16, batch: int = 1, seq: int = 512, optimizer: str = "adamw",
-             rank: int = 8, targets: list[str] | None = None, top_k: int = 1, device: str = "cuda",
-             overhead: int = 0, virtual_tokens: int = 20, bottleneck: int = 0) -> Estimate:
-    """Memory of ``method`` training (and of serving the result) at ``bits`` for ``batch`` x ``seq`` tokens.
-    ``virtual_tokens``: a soft prompt's n; ``bottleneck``: an adapter's m (0 = hidden / 16; Compacter's
-    hidden / 32 rounded up to a multiple of 4).
-
-    ``device`` matters only for the optimizer's temporaries: tuneforge's AdamW runs per tensor on CPU (two
-    temporaries the size of the largest tensor) and ``foreach`` on GPU (one the size of all trainable tensors)."""
+def _check_options(method: str, optimizer: str, bits: int, batch: int, seq: int, rank: int, virtual_tokens: int,
+                   bottleneck: int) -> int:
+    """The options every method shares, checked; returns the bits (QLoRA's are 4)."""
     if method not in METHODS:
         raise EstimateError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if optimizer not in OPTIMIZERS:  # adamw8bit: tensors under 4096 elements keep fp32 moments (ignored here)
         raise EstimateError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if method == "qlora":
-        bits = 4
+    bits = 4 if method == "qlora" else bits
     if bits not in DTYPE_DIVISOR:
         raise EstimateError(f"bits must be 32, 16, 8 or 4, not {bits}")
     if bits < 16 and method in ("full", "freeze", "bitfit"):
@@ -400,22 +381,56 @@ def estimate(model, method: str = "full", bits: int = 16, batch: int = 1, seq: i
                             "on a quantised base, or bits 16/32")
     if min(batch, seq, rank, virtual_tokens) < 1 or bottleneck < 0:
         raise EstimateError("batch, seq, rank and virtual_tokens must be at least 1 (bottleneck at least 0)")
+    return bits
+
+
+def _bare_count(m: int, method: str, bits: int, batch: int, seq: int, optimizer: str, base_b: int, opt_per,
+                overhead: int) -> Estimate:
+    """No dimensions: every parameter is treated as a quantisable matrix weight."""
+    if method not in ("none", "full"):
+        raise EstimateError(f"{method}'s trainable parameters depend on the layer shapes: give a model directory "
+                            "(config.json) or a preset instead of a parameter count")
+    e = Estimate(f"{m:,} parameters", method, bits, batch, seq, optimizer, m, m if method == "full" else 0,
+                 weights=int(m * {8: 8, 4: NF4_BITS}.get(bits, bits) / 8))
+    e.inference = e.weights + overhead
+    if method == "full":
+        e.gradients, e.optimizer_state = m * base_b, m * (2 * base_b if opt_per is None else opt_per)
+        e.training = e.weights + e.gradients + e.optimizer_state + overhead
+    e.notes.append("activations, KV cache and workspace need the architecture (hidden size, layers, heads, "
+                   "vocabulary): pass a config.json directory or a preset; totals here omit them")
+    return e
+
+
+ADDED_NOTES = {
+    "intrinsic": "projection: P, drawn from its seed when the method is applied and held as buffers; tuneforge merge "
+                 "folds P θ into the weights, after which serving needs neither P nor the per-step ΔW",
+    "adapter_drop": "fixed k: blocks 0 .. k-1 hold no adapters and save nothing; a robust (random) k keeps every "
+                    "adapter, and its worst step (k = 0) is the plain adapter's estimate",
+    "adapter_fusion": "adapter = the frozen members and the trained query/key/value matrices, all fp32; only the "
+                      "latter have gradients and optimizer state",
+}
+
+
+def estimate(model, method: str = "full", bits: int = 16, batch: int = 1, seq: int = 512, optimizer: str = "adamw",
+             rank: int = 8, targets: list[str] | None = None, top_k: int = 1, device: str = "cuda",
+             overhead: int = 0, virtual_tokens: int = 20, bottleneck: int = 0, intrinsic_dim: int = 0,
+             projection: str = "fastfood", said: bool = False, drop_layers: int = 0, fusion_adapters: int = 2,
+             adapter_method: str | None = None) -> Estimate:
+    """Memory of ``method`` training (and of serving the result) at ``bits`` for ``batch`` x ``seq`` tokens.
+    ``virtual_tokens``: a soft prompt's n; ``bottleneck``: an adapter's m (0 = hidden / 16; Compacter's
+    hidden / 32 rounded up to a multiple of 4); ``intrinsic_dim``, ``projection`` (fastfood or dense), ``said``:
+    intrinsic's d, P and SAID's per-layer scales (``targets`` picks its layers as LoRA's); ``drop_layers``:
+    AdapterDrop's fixed k; ``fusion_adapters``: AdapterFusion's N members; ``adapter_method``: the bottleneck
+    method AdapterDrop acts on (default houlsby) or AdapterFusion fuses (default pfeiffer).
+
+    ``device`` matters only for the optimizer's temporaries: tuneforge's AdamW runs per tensor on CPU (two
+    temporaries the size of the largest tensor) and ``foreach`` on GPU (one the size of all trainable tensors)."""
+    bits = _check_options(method, optimizer, bits, batch, seq, rank, virtual_tokens, bottleneck)
     m = resolve_model(model)
     base_b, act = (4, 4) if bits == 32 else (2, 2)  # storage of unquantised tensors; compute dtype
     opt_per = {"adamw": None, "adamw8bit": ADAM8_BYTES, "sgd": 0}[optimizer]
-    if isinstance(m, int):  # no dimensions: every parameter is treated as a quantisable matrix weight
-        if method not in ("none", "full"):
-            raise EstimateError(f"{method}'s trainable parameters depend on the layer shapes: give a model directory "
-                                "(config.json) or a preset instead of a parameter count")
-        e = Estimate(f"{m:,} parameters", method, bits, batch, seq, optimizer, m, m if method == "full" else 0,
-                     weights=int(m * {8: 8, 4: NF4_BITS}.get(bits, bits) / 8))
-        e.inference = e.weights + overhead
-        if method == "full":
-            e.gradients, e.optimizer_state = m * base_b, m * (2 * base_b if opt_per is None else opt_per)
-            e.training = e.weights + e.gradients + e.optimizer_state + overhead
-        e.notes.append("activations, KV cache and workspace need the architecture (hidden size, layers, heads, "
-                       "vocabulary): pass a config.json directory or a preset; totals here omit them")
-        return e
+    if isinstance(m, int):
+        return _bare_count(m, method, bits, batch, seq, optimizer, base_b, opt_per, overhead)
     pc, lins = param_counts(m), block_linears(m)
     quantised = m.layers * pc["block_linear"] if bits < 16 else 0
     q_bytes = (NF4_BITS / 8 * quantised if bits == 4 else
@@ -423,51 +438,56 @@ def estimate(model, method: str = "full", bits: int = 16, batch: int = 1, seq: i
     weights = int(q_bytes + (pc["total"] - quantised) * base_b)
     plan = _plan(m, method, targets, top_k)
     n_train, biggest = _trainable(m, plan, rank) if method != "none" else (0, 0)
-    width = bottleneck or max(1, m.hidden // 16)
-    if method in ("compacter", "compacter_pp") and not bottleneck:  # d / 32, up to a multiple of n
-        width = max(PHM_N, -(-(m.hidden // 32) // PHM_N) * PHM_N)
-    width = 1 if method == "adapter_bias" else width
-    additive = method in SOFT_PROMPTS + BOTTLENECKS
-    if additive:
-        n_train = _additive(m, method, virtual_tokens, width)
-        biggest = (virtual_tokens * m.layers * 2 * m.kv_heads * m.hd if method in ("prefix_tuning", "p_tuning_v2")
-                   else m.hidden * max(width, m.hidden if method == "p_tuning" else 0, virtual_tokens))
-    adapter_like = method in ("lora", "qlora", "ia3") or additive
+    added = None
+    if method in ADDED:
+        from tuneforge import estimate_additive as add
+
+        opts = add.Options(virtual_tokens, bottleneck, intrinsic_dim, projection, said, drop_layers, fusion_adapters,
+                           adapter_method)
+        added = add.counts(m, method, opts, plan)
+        n_train, biggest = added.trainable, added.biggest
+    adapter_like = method in ("lora", "qlora", "ia3") or added is not None
     tb = 4 if adapter_like else base_b  # adapters are created in fp32 (as PEFT does)
     e = Estimate(m.name, method, bits, batch, seq, optimizer, pc["total"], n_train, weights=weights,
-                 adapter=n_train * 4 if adapter_like else 0)
+                 adapter=(n_train + (added.frozen if added else 0)) * 4 if adapter_like else 0,
+                 projection=added.projection if added else 0)
     N = batch * seq
     e.kv_cache = 2 * m.layers * m.kv_heads * m.hd * act * N
     prefill = N * (2 * m.hidden + 3 * m.intermediate) * act + batch * m.vocab * 4  # one block's live tensors
     dequant = max(i * o for _, i, o, _, _ in lins) * 2 if bits < 16 else 0  # a layer's weight, dequantised to bf16
-    e.inference = weights + e.adapter + e.kv_cache + prefill + dequant + overhead
+    e.inference = weights + e.adapter + e.projection + e.kv_cache + prefill + dequant + overhead
     if method == "none":
         e.notes.append("inference only: weights + KV cache + one block's prefill tensors")
         return e
     e.gradients = n_train * tb
     e.optimizer_state = int(n_train * (2 * tb if opt_per is None else opt_per))
-    per_block, head = _saved_per_token(m, plan, act, rank)
-    blocks = N * plan["region"] * per_block
-    if additive:
-        blocks = _additive_activations(m, method, per_block, plan["attn_bytes"], act, batch, seq, virtual_tokens,
-                                       width)
+    per_block, lowest, head = _saved_per_token(m, plan, act, rank)
+    blocks = N * ((plan["region"] - 1) * per_block + lowest)
+    if added is not None:
+        if method != "intrinsic":  # intrinsic's ΔW linears are in the block model (``plan["delta"]``)
+            blocks = add.saved(m, method, opts, per_block, plan["attn_bytes"], act, batch, seq)
+        blocks += added.fixed_saved
         if method in SOFT_PROMPTS:  # serving keeps the prefix in every row's KV cache
             e.kv_cache = 2 * m.layers * m.kv_heads * m.hd * act * batch * (seq + virtual_tokens)
             e.inference += e.kv_cache - 2 * m.layers * m.kv_heads * m.hd * act * N
+        e.notes += [ADDED_NOTES[method]] if method in ADDED_NOTES else []
     e.activations = int(blocks + N * head)
     rows = HEAD_CHUNK_ELEMENTS // m.vocab  # a CPU process only makes the rows it writes resident; a GPU holds all
     head_ws = (min(rows, N) if device == "cpu" else rows) * m.vocab * (4 + (2 if act == 2 else 0))
     # Backward's high-water mark: the head's input gradient (N, H) in fp32 while everything is still saved, or,
     # once the head's tensors are released, the top MLP's: the residual stream's gradient plus d(silu(gate)) and
-    # d(up) (one I-wide gradient for a GELU MLP) before that block's saved tensors go (measured with torch.profiler)
+    # d(up) (one I-wide gradient for a GELU MLP) before that block's saved tensors go (measured with torch.profiler);
+    # intrinsic adds the temporaries of building (or differentiating) one layer's ΔW, AdapterFusion its top site's
     bwd = max(e.activations + N * m.hidden * 4, blocks + N * (m.hidden + (2 if m.gated else 1) * m.intermediate) * act)
+    bwd += add.backward_temporaries(m, method, opts, added, N) if added else 0
     opt_tmp = 0 if opt_per is not None else n_train * tb if device != "cpu" else 2 * biggest * tb
     head_grad = (m.vocab * m.hidden + m.hidden) * tb if plan["head"] else 0
     e.workspace = head_ws + dequant + max(bwd - e.activations, opt_tmp)
-    e.training = (weights + e.adapter + e.optimizer_state + head_ws + dequant + overhead
+    e.training = (weights + e.adapter + e.projection + e.optimizer_state + head_ws + dequant + overhead
                   + max(bwd + head_grad, e.gradients + opt_tmp))
-    e.notes.append(f"peak = weights + adapter + optimizer + max(activations + head grad + backward temporaries, "
-                   f"gradients + optimizer temporaries) + {head_ws / 2**20:.0f} MiB head chunk buffer")
+    e.notes.append(f"peak = weights + adapter{' + projection' if e.projection else ''} + optimizer + "
+                   f"max(activations + head grad + backward temporaries, gradients + optimizer temporaries) + "
+                   f"{head_ws / 2**20:.0f} MiB head chunk buffer")
     if bits < 16:
         kind = "NF4, double-quantised" if bits == 4 else "int8, an fp32 scale per row"
         e.notes.append(f"{bits}-bit applies to block linear weights ({kind}); embeddings, head, norms stay 16-bit")
@@ -487,10 +507,12 @@ def human(n: float | None) -> str:
 def format_estimate(e: Estimate) -> str:
     lines = [(f"{e.model}: {e.params_total:,} parameters ({e.params_total / 1e9:.2f}B); method {e.method}, "
               f"{e.params_trainable:,} trainable; {e.bits}-bit; batch {e.batch} x seq {e.seq}; {e.optimizer}")]
-    rows = [("weights", e.weights), ("adapter (fp32)", e.adapter), ("gradients", e.gradients),
-            ("optimizer state", e.optimizer_state), ("activations (saved for backward)", e.activations),
-            ("workspace (temporaries)", e.workspace), ("training peak", e.training), ("", None),
-            ("KV cache (batch x seq)", e.kv_cache), ("inference peak", e.inference)]
+    rows = [("weights", e.weights), ("adapter (fp32)", e.adapter)]
+    rows += [("projection (intrinsic's P)", e.projection)] if e.projection else []
+    rows += [("gradients", e.gradients), ("optimizer state", e.optimizer_state),
+             ("activations (saved for backward)", e.activations), ("workspace (temporaries)", e.workspace),
+             ("training peak", e.training), ("", None), ("KV cache (batch x seq)", e.kv_cache),
+             ("inference peak", e.inference)]
     lines += [f"  {k:34s} {human(v):>12s}" if k else "" for k, v in rows]
     return "\n".join(lines + [f"  note: {n}" for n in e.notes])
 

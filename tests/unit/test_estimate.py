@@ -123,10 +123,11 @@ def test_trainable_counts_match_tuneforge_methods(method, kw):
 
 
 def _saved_bytes(model, batch, seq) -> int:
-    """Bytes autograd holds for backward (distinct storages, parameters excluded) in one SFT forward."""
+    """Bytes autograd holds for backward (distinct storages) in one SFT forward. Parameters and buffers are
+    excluded: they are resident anyway (intrinsic's projection is a buffer; the estimate counts it apart)."""
     from tuneforge.algorithms._logps import token_cross_entropy_sum
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params = {p.untyped_storage().data_ptr() for p in (*model.parameters(), *model.buffers())}
     seen: dict[int, int] = {}
 
     def pack(t):
@@ -181,3 +182,123 @@ def test_soft_prompts_cost_about_full_fine_tunings_activations():
     full, prefix = est.estimate(method="full", **kw), est.estimate(method="prefix_tuning", **kw)
     assert 0.6 < prefix.activations / full.activations < 1.3
     assert prefix.params_trainable == 20 * 32 * 2 * 4096 and prefix.training < full.training / 2
+
+
+# The methods modelled in ``estimate_additive`` beyond single adapters: each case is (method list applied in
+# order, the matching ``estimate`` options). Fusion members come from ``members`` (configs only: their weights
+# do not change what is saved).
+def _fusion(kind, n, **kw):
+    return [{"name": "adapter_fusion", "adapters": [f"m{i}" for i in range(n)],
+             "members": [{"name": kind, **kw} for _ in range(n)]}]
+
+
+COMPOSED = {
+    "intrinsic": ([{"name": "intrinsic", "dimension": 500}], {"intrinsic_dim": 500}),
+    "intrinsic-said": ([{"name": "intrinsic", "dimension": 40, "said": True}], {"intrinsic_dim": 40, "said": True}),
+    "intrinsic-dense-qv": ([{"name": "intrinsic", "dimension": 64, "projection": "dense",
+                             "target_modules": ["q_proj", "v_proj"]}],
+                           {"intrinsic_dim": 64, "projection": "dense", "targets": ["q_proj", "v_proj"]}),
+    "intrinsic-down": ([{"name": "intrinsic", "dimension": 300, "target_modules": ["down_proj"]}],
+                       {"intrinsic_dim": 300, "targets": ["down_proj"]}),
+    "drop-houlsby-2": ([{"name": "houlsby"}, {"name": "adapter_drop", "drop_layers": 2}], {"drop_layers": 2}),
+    "drop-pfeiffer-3": ([{"name": "pfeiffer", "bottleneck": 24}, {"name": "adapter_drop", "drop_layers": 3}],
+                        {"drop_layers": 3, "adapter_method": "pfeiffer", "bottleneck": 24}),
+    "drop-compacter-1": ([{"name": "compacter"}, {"name": "adapter_drop", "drop_layers": 1}],
+                         {"drop_layers": 1, "adapter_method": "compacter"}),
+    "fusion-pfeiffer-2": (_fusion("pfeiffer", 2), {}),
+    "fusion-houlsby-3": (_fusion("houlsby", 3), {"fusion_adapters": 3, "adapter_method": "houlsby"}),
+    "fusion-compacter-2": (_fusion("compacter", 2), {"adapter_method": "compacter"}),
+    "fusion-bias-4": (_fusion("adapter_bias", 4), {"fusion_adapters": 4, "adapter_method": "adapter_bias"}),
+}
+
+
+def _composed(case, dtype=torch.float32):
+    from tuneforge.methods import METHODS, apply_methods
+
+    cfgs, kw = COMPOSED[case]
+    model = _tiny_llama().to(dtype)
+    apply_methods(model, [METHODS[c["name"]].Config(**c) for c in cfgs])
+    return model, cfgs[-1]["name"], kw
+
+
+@pytest.mark.parametrize("case", sorted(COMPOSED))
+def test_intrinsic_drop_and_fusion_counts_match_the_methods(case):
+    """Trainable numbers exactly (intrinsic: d, θ and SAID's λ together; AdapterDrop: the adapter over the blocks
+    from k up; AdapterFusion: 3 d^2 + 3 d a site), and every added tensor (fusion members are frozen but resident)."""
+    from tuneforge.methods import count_parameters
+
+    model, method, kw = _composed(case)
+    e = est.estimate("tiny:llama-demo", method=method, bits=32, **kw)
+    trainable, total = count_parameters(model)
+    assert (e.params_trainable, e.params_total + e.adapter // 4) == (trainable, total)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", sorted(COMPOSED))
+def test_intrinsic_drop_and_fusion_activations_match_what_autograd_saves(case, dtype):
+    """Intrinsic: every block in the path with each target's input kept in fp32, plus ΔW and Fastfood's kept k x L
+    tensors per layer (none of which scale with tokens); AdapterDrop: blocks below k keep nothing; AdapterFusion:
+    per site the members' activations, z, K z, V z, the query and the softmax. Within 2% of autograd's saved
+    tensors."""
+    model, method, kw = _composed(case, dtype)
+    model.train()
+    got = _saved_bytes(model, 2, 64)
+    e = est.estimate("tiny:llama-demo", method=method, bits=32 if dtype == torch.float32 else 16, batch=2, seq=64,
+                     **kw)
+    assert e.activations == pytest.approx(got, rel=0.02)
+
+
+def test_intrinsic_projection_is_the_methods_buffers():
+    """P is 13 bytes a padded weight with Fastfood (int8 signs, int64 permutation, fp32 Gaussian) and D x d fp32
+    dense: exactly the buffers the method registers."""
+    from tuneforge.estimate_additive import DENSE_LIMIT
+    from tuneforge.methods import intrinsic
+
+    assert DENSE_LIMIT == intrinsic.DENSE_LIMIT
+    for case in ("intrinsic", "intrinsic-dense-qv"):
+        model, method, kw = _composed(case)
+        buffers = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if ".ii_" in f".{n}")
+        assert est.estimate("tiny:llama-demo", method=method, bits=32, **kw).projection == buffers > 0
+
+
+def test_adapter_drop_saves_the_dropped_blocks_activations():
+    """Rücklé et al.'s training saving: with k of L blocks dropped the adapters' activations shrink to about
+    (L - k) / L of the plain adapter's (Llama-2-7B, Houlsby, 4 x 1024 tokens, k = 5)."""
+    kw = dict(model="llama-2-7b", bits=16, batch=4, seq=1024)
+    plain = est.estimate(method="houlsby", **kw)
+    drop = est.estimate(method="adapter_drop", drop_layers=5, **kw)
+    assert drop.activations / plain.activations == pytest.approx(27 / 32, rel=0.01)
+    assert drop.params_trainable == plain.params_trainable * 27 // 32
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"method": "intrinsic"}, "intrinsic_dim"),
+    ({"method": "intrinsic", "intrinsic_dim": 28, "said": True}, "exceed 28"),
+    ({"method": "intrinsic", "intrinsic_dim": 10**7}, "exceeds the 737280 weights"),
+    ({"method": "intrinsic", "intrinsic_dim": 1000, "projection": "dense"}, "use projection fastfood"),
+    ({"method": "intrinsic", "intrinsic_dim": 100, "projection": "sparse"}, "fastfood, dense"),
+    ({"method": "intrinsic", "intrinsic_dim": 100, "targets": ["c_attn"]}, "unknown intrinsic targets"),
+    ({"method": "adapter_drop"}, "drop_layers"),
+    ({"method": "adapter_drop", "drop_layers": 4}, "1 .. 3"),
+    ({"method": "adapter_drop", "drop_layers": 1, "adapter_method": "lora"}, "not a bottleneck adapter"),
+    ({"method": "adapter_fusion", "fusion_adapters": 1}, "at least 2"),
+])
+def test_intrinsic_drop_and_fusion_options_are_checked(kw, match):
+    with pytest.raises(est.EstimateError, match=match):
+        est.estimate("tiny:llama-demo", **kw)
+
+
+def _cli(*args) -> int:
+    with pytest.raises(SystemExit) as exit_:
+        main(["estimate", "--model", "tiny:llama-demo", *args])
+    return exit_.value.code
+
+
+def test_estimate_command_takes_the_new_options(capsys):
+    assert _cli("--method", "intrinsic", "--intrinsic-dim", "500", "--said", "--bits", "32", "--json") == 0
+    e = json.loads(capsys.readouterr().out)
+    assert e["params_trainable"] == 500 and e["projection"] > 0
+    assert _cli("--method", "adapter_fusion", "--fusion-adapters", "3", "--adapter-method", "houlsby") == 0
+    assert "adapter_fusion, 396,288 trainable" in capsys.readouterr().out
+    assert _cli("--method", "adapter_drop", "--drop-layers", "9") == 2
+    assert "--drop-layers" in capsys.readouterr().err
