@@ -31,12 +31,12 @@ from tuneforge.methods import load_adapter
 from tuneforge.models.load import load_model
 from tuneforge.real_demo import RealPlan, recipe, write_data
 
-# label -> (method list, learning rate)
+# label -> (method list, learning rate); labels hold no commas (--methods splits on them)
 SETUPS: dict[str, tuple[list[dict], float]] = {
     "lora r8": ([{"name": "lora", "rank": 8, "alpha": 16}], 2e-3),
     "houlsby (m = d/16)": ([{"name": "houlsby"}], 2e-3),
     "pfeiffer (m = d/16)": ([{"name": "pfeiffer"}], 2e-3),
-    "parallel (m = d/16, s = 4)": ([{"name": "parallel"}], 2e-3),
+    "parallel (m = d/16; s = 4)": ([{"name": "parallel"}], 2e-3),
     "scaled_parallel (m = d/16)": ([{"name": "scaled_parallel"}], 2e-3),
     "compacter (m = d/32)": ([{"name": "compacter"}], 1e-2),
     "compacter_pp (m = d/32)": ([{"name": "compacter_pp"}], 1e-2),
@@ -51,7 +51,8 @@ SETUPS: dict[str, tuple[list[dict], float]] = {
     "p_tuning_v2 (n = 20)": ([{"name": "p_tuning_v2", "num_virtual_tokens": 20}], 3e-2),
     "MAM (prefix n = 20 + parallel)": ([{"name": "prefix_tuning", "num_virtual_tokens": 20},
                                         {"name": "parallel"}], 3e-3),
-    "intrinsic (SAID, d = 10000)": ([{"name": "intrinsic", "dimension": 10000, "said": True}], 3e-1),
+    "unipelt (gated lora + prefix + pfeiffer)": ([{"name": "unipelt"}], 2e-3),
+    "intrinsic (SAID; d = 10000)": ([{"name": "intrinsic", "dimension": 10000, "said": True}], 3e-1),
 }
 
 
