@@ -97,6 +97,14 @@ def soft_prompt_problems(cfg: RunConfig, model) -> list[tuple[str, str]]:
     if cfg.data.packing:
         out.append(("data.packing", f"{soft[0][1].name} puts virtual tokens in front of each row; packed rows hold "
                                     "several examples in one row. Set data.packing: false"))
+    from tuneforge.methods.p_tuning import configured_template
+
+    template = configured_template(cfg.method)
+    if template is not None and cfg.data.format == "text":
+        i = next(i for i, m in soft if m.name == "p_tuning")
+        out.append(("data.format", f"method[{i}].template {template.text!r} puts virtual tokens after the prompt; "
+                                   "text rows have no prompt. Give prompt/completion or messages rows, or keep the "
+                                   "template's tokens in front of {prompt}"))
     n = sum(m.num_virtual_tokens for _, m in soft)
     limit = max_positions(model)
     if limit and n + cfg.data.max_len > limit:
@@ -132,8 +140,11 @@ class PackedView:
 
 
 def _datasets(cfg: RunConfig, tok):
+    from tuneforge.methods.p_tuning import configured_template
+
     d = cfg.data
-    kw = dict(format=d.format, max_len=d.max_len, truncation=d.truncation, skip_bad_rows=d.skip_bad_rows)
+    kw = dict(format=d.format, max_len=d.max_len, truncation=d.truncation, skip_bad_rows=d.skip_bad_rows,
+              template=configured_template(cfg.method))  # a P-tuning template's slots go in every prompt
     train_ds = build_dataset(d.train, tok, **kw)
     wanted = ALGORITHMS[cfg.algorithm.name].DATA_FORMATS
     if train_ds.report.format not in wanted:

@@ -49,7 +49,10 @@ def cmd_validate(a) -> int:
         if a.show_sample:
             from tuneforge.models.load import load_tokenizer
 
-            _show_sample(cfg.data.train, load_tokenizer(cfg.model), cfg.data.format, cfg.data.max_len)
+            from tuneforge.methods.p_tuning import configured_template
+
+            _show_sample(cfg.data.train, load_tokenizer(cfg.model), cfg.data.format, cfg.data.max_len,
+                         configured_template(cfg.method))
     print(f"{a.config}: OK (methods: {', '.join(m.name for m in cfg.method)}; algorithm: {cfg.algorithm.name})")
     return 0
 
@@ -123,8 +126,10 @@ def cmd_eval(a) -> int:
     from tuneforge.eval.examples import answer_examples
     from tuneforge.eval.metrics import eval_loss, exact_match
 
+    from tuneforge.train.rollout import model_template
+
     model, tok = _model_and_adapter(a)
-    ds = build_dataset(a.data, tok, max_len=a.max_len)
+    ds = build_dataset(a.data, tok, max_len=a.max_len, template=model_template(model))
     pad = tok.pad_token_id
     res = {"file": a.data, **eval_loss(model, ds, lambda r: collate(r, pad), a.batch_size)}
     if a.exact_match:  # prompt/completion rows, and chat rows answered after their last assistant turn's context
@@ -137,9 +142,11 @@ def cmd_score(a) -> int:
     from tuneforge.algorithms.reward import load_head, score_dataset
     from tuneforge.data import build_dataset
 
+    from tuneforge.train.rollout import model_template
+
     model, tok = _model_and_adapter(a)
     load_head(model, a.adapter or a.model)
-    ds = build_dataset(a.data, tok, max_len=a.max_len)
+    ds = build_dataset(a.data, tok, max_len=a.max_len, template=model_template(model))
     results = score_dataset(model, ds, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     for row, r in zip(ds.rows, results):
         if not isinstance(r, tuple):
@@ -294,11 +301,11 @@ def cmd_data_check(a) -> int:
     return 1 if report.bad_rows else 0
 
 
-def _show_sample(path: str, tok, fmt: str = "auto", max_len: int = 512) -> None:
+def _show_sample(path: str, tok, fmt: str = "auto", max_len: int = 512, template=None) -> None:
     from tuneforge.data import build_dataset
     from tuneforge.data.report import render_sample
 
-    ds = build_dataset(path, tok, format=fmt, max_len=max_len, skip_bad_rows=True)
+    ds = build_dataset(path, tok, format=fmt, max_len=max_len, skip_bad_rows=True, template=template)
     print(f"first usable row ({path}:{ds.rows[0]['line']}):\n{render_sample(ds.rows[0], tok)}")
 
 

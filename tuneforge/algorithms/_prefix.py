@@ -54,6 +54,10 @@ def _usable(model: nn.Module, batch: dict) -> bool:
         return False
     if batch["attention_mask"].dim() != 2:
         return False
+    from tuneforge.data.template import SLOT_BASE
+
+    if bool((batch["input_ids"] >= SLOT_BASE).any()):  # P-tuning template slots: a reference pass without the
+        return False  # adapter reads each as a copy of the token before it, which a packed row does not keep
     if getattr(cfg, "model_type", None) in ALIBI_TYPES or getattr(cfg, "alibi", False) or not _takes_positions(model):
         return False
     if model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):

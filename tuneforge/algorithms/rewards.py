@@ -198,6 +198,9 @@ class ModelScorer:
         self.model.eval().requires_grad_(False)
         self.batch_size = cfg.batch_size
         self.path, self._enc = cfg.path, None
+        from tuneforge.train.rollout import model_template
+
+        self.template = model_template(self.model)  # a P-tuning reward model reads its own template's slots
 
     @staticmethod
     def _prompt_text(ids: list[int], policy_tok, fallback: str) -> str:
@@ -219,7 +222,7 @@ class ModelScorer:
         if self._enc is None:
             from tuneforge.data.tokenize import Encoder
 
-            self._enc = Encoder(self.tok, "preference", self.path)
+            self._enc = Encoder(self.tok, "preference", self.path, self.template)
         return self._enc
 
     @torch.no_grad()
@@ -228,10 +231,13 @@ class ModelScorer:
         from tuneforge.data import collate
         from tuneforge.train.rollout import pad_id_of
 
-        same = policy_tok is not None and policy_tok.get_vocab() == self.tok.get_vocab()
+        from tuneforge.data.template import without_slots
+
+        same = policy_tok is not None and policy_tok.get_vocab() == self.tok.get_vocab() and self.template is None
         eos = self.tok.eos_token_id
         seqs = []
         for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+            p = without_slots(p)  # the policy's P-tuning template slots are the policy's, not the reward model's
             if not same:  # re-tokenized as the reward model's training rows were encoded: jointly (no seam), + eos
                 p, (c,) = self._encoder().encode_responses(self._prompt_text(p, policy_tok, texts[0][i]),
                                                            [texts[1][i]])

@@ -77,13 +77,14 @@ class LMJudge:
     @torch.no_grad()
     def first_better(self, prompts: list[str], a: list[str], b: list[str]) -> torch.Tensor:
         """P_A for each (prompt, a, b) as shown, (N,) float64."""
-        from tuneforge.train.rollout import _left_pad, encode_prompt, pad_id_of
+        from tuneforge.train.rollout import _left_pad, encode_prompt, model_template, pad_id_of
 
         texts = [self.cfg.template.format(prompt=p, a=x, b=y) for p, x, y in zip(prompts, a, b)]
         out = []
         dev = next(self.model.parameters()).device
+        template = model_template(self.model)
         for s in range(0, len(texts), self.cfg.batch_size):
-            enc = [encode_prompt(self.tok, t) for t in texts[s:s + self.cfg.batch_size]]
+            enc = [encode_prompt(self.tok, t, template) for t in texts[s:s + self.cfg.batch_size]]
             ids, mask = _left_pad(enc, pad_id_of(self.tok))
             pos = (mask.cumsum(-1) - 1).clamp_min(0)
             logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev)

@@ -98,8 +98,12 @@ def build_dataset(
     truncation: str = "right",
     skip_bad_rows: bool = False,
     report_path: str | None = None,
+    template=None,
 ) -> TokenizedDataset:
     """Read, validate and tokenize ``path``; raise ``DataError`` listing every problem before training can start.
+
+    ``template``: a P-tuning ``PromptTemplate`` whose virtual tokens after the prompt get slot ids in every row
+    (``data/template.py``); the model that reads the rows must carry that adapter.
 
     Raises when: the file is empty; any row is bad and ``skip_bad_rows`` is False; any row exceeds ``max_len`` with
     ``truncation="error"``; or nothing is left after filtering. The JSON report (all problems, not just the 50 in
@@ -110,7 +114,7 @@ def build_dataset(
     scan = _read_and_validate(path, format, max_len, truncation)
     try:
         _fail_if_empty(scan, path)
-        encoder = Encoder(tokenizer, scan.fmt, path) if scan.fmt else None  # no chat template: say so first
+        encoder = Encoder(tokenizer, scan.fmt, path, template) if scan.fmt else None  # no chat template: say so first
         _fail_on_bad_rows(scan, path, skip_bad_rows)
         if encoder is not None:
             _tokenize_all(scan, encoder, max_len, truncation)
@@ -137,6 +141,7 @@ def check_file(
     max_len: int = 512,
     truncation: str = "right",
     report_path: str | None = None,
+    template=None,
 ) -> DataReport:
     """Validate every row of ``path`` and return the report; writes nothing except ``report_path``.
 
@@ -148,7 +153,7 @@ def check_file(
     _check_args(format, max_len, truncation)
     scan = _read_and_validate(path, format, max_len, truncation)
     if tokenizer is not None and scan.fmt:
-        _tokenize_all(scan, Encoder(tokenizer, scan.fmt, path), max_len, truncation)
+        _tokenize_all(scan, Encoder(tokenizer, scan.fmt, path, template), max_len, truncation)
         scan.report.bad_rows.extend(scan.too_long)
         scan.report.bad_rows.sort(key=lambda p: (p[1] is None, p[1] or 0))
     elif tokenizer is None:

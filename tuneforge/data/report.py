@@ -126,17 +126,23 @@ def render_sample(row: dict, tokenizer) -> str:
     """One tokenized row as the model sees it, with the tokens that carry loss wrapped in ``[[...]]``.
 
     This is the fastest way to catch a chat template, special-token or masking mistake before training
-    (``--show-sample`` on ``tuneforge data check`` and ``tuneforge validate``).
+    (``--show-sample`` on ``tuneforge data check`` and ``tuneforge validate``). A P-tuning template's virtual
+    token j after the prompt shows as ``<Pj>``.
     """
+    from tuneforge.data.template import SLOT_BASE
+
     ids, labels = row["input_ids"], row["labels"]
     out, run, supervised = [], [], False
     for i, tok_id in enumerate(ids):
         sup = labels[i] != -100 and i > 0
-        if sup != supervised and run:
+        if (sup != supervised or tok_id >= SLOT_BASE) and run:
             text = tokenizer.decode(run, skip_special_tokens=False)
             out.append(f"[[{text}]]" if supervised else text)
             run = []
         supervised = sup
+        if tok_id >= SLOT_BASE:  # a P-tuning template's virtual token after the prompt
+            out.append(f"<P{tok_id - SLOT_BASE}>")
+            continue
         run.append(tok_id)
     if run:
         text = tokenizer.decode(run, skip_special_tokens=False)

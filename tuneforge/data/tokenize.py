@@ -18,6 +18,15 @@ usual case they agree all the way, so the prompt's ids are exactly what generati
 (``train/rollout.py`` encodes prompts with the same functions). When the tokenizer merges across the seam (a prompt
 ending in a space: ``"Answer: " + "yes"`` -> ``"▁yes"``) the merged token goes to the part after it, so no
 character of a response is left unsupervised.
+
+P-tuning templates (``data/template.py``): with a template that puts virtual tokens after the prompt, its slot ids go
+between the prompt and what follows it, at the same seam: ``head + slots + tail``, the joint encoding otherwise
+unchanged; generation prompts get the same slots at their end (``encode_prompt_text``, ``encode_chat_prompt``). In a
+conversation ``{prompt}`` is everything the model reads before an assistant answer, the chat template's generation
+prompt included (``<|im_start|>assistant\\n``), so the slots open every assistant turn, before its content, in
+training rows and in the history of a prompt alike. Every chat template has that place, and the data already cuts
+each answer's loss span there (the seam rule above); around a user turn's content the slots would sit inside the
+template's own markup.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from typing import Any
 
 from tuneforge.data.report import DataError
 from tuneforge.data.schema import RowError
+from tuneforge.data.template import PromptTemplate, insert_slots
 
 IGNORE = -100
 TRUNCATIONS = ("right", "left", "drop", "error")
@@ -55,11 +65,49 @@ def with_start(specials: list[int], ids: list[int], bos_id: int | None) -> list[
     return head if head or bos_id is None else [bos_id]
 
 
-def encode_prompt_text(tokenizer, prompt: str, specials: list[int] | None = None) -> list[int]:
-    """A prompt string as generation sees it, and as a prompt/completion row whose prompt is that string starts."""
+def _slots(template: PromptTemplate | None) -> list[int]:
+    return template.slots() if template is not None else []
+
+
+def encode_prompt_text(tokenizer, prompt: str, specials: list[int] | None = None,
+                       template: PromptTemplate | None = None) -> list[int]:
+    """A prompt string as generation sees it, and as a prompt/completion row whose prompt is that string starts
+    (with a P-tuning template's slots after it)."""
     specials = leading_specials(tokenizer) if specials is None else specials
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-    return with_start(specials, ids, tokenizer.bos_token_id)
+    return with_start(specials, ids, tokenizer.bos_token_id) + _slots(template)
+
+
+def encode_chat_prompt(tokenizer, turns: list[dict], template: PromptTemplate | None = None) -> list[int]:
+    """A conversation rendered with the generation prompt, as generation sees it. With a template's slots they open
+    the answer and every earlier assistant turn, where a messages row of the same conversation has them."""
+    if not _slots(template):
+        return list(tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False))
+    text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+    starts = assistant_starts(tokenizer, turns, text, ids)
+    return insert_slots(ids, None, starts, template.slots())[0] + template.slots()
+
+
+def assistant_starts(tokenizer, turns: list[dict], text: str, ids: list[int], first: int = 0,
+                     render=None) -> list[int]:
+    """Token indices into ``ids`` (the encoding of ``text``, which begins with the rendering of ``turns``) where
+    each assistant turn of ``turns[first:]`` begins: after the generation prompt that precedes it."""
+    render = render or (lambda t: tokenizer.apply_chat_template(t, tokenize=False, add_generation_prompt=True))
+    out, last = [], 0
+    for i in range(first, len(turns)):
+        if turns[i]["role"] != "assistant":
+            continue
+        before = render(turns[:i]) if i else ""
+        if not text.startswith(before):
+            raise RowError(f"messages[{i}]: the chat template renders the conversation before this assistant turn "
+                           "differently once the turn follows (not prefix-stable), so the P-tuning template's "
+                           "virtual tokens cannot be placed before it")
+        enc = list(tokenizer(before, add_special_tokens=False)["input_ids"]) if before else []
+        last = max(last, common_prefix(enc, ids))
+        out.append(last)
+    return out
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -73,10 +121,17 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class Encoder:
     """Encodes one file's payloads for one tokenizer; holds the special ids so each row does not look them up."""
 
-    def __init__(self, tokenizer, fmt: str, path: str):
+    def __init__(self, tokenizer, fmt: str, path: str, template: PromptTemplate | None = None):
         self.tok = tokenizer
         self.fmt = fmt
         self.path = path
+        self.slots = _slots(template)  # a P-tuning template's ids after each prompt ([] without one)
+        if self.slots and fmt == "text":
+            raise DataError(
+                f"{path}: rows are plain text, but the P-tuning template {template.text!r} puts virtual tokens after "
+                "a prompt, and a text row has none.",
+                hint="Give prompt/completion or messages rows, or a template with tokens only in front of {prompt} "
+                "(method.template: '[P:k] {prompt}').")
         self.start = leading_specials(tokenizer)
         self.bos_id = tokenizer.bos_token_id
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -113,13 +168,13 @@ class Encoder:
         of a preference pair or ranking is scored after the very same prompt tokens.
 
         A conversational row (prompt and responses as messages) goes through the chat template instead
-        (``_chat_responses``).
+        (``_chat_responses``). A P-tuning template's slots end the head.
         """
         if isinstance(prompt, list):
             return self._chat_responses(prompt, responses)
         alone, *joint = self._ids([prompt] + [prompt + r for r in responses])
         m = min(common_prefix(alone, j) for j in joint)
-        head = with_start(self.start, alone[:m], self.bos_id)
+        head = with_start(self.start, alone[:m], self.bos_id) + self.slots
         return head, [j[m:] + self.eos for j in joint]
 
     def _chat_responses(self, prompt: list[dict], responses: list[list[dict]]) -> tuple[list[int], list[list[int]]]:
@@ -139,7 +194,17 @@ class Encoder:
                                "(not prefix-stable), so the responses cannot be scored after the same prompt")
         alone, *joint = self._ids([head_text] + fulls)
         m = min(common_prefix(alone, j) for j in joint)
-        return with_start([], alone[:m], self.bos_id), [self._to_turn_end(j[m:]) for j in joint]
+        if not self.slots:
+            return with_start([], alone[:m], self.bos_id), [self._to_turn_end(j[m:]) for j in joint]
+        render = lambda t: self._render(t, True)  # noqa: E731
+        inner = [min(a, m) for a in assistant_starts(self.tok, prompt, head_text, alone, render=render)]
+        head = with_start([], insert_slots(alone[:m], None, inner, self.slots)[0], self.bos_id) + self.slots
+        tails = []
+        for r, full, j in zip(responses, fulls, joint):  # later assistant turns of a multi-turn response
+            later = assistant_starts(self.tok, prompt + r, full, j, first=len(prompt) + 1, render=render)
+            tail = insert_slots(j[m:], None, [max(a - m, 0) for a in later], self.slots)[0]
+            tails.append(self._to_turn_end(tail))
+        return head, tails
 
     def _to_turn_end(self, tail: list[int]) -> list[int]:
         """A response's tokens up to its end-of-turn marker (the eos, ``<|im_end|>`` for ChatML), dropping what a
@@ -179,6 +244,8 @@ class Encoder:
         labels = [IGNORE] * len(ids)
         for a, b in zip(bounds[0::2], bounds[1::2]):
             labels[a:b] = ids[a:b]
+        if self.slots:  # a P-tuning template's slots open every assistant turn
+            ids, labels = insert_slots(ids, labels, bounds[0::2], self.slots, IGNORE)
         return ids, labels
 
     def _turn_cuts(self, turns: list[dict], line: int) -> tuple[str, list[tuple[int, int]]]:

@@ -47,7 +47,7 @@ class TextStream:
 def stream_generate(model, tokenizer, prompt, write: Callable[[str], None], **sampling) -> str:
     """Complete one prompt (a string, or messages), writing text as it is produced; returns the completion (stop
     strings cut, as ``generate`` returns it)."""
-    from tuneforge.train.rollout import encode_prompt, eos_ids_of, pad_id_of, request_seed, sample
+    from tuneforge.train.rollout import encode_prompt, eos_ids_of, model_template, pad_id_of, request_seed, sample
 
     stream = TextStream(tokenizer)
     eos = eos_ids_of(model, tokenizer)
@@ -62,7 +62,8 @@ def stream_generate(model, tokenizer, prompt, write: Callable[[str], None], **sa
             shown.append(piece)
             write(piece)
 
-    r = sample(model, [encode_prompt(tokenizer, prompt)], pad_id=pad_id_of(tokenizer), eos_ids=eos,
+    ids = encode_prompt(tokenizer, prompt, model_template(model))  # a P-tuning template's slots end it
+    r = sample(model, [ids], pad_id=pad_id_of(tokenizer), eos_ids=eos,
                seeds=None if seed is None else [request_seed(seed, 0)], tokenizer=tokenizer, on_token=on_token,
                **sampling)
     rest = stream.flush()

@@ -10,7 +10,9 @@ sample must depend only on its prompt and its seed, not on which other rows shar
 
 Prompts are encoded exactly as training rows encode them (``data/tokenize.py``: the tokenizer's own leading special
 tokens + prompt tokens, or the chat template with the generation prompt for message lists) so a fine-tuned model
-sees at inference what it saw in training. Batches are left-padded so every row's next token sits at the last
+sees at inference what it saw in training; a P-tuning adapter's template (``data/template.py``) puts its slot ids
+after the prompt here as it does there (``generate`` reads the template off the model). Batches are left-padded so
+every row's next token sits at the last
 position, and position ids count real tokens only (as ``generate`` computes them), so a padded row's positions equal the unpadded ones and greedy output equals
 ``model.generate``'s.
 """
@@ -26,18 +28,26 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tuneforge.data.tokenize import encode_prompt_text
+from tuneforge.data.template import SLOT_BASE
+from tuneforge.data.tokenize import encode_chat_prompt, encode_prompt_text
 
 IGNORE = -100
 
 
-def encode_prompt(tokenizer, prompt) -> list[int]:
+def encode_prompt(tokenizer, prompt, template=None) -> list[int]:
     """Token ids of a prompt string (after the special tokens the tokenizer itself puts first, e.g. Llama's bos;
-    none for SmolLM2, whose bos is the chat marker ``<|im_start|>``) or a chat message list."""
+    none for SmolLM2, whose bos is the chat marker ``<|im_start|>``) or a chat message list; ``template``: the
+    model's P-tuning template (``p_tuning.prompt_template(model)``), whose slots end the prompt."""
     if isinstance(prompt, list):
-        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=False))
-    return encode_prompt_text(tokenizer, prompt)
+        return encode_chat_prompt(tokenizer, prompt, template)
+    return encode_prompt_text(tokenizer, prompt, template=template)
+
+
+def model_template(model):
+    """The P-tuning template prompts for ``model`` are encoded with (None for every other model)."""
+    from tuneforge.methods.p_tuning import prompt_template
+
+    return prompt_template(model)
 
 
 def pad_id_of(tokenizer) -> int:
@@ -182,6 +192,11 @@ def _prefill(model, prompt_ids: list[list[int]], ids, mask, pos, names: dict):
         return _next_logits(model, ids, mask, pos, None, names)
     rows = torch.tensor(inverse, device=ids.device)
     cache.reorder_cache(rows)
+    from tuneforge.methods.p_tuning import HIDDEN
+
+    hidden = getattr(cache, HIDDEN, None)  # template slots hidden from rows without P-tuning: per row too
+    if hidden is not None:
+        setattr(cache, HIDDEN, hidden[rows.to(hidden.device)])
     return logits[rows.to(logits.device)], cache
 
 
@@ -299,6 +314,13 @@ def sample(model, prompt_ids: list[list[int]], *, pad_id: int, eos_ids: set[int]
     """
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("sample() needs non-empty prompts (encode them with encode_prompt: bos counts)")
+    if any(t >= SLOT_BASE for p in prompt_ids for t in p):
+        from tuneforge.methods.p_tuning import handles_slots
+
+        if not handles_slots(model):
+            raise ValueError("these prompts hold P-tuning template slots (ids >= 2**30), but the model carries no "
+                             "P-tuning adapter with a template to fill them; encode prompts for this model "
+                             "(encode_prompt(tokenizer, prompt, model_template(model)))")
     eos = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids or ())
     was_training = model.training
     model.eval()
@@ -389,9 +411,10 @@ def generate(model, tokenizer, prompts: list, *, max_new_tokens: int = 64, tempe
     """
     pad = pad_id_of(tokenizer)
     eos = eos_ids_of(model, tokenizer)
+    template = model_template(model)
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = [encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
+        chunk = [encode_prompt(tokenizer, p, template) for p in prompts[start:start + batch_size]]
         seeds = None if seed is None else [request_seed(seed, start + i) for i in range(len(chunk))]
         r = sample(model, chunk, pad_id=pad, eos_ids=eos, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_k=top_k, top_p=top_p, seeds=seeds, stop=stop, tokenizer=tokenizer)
