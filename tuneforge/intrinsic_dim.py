@@ -78,8 +78,18 @@ def lr_for(d: int, lr_ref: float, d_ref: int, scale: str = "sqrt") -> float:
 
 
 def better(a: float, b: float, metric: str) -> bool:
-    """Whether metric value ``a`` beats ``b`` (higher exact match, lower loss)."""
+    """Whether metric value ``a`` beats ``b`` (higher exact match, lower loss); a diverged run's NaN or inf loses
+    to any finite value, so the order of the factors tried cannot decide the result."""
+    if not math.isfinite(a):
+        return False
+    if not math.isfinite(b):
+        return True
     return a > b if metric == "exact_match" else a < b
+
+
+def _finite(v: float) -> float | None:
+    """JSON has no NaN: a diverged run's metric is written as null."""
+    return v if math.isfinite(v) else None
 
 
 def reached(value: float, target: float, metric: str) -> bool:
@@ -123,6 +133,7 @@ def search(cfg: RunConfig, dims: list[int], out_dir: str | Path, threshold: floa
     log(f"full fine-tuning: {metric} {full:.4g}; target ({threshold:.0%}): {target:.4g}")
     results: dict[int, float] = {}
     lrs: dict[int, float] = {}
+    tried: list[dict] = []  # every run: d, learning rate, metric
 
     def run(d: int) -> float:
         if d in results:
@@ -133,6 +144,7 @@ def search(cfg: RunConfig, dims: list[int], out_dir: str | Path, threshold: floa
             tag = f"d{d}" if len(lr_factors) == 1 else f"d{d}-lr{lr:.3g}"
             saved = train(_variant(cfg, [{**base_method, "dimension": d}], out / tag, lr)).saved
             v = _score(cfg, saved, metric)
+            tried.append({"d": d, "lr": lr, metric: _finite(v)})
             log(f"d = {d}, lr {lr:.3g}: {metric} {v:.4g}{'  (reached)' if reached(v, target, metric) else ''}")
             if d not in results or better(v, results[d], metric):
                 results[d], lrs[d] = v, lr
@@ -152,12 +164,12 @@ def search(cfg: RunConfig, dims: list[int], out_dir: str | Path, threshold: floa
         run(mid)
     found = d90(results, target, metric)
     summary = {"metric": metric, "threshold": threshold, "base": before, "full": full, "target": target,
-               "d90": found, "runs": {str(d): v for d, v in sorted(results.items())},
+               "d90": found, "runs": {str(d): _finite(v) for d, v in sorted(results.items())},
                "learning_rates": {str(d): lrs[d] for d in sorted(lrs)},
                "lr_rule": {"scale": lr_scale, "lr_ref": cfg.train.learning_rate, "d_ref": d_ref,
-                           "factors": list(lr_factors)},
+                           "factors": list(lr_factors)}, "all_runs": tried,
                "method": base_method, "plot": str(out / "intrinsic_dim.png")}
-    (out / "intrinsic_dim.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "intrinsic_dim.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     _plot(summary, out / "intrinsic_dim.png")
     log(f"d90 = {found}" if found else f"no d reached {target:.4g}; try larger dimensions")
     return summary
@@ -169,9 +181,9 @@ def _plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ds = [int(d) for d in summary["runs"]]
+    points = [(int(d), v) for d, v in summary["runs"].items() if v is not None]  # diverged runs are not drawn
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(ds, list(summary["runs"].values()), "o-", label="intrinsic (random subspace)")
+    ax.plot([d for d, _ in points], [v for _, v in points], "o-", label="intrinsic (random subspace)")
     ax.axhline(summary["full"], color="k", lw=1, label="full fine-tuning")
     ax.axhline(summary["target"], color="k", lw=1, ls="--", label=f"{summary['threshold']:.0%} target")
     ax.axhline(summary["base"], color="grey", lw=1, ls=":", label="base model")

@@ -8,7 +8,7 @@ import yaml
 from conftest import base_config, write_jsonl
 
 from tuneforge.cli import main
-from tuneforge.intrinsic_dim import d90, lr_for, target_of
+from tuneforge.intrinsic_dim import better, d90, lr_for, target_of
 from tuneforge.tasks import make_examples
 
 
@@ -28,6 +28,14 @@ def test_learning_rate_keeps_the_weight_space_step_fixed():
     assert lr_for(40000, 0.3, 10000, "none") == 0.3
     with pytest.raises(ValueError):
         lr_for(10, 0.3, 10, "linear")
+
+
+def test_a_diverged_factor_never_wins_whatever_the_order():
+    nan, inf = float("nan"), float("inf")
+    for metric in ("loss", "exact_match"):
+        assert better(1.0, nan, metric) and not better(nan, 1.0, metric)
+        assert better(4.0, inf, "loss") and not better(inf, 4.0, "loss")
+    assert better(3.0, 4.0, "loss") and better(0.5, 0.4, "exact_match")
 
 
 def test_intrinsic_dim_command_writes_results_and_plot(tmp_path, capsys):
@@ -50,6 +58,7 @@ def test_intrinsic_dim_command_writes_results_and_plot(tmp_path, capsys):
     # the recipe's rate is for its own d (1): each d's run used 5e-2 * sqrt(1 / d), times the better factor
     for d in ("4", "64"):
         assert any(res["learning_rates"][d] == pytest.approx(f * 5e-2 * (1 / int(d)) ** 0.5) for f in (0.5, 1))
+    assert len(res["all_runs"]) == 4 and {r["d"] for r in res["all_runs"]} == {4, 64}
     assert (tmp_path / "id" / "d64-lr0.00313").is_dir() and (tmp_path / "id" / "d64-lr0.00625").is_dir()
     assert (tmp_path / "id" / "intrinsic_dim.png").stat().st_size > 0
     assert "d90" in out or "no d reached" in out
