@@ -25,7 +25,8 @@ backward, read off ``torch.autograd.graph.saved_tensors_hooks`` on Hugging Face'
     each trainable linear's input (LoRA and intrinsic keep it in fp32, IA3 its own; a frozen linear saves none),
     SDPA's q, k, v, output and log-sum-exp (k and v at the KV-head width: SDPA handles GQA), the MLP's gate,
     silu(gate), up and their product. Blocks below the first trainable parameter save nothing, and in that block
-    nothing below it (LoRA or intrinsic on o_proj or the MLP only start there). Head: tuneforge's chunked
+    nothing below it (LoRA or intrinsic on o_proj or the MLP only start there; starting at the MLP, a SwiGLU branch
+    without an adapted gate_proj or up_proj saves nothing for its own gradient). Head: tuneforge's chunked
     head+softmax (``algorithms/_head_logps.py``) keeps no logits: one (N, H) fp32 tensor plus a ~16 MB chunk buffer.
 
 The methods that add tensors beside the weights are in ``tuneforge.estimate_additive``: soft prompts, the bottleneck
@@ -347,17 +348,31 @@ def _block_keep(a: Arch, plan: dict, act: int, rank: int) -> dict[str, tuple[flo
     return keep
 
 
+def _idle_branches(a: Arch, plan: dict) -> set[str]:
+    """SwiGLU tensors the lowest trained block does not keep when its side paths start at the MLP: there the MLP's
+    input needs no gradient, so a branch without a side path (gate_proj's or up_proj's) has none either.
+    silu(gate) keeps gate only for gate's gradient; the product keeps silu(gate) for up's gradient and up for
+    silu(gate)'s. So an adapted up_proj alone leaves only silu(gate), an adapted gate_proj alone gate and up."""
+    if not a.gated or plan["start"] != SRC_LEVEL["h2"]:
+        return set()
+    side = plan["lora"] | plan["delta"]
+    g, u = "gate_proj" in side, "up_proj" in side
+    return {k for k, kept in (("gate", g), ("act", u), ("up", g)) if not kept}
+
+
 def _saved_per_token(a: Arch, plan: dict, act: int, rank: int) -> tuple[float, float, float]:
     """Bytes autograd keeps per token: (one block in the gradient's path, the lowest trained block, the head).
 
     The lowest trained block's input needs no gradient (nothing trainable below it), so its norm saves no copy: the
     head's share leaves one block input out. When a side path starts above the attention's inputs (LoRA or
-    intrinsic on o_proj or the MLP only), that block keeps only its stages from there up, and the next block's
-    input, which now needs a gradient."""
+    intrinsic on o_proj or the MLP only), that block keeps only its stages from there up (at the MLP, only the
+    branches a side path makes trainable: ``_idle_branches``), and the next block's input, which now needs a
+    gradient."""
     keep = _block_keep(a, plan, act, rank)
     nb = 4 if a.gated else act
     start = plan["start"]
-    lowest = sum(v for v, level in keep.values() if level >= start) + (a.hidden * nb if start else 0)
+    lowest = sum(v for k, (v, level) in keep.items() if level >= start and k not in _idle_branches(a, plan))
+    lowest += a.hidden * nb if start else 0
     head = a.hidden * nb + 4 + (a.hidden * act if plan["head"] and a.gated else 0)  # final norm
     head += a.hidden * act if plan["head"] else a.hidden * 4  # the head's input copy, or d = W^T (e_y - p) in fp32
     head += 8 + (8 if plan["emb"] else 0)  # int64 targets; token ids for the embedding's backward

@@ -142,9 +142,16 @@ def _saved_bytes(model, batch, seq) -> int:
     return sum(seen.values())
 
 
+# LoRA on o_proj or the MLP only: the lowest block keeps only its stages from there up, and at the MLP only the
+# SwiGLU branches an adapted gate_proj/up_proj makes trainable
+LORA_ABOVE_ATTENTION = [("lora", {"rank": 8, "target_modules": t}) for t in
+                        (["o_proj"], ["up_proj"], ["gate_proj"], ["down_proj"], ["up_proj", "down_proj"])]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method,kw", [("full", {}), ("lora", {"rank": 8}), ("freeze", {"top_k": 2}),
-                                       ("lora", {"rank": 8, "target_modules": ["q_proj", "v_proj"]})])
+                                       ("lora", {"rank": 8, "target_modules": ["q_proj", "v_proj"]}),
+                                       *LORA_ABOVE_ATTENTION])
 def test_activation_model_matches_what_autograd_saves(method, kw, dtype):
     from tuneforge.methods import METHODS, apply_methods
 
@@ -200,6 +207,9 @@ COMPOSED = {
                            {"intrinsic_dim": 64, "projection": "dense", "targets": ["q_proj", "v_proj"]}),
     "intrinsic-down": ([{"name": "intrinsic", "dimension": 300, "target_modules": ["down_proj"]}],
                        {"intrinsic_dim": 300, "targets": ["down_proj"]}),
+    **{f"intrinsic-{'-'.join(t.removesuffix('_proj') for t in ts)}": (
+        [{"name": "intrinsic", "dimension": 100, "target_modules": ts}], {"intrinsic_dim": 100, "targets": ts})
+       for ts in (["gate_proj"], ["up_proj"], ["gate_proj", "up_proj"])},
     "drop-houlsby-2": ([{"name": "houlsby"}, {"name": "adapter_drop", "drop_layers": 2}], {"drop_layers": 2}),
     "drop-pfeiffer-3": ([{"name": "pfeiffer", "bottleneck": 24}, {"name": "adapter_drop", "drop_layers": 3}],
                         {"drop_layers": 3, "adapter_method": "pfeiffer", "bottleneck": 24}),
