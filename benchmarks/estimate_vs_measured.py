@@ -175,11 +175,16 @@ def estimate_for(case: str) -> dict:
     return e.to_dict()
 
 
+# a method config's field -> the ``estimate`` option it is (only those a config sets are passed: ``estimate``
+# refuses the options of another method)
+EST_OPTIONS = {"rank": "rank", "top_k": "top_k", "dimension": "intrinsic_dim", "drop_layers": "drop_layers",
+               "num_virtual_tokens": "virtual_tokens", "bottleneck": "bottleneck", "gate": "gate"}
+
+
 def method_options(method) -> dict:
     """``estimate``'s options for a case's method config(s)."""
     last = last_method(method)
-    opts = {"rank": last.get("rank", 8), "top_k": last.get("top_k", 1), "intrinsic_dim": last.get("dimension", 0),
-            "drop_layers": last.get("drop_layers", 0)}
+    opts = {EST_OPTIONS[k]: v for k, v in last.items() if k in EST_OPTIONS}
     if last["name"] == "adapter_drop":
         opts["adapter_method"] = method[0]["name"]
     if last["name"] == "adapter_fusion":

@@ -325,7 +325,7 @@ def cmd_estimate(a) -> int:
                          rank=a.rank, targets=targets, top_k=a.top_k, device=a.device,
                          virtual_tokens=a.virtual_tokens, bottleneck=a.bottleneck, intrinsic_dim=a.intrinsic_dim,
                          projection=a.projection, said=a.said, drop_layers=a.drop_layers,
-                         fusion_adapters=a.fusion_adapters, adapter_method=a.adapter_method)
+                         fusion_adapters=a.fusion_adapters, adapter_method=a.adapter_method, gate=a.gate)
     except est.EstimateError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -488,22 +488,30 @@ def build_parser() -> argparse.ArgumentParser:
                     "...) or parameter count (7b, 70e9)")
     es.add_argument("--method", default="full", help="none, full, freeze, lora, qlora, ia3, bitfit, "
                     "prompt_tuning, p_tuning, prefix_tuning, p_tuning_v2, houlsby, pfeiffer, parallel, scaled_parallel, "
-                    "compacter, compacter_pp, adapter_bias, adapter_drop, adapter_fusion, intrinsic")
-    es.add_argument("--virtual-tokens", type=int, default=20, help="soft prompts: n virtual tokens")
-    es.add_argument("--bottleneck", type=int, default=0, help="bottleneck adapters: m (0 = hidden / 16; "
-                    "compacter: hidden / 32)")
-    es.add_argument("--intrinsic-dim", type=int, default=0, help="intrinsic: d, the trained numbers (required)")
-    es.add_argument("--projection", default="fastfood", choices=["fastfood", "dense"], help="intrinsic: P's form")
-    es.add_argument("--said", action="store_true", help="intrinsic: a learned scale per target layer (SAID)")
-    es.add_argument("--drop-layers", type=int, default=0, help="adapter_drop: k, no adapters in blocks 0 .. k-1 "
+                    "compacter, compacter_pp, adapter_bias, adapter_drop, adapter_fusion, intrinsic, unipelt. The "
+                    "options below belong to the methods they name; another method refuses them")
+    es.add_argument("--virtual-tokens", type=int, default=None, help="soft prompts and unipelt: n virtual tokens "
+                    "(default 20; unipelt's prefix 10)")
+    es.add_argument("--bottleneck", type=int, default=None, help="bottleneck adapters (and adapter_drop's, "
+                    "adapter_fusion's, unipelt's): m (default hidden / 16; compacter: hidden / 32)")
+    es.add_argument("--gate", action=argparse.BooleanOptionalAction, default=None, help="lora, qlora, the "
+                    "bottleneck adapters but adapter_bias (and adapter_drop's, adapter_fusion's members): UniPELT's "
+                    "per-token gate; unipelt has it unless --no-gate")
+    es.add_argument("--intrinsic-dim", type=int, default=None, help="intrinsic: d, the trained numbers (required)")
+    es.add_argument("--projection", default=None, choices=["fastfood", "dense"], help="intrinsic: P's form "
+                    "(default fastfood)")
+    es.add_argument("--said", action="store_true", default=None, help="intrinsic: a learned scale per target "
+                    "layer (SAID)")
+    es.add_argument("--drop-layers", type=int, default=None, help="adapter_drop: k, no adapters in blocks 0 .. k-1 "
                     "(required)")
-    es.add_argument("--fusion-adapters", type=int, default=2, help="adapter_fusion: N, the frozen adapters fused")
+    es.add_argument("--fusion-adapters", type=int, default=None, help="adapter_fusion: N, the frozen adapters fused "
+                    "(default 2)")
     es.add_argument("--adapter-method", default=None, help="the bottleneck adapter adapter_drop acts on (default "
                     "houlsby) or adapter_fusion fuses (default pfeiffer)")
-    es.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    es.add_argument("--targets", help="LoRA or intrinsic targets, comma-separated (default: every block "
-                    "projection)")
-    es.add_argument("--top-k", type=int, default=1, help="freeze: train the top k blocks")
+    es.add_argument("--rank", type=int, default=None, help="lora, qlora, unipelt: LoRA rank (default 8)")
+    es.add_argument("--targets", help="lora, qlora, intrinsic, unipelt: the adapted layers, comma-separated "
+                    "(default: every block projection; unipelt: the query and value projections)")
+    es.add_argument("--top-k", type=int, default=None, help="freeze: train the top k blocks (default 1)")
     es.add_argument("--bits", type=int, default=16, choices=[32, 16, 8, 4])
     es.add_argument("--batch", type=int, default=1)
     es.add_argument("--seq", type=int, default=512)

@@ -30,7 +30,7 @@ backward, read off ``torch.autograd.graph.saved_tensors_hooks`` on Hugging Face'
     head+softmax (``algorithms/_head_logps.py``) keeps no logits: one (N, H) fp32 tensor plus a ~16 MB chunk buffer.
 
 The methods that add tensors beside the weights are in ``tuneforge.estimate_additive``: soft prompts, the bottleneck
-family, and three that change what is in the gradient's path, each modelled on what tuneforge's implementation
+family, and four that change what is in the gradient's path, each modelled on what tuneforge's implementation
 creates and computes rather than on a per-parameter rule:
 
 * ``adapter_drop`` (Rücklé et al. 2021, AdapterDrop, https://arxiv.org/abs/2010.11918): a fixed k never creates the
@@ -38,6 +38,9 @@ creates and computes rather than on a per-parameter rule:
   activations, and the estimate shows it;
 * ``adapter_fusion`` (Pfeiffer et al. 2021, AdapterFusion, https://arxiv.org/abs/2005.00247): N frozen members
   (resident, no optimizer state) and a trained d x d attention per site, whose per-token tensors grow with N;
+* ``unipelt`` (Mao et al. 2022, UniPELT, https://arxiv.org/abs/2110.07577): gated LoRA, a prefix and a gated
+  adapter at once; the prefix alone puts every block in the gradient's path, and ``gate`` (LoRA's and the
+  adapters' option too) adds a d_in -> 1 map per gated layer and what its product keeps per token;
 * ``intrinsic`` (Li et al. 2018, https://arxiv.org/abs/1804.08838; Aghajanyan et al. 2021,
   https://arxiv.org/abs/2012.13255): d trained numbers, but P is held as buffers (``projection``: 13 bytes a weight
   for Fastfood) and every step builds a full-size fp32 ΔW per target layer that autograd keeps with Fastfood's
@@ -61,8 +64,29 @@ ADAM8_BYTES = 2 * (1 + 4 / 2048)  # two 8-bit moments, fp32 absmax per 2048-valu
 HEAD_CHUNK_ELEMENTS = 1 << 22  # tuneforge.algorithms._head_logps.CHUNK_ELEMENTS (asserted by a test)
 SOFT_PROMPTS = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2")
 BOTTLENECKS = ("houlsby", "pfeiffer", "parallel", "scaled_parallel", "compacter", "compacter_pp", "adapter_bias")
-ADDED = (*SOFT_PROMPTS, *BOTTLENECKS, "adapter_drop", "adapter_fusion", "intrinsic")  # see ``estimate_additive``
+ADDED = (*SOFT_PROMPTS, *BOTTLENECKS, "adapter_drop", "adapter_fusion", "intrinsic", "unipelt")  # see
+# ``estimate_additive``
 METHODS = ("none", "full", "freeze", "lora", "qlora", "ia3", "bitfit", *ADDED)
+SIZED = tuple(b for b in BOTTLENECKS if b != "adapter_bias")  # AdapterBias is width 1 and has no gate
+# estimate's method options: (CLI flag, the methods that read it). Any other method refuses it (a flag that is off,
+# False, is no option given).
+METHOD_OPTIONS = {
+    "rank": ("--rank", ("lora", "qlora", "unipelt")),
+    "targets": ("--targets", ("lora", "qlora", "intrinsic", "unipelt")),
+    "top_k": ("--top-k", ("freeze",)),
+    "virtual_tokens": ("--virtual-tokens", (*SOFT_PROMPTS, "unipelt")),
+    "bottleneck": ("--bottleneck", (*SIZED, "adapter_drop", "adapter_fusion", "unipelt")),
+    "gate": ("--gate", ("lora", "qlora", *SIZED, "adapter_drop", "adapter_fusion", "unipelt")),
+    "intrinsic_dim": ("--intrinsic-dim", ("intrinsic",)),
+    "projection": ("--projection", ("intrinsic",)),
+    "said": ("--said", ("intrinsic",)),
+    "drop_layers": ("--drop-layers", ("adapter_drop",)),
+    "fusion_adapters": ("--fusion-adapters", ("adapter_fusion",)),
+    "adapter_method": ("--adapter-method", ("adapter_drop", "adapter_fusion")),
+}
+# what an option not given means (virtual_tokens: the method's own default, ``default_virtual_tokens``)
+OPTION_DEFAULTS = {"rank": 8, "top_k": 1, "bottleneck": 0, "intrinsic_dim": 0, "projection": "fastfood",
+                   "said": False, "drop_layers": 0, "fusion_adapters": 2}
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 DTYPE_DIVISOR = {32: 1, 16: 2, 8: 4, 4: 8}  # can-it-run-llm: fp32 size / this ("float16/bfloat16", "int8", "int4")
 
@@ -264,23 +288,25 @@ class Estimate:
         return asdict(self)
 
 
-def _plan(a: Arch, method: str, targets, top_k: int) -> dict:
-    """Which tensors train: block linears trained in full, LoRA'd, IA3-scaled; norms, head, embedding; and how
-    many top blocks lie in the gradient's path."""
+def _plan(a: Arch, method: str, targets, top_k: int, gate: bool = False) -> dict:
+    """Which tensors train: block linears trained in full, LoRA'd (``gated``: with UniPELT's gate), IA3-scaled;
+    norms, head, embedding; and how many top blocks lie in the gradient's path."""
     names = [n for n, *_ in block_linears(a)]
-    plan = {"full": set(), "lora": set(), "delta": set(), "ia3_out": set(), "ia3_in": set(), "bias": False,
-            "norms": False, "head": False, "emb": False, "region": a.layers}
+    plan = {"full": set(), "lora": set(), "gated": set(), "delta": set(), "ia3_out": set(), "ia3_in": set(),
+            "bias": False, "norms": False, "head": False, "emb": False, "region": a.layers}
     if method == "full":
         plan.update(full=set(names), norms=True, head=True, emb=True)
     elif method == "freeze":
         if not 1 <= top_k <= a.layers:
             raise EstimateError(f"freeze: top_k={top_k} but the model has {a.layers} blocks")
         plan.update(full=set(names), norms=True, region=top_k)
-    elif method in ("lora", "qlora", "intrinsic"):  # intrinsic: an fp32 ΔW beside each target linear
-        chosen = set(targets or names)
+    elif method in ("lora", "qlora", "intrinsic", "unipelt"):  # intrinsic: an fp32 ΔW beside each target linear
+        query_value = ["q_proj", "v_proj"] if a.gated else ["qkv"]  # UniPELT's W_q, W_v (a fused qkv whole)
+        chosen = set(targets or (query_value if method == "unipelt" else names))
         if chosen - set(names):
             raise EstimateError(f"unknown {method} targets {sorted(chosen - set(names))}; this model has {names}")
         plan["delta" if method == "intrinsic" else "lora"] = chosen
+        plan["gated"] = chosen if gate and method != "intrinsic" else set()
     elif method == "ia3":  # PEFT/tuneforge defaults: keys and values scaled on their output, the FFN down on its input
         plan.update(ia3_out={"k_proj", "v_proj"} if a.gated else {"qkv"}, ia3_in={names[-1]})
     elif method in ADDED:
@@ -289,7 +315,7 @@ def _plan(a: Arch, method: str, targets, top_k: int) -> dict:
         if not any(b for *_, b, _ in block_linears(a)) and a.gated:
             raise EstimateError("bitfit trains bias vectors and this architecture has none")
         plan["bias"] = True
-    plan["start"] = _start_level(a, plan)
+    plan["start"] = 0 if method == "unipelt" else _start_level(a, plan)  # its prefix trains in every block
     return plan
 
 
@@ -304,6 +330,8 @@ def _trainable(a: Arch, plan: dict, rank: int) -> tuple[int, int]:
     for name, i, o, _, _ in lins:
         if name in plan["lora"]:
             n, biggest = n + a.layers * rank * (i + o), max(biggest, rank * max(i, o))
+        if name in plan["gated"]:  # W_g (1 x in) and b_g
+            n, biggest = n + a.layers * (i + 1), max(biggest, i)
         n += a.layers * (o * (name in plan["ia3_out"]) + i * (name in plan["ia3_in"]))
     if plan["bias"]:
         n, biggest = a.layers * pc["block_bias"] + (0 if a.gated else a.hidden), max(a.intermediate, a.hidden)
@@ -325,7 +353,7 @@ def _start_level(a: Arch, plan: dict) -> int:
 def _block_keep(a: Arch, plan: dict, act: int, rank: int) -> dict[str, tuple[float, int]]:
     """Per token, what one block in the gradient's path keeps: name -> (bytes, stage it belongs to). Names dedupe
     tensors that several consumers save (in fp32 an fp32 adapter's ``x.to(float32)`` is ``x`` itself; in 16 bit it
-    is a copy)."""
+    is a copy, one per cast: a gated LoRA layer casts twice)."""
     keep: dict[str, tuple[float, int]] = {}
     nb = 4 if a.gated else act  # HF's RMSNorm upcasts its input to fp32 before saving it; LayerNorm does not
     for i, level in ((1, 0), (2, 1)):
@@ -343,6 +371,10 @@ def _block_keep(a: Arch, plan: dict, act: int, rank: int) -> dict[str, tuple[flo
             keep[src if act == 4 else f"{src}:{name}"] = (i * 4, level)
         if name in plan["lora"]:
             keep[f"lora_a:{name}"] = (rank * 4, level)
+        if name in plan["gated"]:  # σ(W_g x + b_g) (one fp32 value) and the ungated update, both kept by the
+            keep[f"gate:{name}"] = ((o + 1) * 4, level)  # product; the gate casts x to fp32 on its own, so in 16
+            if act != 4:  # bit that is a second copy
+                keep[f"{src}:{name}:gate"] = (i * 4, level)
         if name in plan["ia3_out"]:
             keep[f"out:{name}"] = (o * act, level)
     return keep
@@ -381,11 +413,31 @@ def _saved_per_token(a: Arch, plan: dict, act: int, rank: int) -> tuple[float, f
     return sum(v for v, _ in keep.values()), lowest, head - (0 if plan["emb"] else a.hidden * nb)
 
 
+def default_virtual_tokens(method: str) -> int:
+    """n when none is given: UniPELT's prefix is 10 tokens (the paper's), the soft-prompt methods' 20."""
+    return 10 if method == "unipelt" else 20
+
+
+def method_options(method: str, given: dict) -> dict:
+    """``given`` (option -> value, None where not given) with every option given to a method that does not read
+    it refused, and the rest filled in with their defaults."""
+    if method not in METHODS:
+        raise EstimateError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    for name, value in given.items():
+        flag, takes = METHOD_OPTIONS[name]
+        if value is not None and value is not False and method not in takes:
+            raise EstimateError(f"{flag} ({name}) is an option of {', '.join(takes)}; {method} does not use it, "
+                                "so leave it out")
+    out = {k: OPTION_DEFAULTS.get(k) if v is None else v for k, v in given.items()}
+    if given.get("virtual_tokens") is None:
+        out["virtual_tokens"] = default_virtual_tokens(method)
+    out["gate"] = method == "unipelt" if given.get("gate") is None else bool(given["gate"])
+    return out
+
+
 def _check_options(method: str, optimizer: str, bits: int, batch: int, seq: int, rank: int, virtual_tokens: int,
                    bottleneck: int) -> int:
     """The options every method shares, checked; returns the bits (QLoRA's are 4)."""
-    if method not in METHODS:
-        raise EstimateError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if optimizer not in OPTIMIZERS:  # adamw8bit: tensors under 4096 elements keep fp32 moments (ignored here)
         raise EstimateError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     bits = 4 if method == "qlora" else bits
@@ -423,23 +475,35 @@ ADDED_NOTES = {
                     "adapter, and its worst step (k = 0) is the plain adapter's estimate",
     "adapter_fusion": "adapter = the frozen members and the trained query/key/value matrices, all fp32; only the "
                       "latter have gradients and optimizer state",
+    "unipelt": "unipelt = LoRA on W_q/W_v, a key/value prefix and a Pfeiffer adapter, LoRA and adapter gated per "
+               "token; the prefix puts every block in the gradient's path, and the gates keep it from merging",
 }
 
 
 def estimate(model, method: str = "full", bits: int = 16, batch: int = 1, seq: int = 512, optimizer: str = "adamw",
-             rank: int = 8, targets: list[str] | None = None, top_k: int = 1, device: str = "cuda",
-             overhead: int = 0, virtual_tokens: int = 20, bottleneck: int = 0, intrinsic_dim: int = 0,
-             projection: str = "fastfood", said: bool = False, drop_layers: int = 0, fusion_adapters: int = 2,
-             adapter_method: str | None = None) -> Estimate:
+             rank: int | None = None, targets: list[str] | None = None, top_k: int | None = None,
+             device: str = "cuda", overhead: int = 0, virtual_tokens: int | None = None,
+             bottleneck: int | None = None, intrinsic_dim: int | None = None, projection: str | None = None,
+             said: bool | None = None, drop_layers: int | None = None, fusion_adapters: int | None = None,
+             adapter_method: str | None = None, gate: bool | None = None) -> Estimate:
     """Memory of ``method`` training (and of serving the result) at ``bits`` for ``batch`` x ``seq`` tokens.
-    ``virtual_tokens``: a soft prompt's n; ``bottleneck``: an adapter's m (0 = hidden / 16; Compacter's
-    hidden / 32 rounded up to a multiple of 4); ``intrinsic_dim``, ``projection`` (fastfood or dense), ``said``:
-    intrinsic's d, P and SAID's per-layer scales (``targets`` picks its layers as LoRA's); ``drop_layers``:
-    AdapterDrop's fixed k; ``fusion_adapters``: AdapterFusion's N members; ``adapter_method``: the bottleneck
-    method AdapterDrop acts on (default houlsby) or AdapterFusion fuses (default pfeiffer).
+    Method options (None: not given, the default; a method refuses the options of others, ``METHOD_OPTIONS``):
+    ``rank`` (8) and ``targets``: LoRA's (UniPELT's LoRA: default W_q and W_v); ``top_k`` (1): freeze's blocks;
+    ``virtual_tokens``: a soft prompt's n (20; UniPELT's prefix 10); ``bottleneck``: an adapter's m (0 =
+    hidden / 16; Compacter's hidden / 32 rounded up to a multiple of 4); ``gate``: UniPELT's per-token gate on LoRA
+    or a bottleneck adapter (unipelt: on unless False); ``intrinsic_dim``, ``projection`` (fastfood or dense),
+    ``said``: intrinsic's d, P and SAID's per-layer scales (``targets`` picks its layers as LoRA's);
+    ``drop_layers``: AdapterDrop's fixed k; ``fusion_adapters`` (2): AdapterFusion's N members; ``adapter_method``:
+    the bottleneck method AdapterDrop acts on (default houlsby) or AdapterFusion fuses (default pfeiffer).
 
     ``device`` matters only for the optimizer's temporaries: tuneforge's AdamW runs per tensor on CPU (two
     temporaries the size of the largest tensor) and ``foreach`` on GPU (one the size of all trainable tensors)."""
+    o = method_options(method, dict(rank=rank, targets=targets, top_k=top_k, virtual_tokens=virtual_tokens,
+                                    bottleneck=bottleneck, gate=gate, intrinsic_dim=intrinsic_dim,
+                                    projection=projection, said=said, drop_layers=drop_layers,
+                                    fusion_adapters=fusion_adapters, adapter_method=adapter_method))
+    rank, targets, top_k, virtual_tokens, bottleneck = (o[k] for k in ("rank", "targets", "top_k", "virtual_tokens",
+                                                                       "bottleneck"))
     bits = _check_options(method, optimizer, bits, batch, seq, rank, virtual_tokens, bottleneck)
     m = resolve_model(model)
     base_b, act = (4, 4) if bits == 32 else (2, 2)  # storage of unquantised tensors; compute dtype
@@ -451,16 +515,16 @@ def estimate(model, method: str = "full", bits: int = 16, batch: int = 1, seq: i
     q_bytes = (NF4_BITS / 8 * quantised if bits == 4 else
                m.layers * sum(i * o + 4 * o for _, i, o, _, _ in lins) if bits == 8 else 0)  # int8: + fp32 per row
     weights = int(q_bytes + (pc["total"] - quantised) * base_b)
-    plan = _plan(m, method, targets, top_k)
+    plan = _plan(m, method, targets, top_k, o["gate"])
     n_train, biggest = _trainable(m, plan, rank) if method != "none" else (0, 0)
     added = None
-    if method in ADDED:
+    if method in ADDED:  # UniPELT's LoRA is in the plan, its prefix and adapter are added
         from tuneforge import estimate_additive as add
 
-        opts = add.Options(virtual_tokens, bottleneck, intrinsic_dim, projection, said, drop_layers, fusion_adapters,
-                           adapter_method)
+        opts = add.Options(virtual_tokens, bottleneck, o["intrinsic_dim"], o["projection"], o["said"],
+                           o["drop_layers"], o["fusion_adapters"], adapter_method, o["gate"])
         added = add.counts(m, method, opts, plan)
-        n_train, biggest = added.trainable, added.biggest
+        n_train, biggest = n_train + added.trainable, max(biggest, added.biggest)
     adapter_like = method in ("lora", "qlora", "ia3") or added is not None
     tb = 4 if adapter_like else base_b  # adapters are created in fp32 (as PEFT does)
     e = Estimate(m.name, method, bits, batch, seq, optimizer, pc["total"], n_train, weights=weights,
@@ -482,7 +546,7 @@ def estimate(model, method: str = "full", bits: int = 16, batch: int = 1, seq: i
         if method != "intrinsic":  # intrinsic's ΔW linears are in the block model (``plan["delta"]``)
             blocks = add.saved(m, method, opts, per_block, plan["attn_bytes"], act, batch, seq)
         blocks += added.fixed_saved
-        if method in SOFT_PROMPTS:  # serving keeps the prefix in every row's KV cache
+        if method in (*SOFT_PROMPTS, "unipelt"):  # serving keeps the prefix in every row's KV cache
             e.kv_cache = 2 * m.layers * m.kv_heads * m.hd * act * batch * (seq + virtual_tokens)
             e.inference += e.kv_cache - 2 * m.layers * m.kv_heads * m.hd * act * N
         e.notes += [ADDED_NOTES[method]] if method in ADDED_NOTES else []

@@ -1,7 +1,7 @@
 """``tuneforge.estimate`` for the methods that add tensors beside the base weights: soft prompts, the bottleneck family
-with AdapterDrop and AdapterFusion, and intrinsic-dimension fine-tuning's subspace. ``estimate`` calls these; the
-byte counts were read off ``torch.autograd.graph.saved_tensors_hooks`` on Hugging Face's Llama (SDPA) with each
-tuneforge method applied, and the tests hold them to within 2% of that in fp32 and bf16.
+with AdapterDrop and AdapterFusion, intrinsic-dimension fine-tuning's subspace, and UniPELT. ``estimate`` calls
+these; the byte counts were read off ``torch.autograd.graph.saved_tensors_hooks`` on Hugging Face's Llama (SDPA) with
+each tuneforge method applied, and the tests hold them to within 2% of that in fp32 and bf16.
 
 Soft prompts: every block is in the gradient's path (a prefix trains at every layer, or the virtual tokens enter at
 the bottom) -- the seeds' point that prompt methods cost about full fine-tuning's activations. With a prefix the
@@ -13,6 +13,18 @@ Bottleneck adapters: each adapter keeps its input (fp32, the adapter's dtype) an
 adapter's sub-layer and everything below it is out of the gradient's path (Houlsby's first adapter follows block 0's
 attention, so block 0's MLP is in it; Pfeiffer's and the parallel adapter's follow block 0's MLP, so none of block 0
 is). Compacter's PHM layers build each weight per step and keep it (m x d, and the n factors s_i t_i, m d / n).
+
+Gates (``gate``; Mao et al. 2022, UniPELT, https://arxiv.org/abs/2110.07577, sec. 3.2): a gated LoRA layer or
+adapter scales its output by σ(W_g x + b_g), one value per token from what it reads (W_g: d_in -> 1, with a bias),
+so each adds d_in + 1 trainable numbers and keeps per token the gate's value and the ungated output (both fp32, for
+their product); the gate casts its input to fp32 apart from the adapter's own cast, a second fp32 copy in 16 bit.
+A fusion member's gate is frozen: it keeps the value and the member's output, not its input. (``tuneforge.estimate``
+models gated LoRA in its block model.)
+
+UniPELT (``tuneforge.methods.unipelt``): gated LoRA on W_q and W_v (the block model's), a prefix of n = 10 key/value
+pairs in every layer, ungated, and a gated Pfeiffer adapter after every FFN, under one adapter name. The prefix puts
+every block in the gradient's path, so the activations are prefix tuning's with each block also keeping its LoRA's
+and its adapter's tensors.
 
 AdapterDrop (Rücklé et al. 2021, "AdapterDrop: On the Efficiency of Adapters in Transformers",
 https://arxiv.org/abs/2010.11918, sec. 3): with a fixed k the adapters of blocks 0 .. k-1 are never created, so the
@@ -55,6 +67,7 @@ from tuneforge.estimate import BOTTLENECKS, SOFT_PROMPTS, SRC_LEVEL, Arch, Estim
 PLACED_AS = {"compacter": "houlsby", "compacter_pp": "pfeiffer", "adapter_bias": "parallel"}
 PHM_N = 4  # Compacter's n (and rank 1): its defaults
 MEMBER_DEFAULT = {"adapter_drop": "houlsby", "adapter_fusion": "pfeiffer"}  # the method docs' and the paper's
+UNIPELT_ADAPTER = "pfeiffer"  # UniPELT's adapter follows each FFN (tuneforge.methods.unipelt)
 PROJECTIONS = ("fastfood", "dense")
 DENSE_LIMIT = 2 ** 28  # tuneforge.methods.intrinsic.DENSE_LIMIT (asserted by a test)
 BUILD_TEMPORARIES = 3  # k x L fp32 tensors beyond the kept ones while one layer's ΔW is built (torch.profiler)
@@ -71,6 +84,7 @@ class Options:
     drop_layers: int = 0
     fusion_adapters: int = 2
     adapter_method: str | None = None
+    gate: bool = False
 
 
 @dataclass
@@ -117,7 +131,10 @@ def check(a: Arch, method: str, o: Options) -> None:
         raise EstimateError(f"adapter_fusion attends over at least 2 adapters, not fusion_adapters="
                             f"{o.fusion_adapters} (--fusion-adapters)")
     if method in MEMBER_DEFAULT:
-        member_kind(method, o)
+        kind = member_kind(method, o)
+        if kind == "adapter_bias" and (o.bottleneck or o.gate):
+            raise EstimateError(f"{method} on adapter_bias: AdapterBias is one vector wide and has no gate, so "
+                                "--bottleneck and --gate do not apply; leave them out")
 
 
 # ------------------------------------------------------------------------------------------- bottleneck family
@@ -125,19 +142,20 @@ def sites_per_block(kind: str) -> int:
     return 2 if PLACED_AS.get(kind, kind) == "houlsby" else 1
 
 
-def adapter_numbers(a: Arch, kind: str, m: int) -> tuple[int, int]:
+def adapter_numbers(a: Arch, kind: str, m: int, gate: bool = False) -> tuple[int, int]:
     """(numbers of one adapter at one site, numbers shared by all its sites): D (m x d) + U (d x m) and their
     biases; Compacter's PHM D and U at rank 1, (m + d) each, and 2 n^3 shared rules; AdapterBias's v (d) and
-    L_α (d -> 1, with bias)."""
+    L_α (d -> 1, with bias); a gate's W_g (d -> 1) and b_g."""
+    g = a.hidden + 1 if gate else 0
     if kind == "adapter_bias":
         return 2 * a.hidden + 1, 0
     if kind in ("compacter", "compacter_pp"):
-        return 2 * (m + a.hidden) + m + a.hidden, 2 * PHM_N ** 3
-    return 2 * a.hidden * m + m + a.hidden + (kind == "scaled_parallel"), 0
+        return 2 * (m + a.hidden) + m + a.hidden + g, 2 * PHM_N ** 3
+    return 2 * a.hidden * m + m + a.hidden + (kind == "scaled_parallel") + g, 0
 
 
-def bottleneck_numbers(a: Arch, kind: str, m: int, live: int) -> int:
-    per, shared = adapter_numbers(a, kind, m)
+def bottleneck_numbers(a: Arch, kind: str, m: int, live: int, gate: bool = False) -> int:
+    per, shared = adapter_numbers(a, kind, m, gate)
     return live * sites_per_block(kind) * per + shared
 
 
@@ -206,6 +224,9 @@ def counts(a: Arch, method: str, o: Options, plan: dict) -> Counts:
     """Trainable (and frozen) numbers of ``method``, with the options validated (``plan``: ``estimate._plan``'s)."""
     if method == "intrinsic":
         return intrinsic_counts(a, plan, o)
+    if method == "unipelt":  # the prefix and the adapter (its LoRA and LoRA's gates are in the plan)
+        prefix, m = soft_prompt_numbers(a, "prefix_tuning", o.virtual_tokens), width(a, UNIPELT_ADAPTER, o.bottleneck)
+        return Counts(prefix + bottleneck_numbers(a, UNIPELT_ADAPTER, m, a.layers, o.gate), max(prefix, a.hidden * m))
     if method in SOFT_PROMPTS:
         n = soft_prompt_numbers(a, method, o.virtual_tokens)
         prefix = method in ("prefix_tuning", "p_tuning_v2")
@@ -216,10 +237,10 @@ def counts(a: Arch, method: str, o: Options, plan: dict) -> Counts:
     m = width(a, kind, o.bottleneck)
     biggest = a.hidden * m
     if method == "adapter_fusion":
-        members = o.fusion_adapters * bottleneck_numbers(a, kind, m, a.layers)
+        members = o.fusion_adapters * bottleneck_numbers(a, kind, m, a.layers, o.gate)
         return Counts(a.layers * sites_per_block(kind) * fusion_numbers(a), a.hidden * a.hidden, frozen=members)
     live = a.layers - (o.drop_layers if method == "adapter_drop" else 0)
-    return Counts(bottleneck_numbers(a, kind, m, live), biggest)
+    return Counts(bottleneck_numbers(a, kind, m, live, o.gate), biggest)
 
 
 def backward_temporaries(a: Arch, method: str, o: Options, c: Counts, tokens: int) -> int:
@@ -237,12 +258,15 @@ def saved(a: Arch, method: str, o: Options, per_block: float, attn_part: float, 
     """Bytes the blocks keep for backward per step (the head's part is the caller's)."""
     if method in SOFT_PROMPTS:
         return _soft_prompt_saved(a, method, per_block, act, batch, seq, o.virtual_tokens)
+    if method == "unipelt":  # a prefix model whose blocks also hold (gated) LoRA, in per_block, and an adapter
+        site_token, _ = _adapter_site(a, UNIPELT_ADAPTER, width(a, UNIPELT_ADAPTER, o.bottleneck), o.gate, act)
+        return _soft_prompt_saved(a, "prefix_tuning", per_block + site_token, act, batch, seq, o.virtual_tokens)
     kind = member_kind(method, o)
     m, N = width(a, kind, o.bottleneck), batch * seq
     if method == "adapter_fusion":
-        return _fusion_saved(a, kind, m, o.fusion_adapters, per_block, attn_part, act, N)
+        return _fusion_saved(a, kind, m, o.fusion_adapters, per_block, attn_part, act, N, o.gate)
     live = a.layers - (o.drop_layers if method == "adapter_drop" else 0)
-    site_token, site_fixed = _adapter_site(a, kind, m)
+    site_token, site_fixed = _adapter_site(a, kind, m, o.gate, act)
     return _path_saved(a, kind, per_block, attn_part, act, N, live, site_token, site_fixed)
 
 
@@ -255,11 +279,13 @@ def _soft_prompt_saved(a: Arch, method: str, per_block: float, act: int, batch: 
     return a.layers * (per_layer + virtual)
 
 
-def _adapter_site(a: Arch, kind: str, m: int) -> tuple[float, float]:
+def _adapter_site(a: Arch, kind: str, m: int, gate: bool = False, act: int = 4) -> tuple[float, float]:
     """(bytes per token, bytes per step) a trained adapter keeps at one site: its fp32 input and m-wide activation;
     a learned scale keeps U f(D x) for its gradient; Compacter's GELU keeps its input beside U's, and its PHM layers
-    keep each built weight (m x d) and the n factors s_i t_i (m d / n)."""
+    keep each built weight (m x d) and the n factors s_i t_i (m d / n). A gate keeps σ(W_g h + b_g) and the
+    ungated output (d) for the product, and in 16 bit its own fp32 copy of the input (it casts h apart from D)."""
     token = (a.hidden + m) * 4 + (a.hidden * 4 if kind == "scaled_parallel" else 0)
+    token += (a.hidden + 1) * 4 + (a.hidden * 4 if act != 4 else 0) if gate else 0
     if kind not in ("compacter", "compacter_pp"):
         return token, 0
     return token + m * 4, 2 * (m * a.hidden + m * a.hidden // PHM_N) * 4
@@ -277,10 +303,11 @@ def _path_saved(a: Arch, kind: str, per_block: float, attn_part: float, act: int
 
 
 def _fusion_saved(a: Arch, kind: str, m: int, n: int, per_block: float, attn_part: float, act: int,
-                  N: int) -> float:
-    """AdapterFusion's sites (see the module docstring); the lowest site's members keep nothing."""
+                  N: int, gate: bool = False) -> float:
+    """AdapterFusion's sites (see the module docstring); the lowest site's members keep nothing. A gated member
+    keeps its gate's value and its ungated output for their product (its frozen gate keeps no input)."""
     H = a.hidden
-    member_token = 0 if kind == "adapter_bias" else m * 4
+    member_token = (0 if kind == "adapter_bias" else m * 4) + ((H + 1) * 4 if gate else 0)
     member_fixed = 2 * m * H * 4 if kind in ("compacter", "compacter_pp") else 0
     site_token = 4 * (n * (3 * H + 1) + 2 * H) + n * member_token
     total = _path_saved(a, kind, per_block, attn_part, act, N, a.layers, site_token, n * member_fixed)

@@ -106,8 +106,14 @@ ADDITIVE = [("prompt_tuning", {"num_virtual_tokens": 10}), ("p_tuning", {"num_vi
             ("compacter", {}), ("compacter_pp", {"bottleneck": 24}), ("adapter_bias", {})]
 
 
+# a method config's field -> the ``estimate`` option it is
+EST_OPTION = {"num_virtual_tokens": "virtual_tokens", "bottleneck": "bottleneck", "rank": "rank",
+              "target_modules": "targets", "top_k": "top_k", "gate": "gate"}
+
+
 def _est_kw(kw):
-    return {"virtual_tokens": kw.get("num_virtual_tokens", 20), "bottleneck": kw.get("bottleneck", 0)}
+    """The ``estimate`` options of a method config's fields (only those given: others are another method's)."""
+    return {EST_OPTION[k]: v for k, v in kw.items() if k in EST_OPTION}
 
 
 @pytest.mark.parametrize("method,kw", [("full", {}), ("lora", {"rank": 4}), ("freeze", {"top_k": 1}),
@@ -117,8 +123,7 @@ def test_trainable_counts_match_tuneforge_methods(method, kw):
 
     model = _tiny_llama()
     apply_methods(model, [METHODS[method].Config(**kw)])
-    e = est.estimate("tiny:llama-demo", method=method, bits=32, rank=kw.get("rank", 8),
-                     targets=kw.get("target_modules"), top_k=kw.get("top_k", 1), **_est_kw(kw))
+    e = est.estimate("tiny:llama-demo", method=method, bits=32, **_est_kw(kw))
     assert e.params_trainable == count_parameters(model)[0]
 
 
@@ -160,7 +165,7 @@ def test_activation_model_matches_what_autograd_saves(method, kw, dtype):
     model.train()
     got = _saved_bytes(model, 2, 64)
     e = est.estimate("tiny:llama-demo", method=method, bits=32 if dtype == torch.float32 else 16, batch=2, seq=64,
-                     rank=kw.get("rank", 8), targets=kw.get("target_modules"), top_k=kw.get("top_k", 1))
+                     **_est_kw(kw))
     assert e.activations == pytest.approx(got, rel=0.01)
 
 
@@ -222,10 +227,10 @@ COMPOSED = {
 }
 
 
-def _composed(case, dtype=torch.float32):
+def _composed(case, dtype=torch.float32, table=None):
     from tuneforge.methods import METHODS, apply_methods
 
-    cfgs, kw = COMPOSED[case]
+    cfgs, kw = (table or COMPOSED)[case]
     model = _tiny_llama().to(dtype)
     apply_methods(model, [METHODS[c["name"]].Config(**c) for c in cfgs])
     return model, cfgs[-1]["name"], kw
@@ -281,6 +286,97 @@ def test_adapter_drop_saves_the_dropped_blocks_activations():
     assert drop.params_trainable == plain.params_trainable * 27 // 32
 
 
+# UniPELT's gate on LoRA and the bottleneck adapters (AdapterDrop's adapter, AdapterFusion's frozen members), and
+# UniPELT itself: (method configs, ``estimate`` options) as COMPOSED
+GATED = {
+    "lora-qv-gate": ([{"name": "lora", "target_modules": ["q_proj", "v_proj"], "gate": True}],
+                     {"targets": ["q_proj", "v_proj"], "gate": True}),
+    "lora-gate-r4": ([{"name": "lora", "rank": 4, "gate": True}], {"rank": 4, "gate": True}),
+    "lora-up-gate": ([{"name": "lora", "target_modules": ["up_proj"], "gate": True}],
+                     {"targets": ["up_proj"], "gate": True}),
+    **{f"{kind}-gate": ([{"name": kind, "gate": True}], {"gate": True})
+       for kind in ("houlsby", "pfeiffer", "parallel", "scaled_parallel", "compacter")},
+    "compacter_pp-gate-24": ([{"name": "compacter_pp", "bottleneck": 24, "gate": True}],
+                             {"bottleneck": 24, "gate": True}),
+    "drop-houlsby-gate-2": ([{"name": "houlsby", "gate": True}, {"name": "adapter_drop", "drop_layers": 2}],
+                            {"drop_layers": 2, "gate": True}),
+    "fusion-pfeiffer-gate-2": (_fusion("pfeiffer", 2, gate=True), {"gate": True}),
+    "unipelt": ([{"name": "unipelt"}], {}),
+    "unipelt-ungated": ([{"name": "unipelt", "gate": False}], {"gate": False}),
+    "unipelt-r4-n6-m24": ([{"name": "unipelt", "rank": 4, "num_virtual_tokens": 6, "bottleneck": 24}],
+                          {"rank": 4, "virtual_tokens": 6, "bottleneck": 24}),
+    "unipelt-o-up": ([{"name": "unipelt", "lora_targets": ["o_proj", "up_proj"]}],
+                     {"targets": ["o_proj", "up_proj"]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GATED))
+def test_gated_methods_and_unipelt_counts_match_the_methods(case):
+    """A gate is a (d_in -> 1) linear map with a bias per adapted layer or adapter; UniPELT is gated LoRA on W_q and
+    W_v, a key/value prefix at every layer and a gated Pfeiffer adapter: trainable numbers exactly, and every added
+    tensor (fusion members' gates are frozen but resident)."""
+    from tuneforge.methods import count_parameters
+
+    model, method, kw = _composed(case, table=GATED)
+    e = est.estimate("tiny:llama-demo", method=method, bits=32, **kw)
+    trainable, total = count_parameters(model)
+    assert (e.params_trainable, e.params_total + e.adapter // 4) == (trainable, total)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", sorted(GATED))
+def test_gated_methods_and_unipelt_activations_match_what_autograd_saves(case, dtype):
+    """A gate keeps σ(W_g x + b_g) and the ungated update for their product, and in 16 bit its own fp32 copy of
+    the input; UniPELT keeps a prefix model's tensors (K and V at T + n for every head, a mask per layer) plus its
+    LoRA's and adapter's. Within 2% of autograd's saved tensors."""
+    model, method, kw = _composed(case, dtype, table=GATED)
+    model.train()
+    got = _saved_bytes(model, 2, 64)
+    e = est.estimate("tiny:llama-demo", method=method, bits=32 if dtype == torch.float32 else 16, batch=2, seq=64,
+                     **kw)
+    assert e.activations == pytest.approx(got, rel=0.02)
+
+
+def test_unipelt_defaults_are_the_papers():
+    """r = 8 on W_q and W_v, 10 prefix tokens (also in the serving KV cache), m = d / 16, both gates on."""
+    a = est.resolve_model("llama-2-7b")
+    e = est.estimate(a, method="unipelt", bits=16, batch=1, seq=100)
+    H, L = a.hidden, a.layers
+    lora = L * 8 * (2 * H + 2 * H) + L * 2 * (H + 1)
+    adapter = L * (2 * H * (H // 16) + H // 16 + H + H + 1)
+    assert e.params_trainable == lora + 10 * L * 2 * H + adapter
+    assert e.kv_cache == 2 * L * H * 2 * (100 + 10)
+    ungated = est.estimate(a, method="unipelt", bits=16, batch=1, seq=100, gate=False)
+    assert e.params_trainable - ungated.params_trainable == L * 3 * (H + 1)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"method": "lora", "said": True}, r"--said \(said\) is an option of intrinsic; lora does not use it"),
+    ({"method": "lora", "drop_layers": 2}, r"--drop-layers .* adapter_drop; lora does not"),
+    ({"method": "full", "rank": 8}, r"--rank .* lora, qlora, unipelt; full does not"),
+    ({"method": "houlsby", "virtual_tokens": 10}, "--virtual-tokens"),
+    ({"method": "prefix_tuning", "bottleneck": 16}, "--bottleneck"),
+    ({"method": "ia3", "gate": True}, "--gate"),
+    ({"method": "adapter_bias", "gate": True}, "--gate"),
+    ({"method": "adapter_bias", "bottleneck": 4}, "--bottleneck"),
+    ({"method": "adapter_drop", "drop_layers": 1, "adapter_method": "adapter_bias", "gate": True}, "no gate"),
+    ({"method": "intrinsic", "intrinsic_dim": 100, "top_k": 2}, "--top-k"),
+    ({"method": "unipelt", "intrinsic_dim": 100}, "--intrinsic-dim"),
+    ({"method": "freeze", "fusion_adapters": 3}, "--fusion-adapters"),
+    ({"method": "lora", "adapter_method": "houlsby"}, "--adapter-method"),
+    ({"method": "lora", "projection": "dense"}, "--projection"),
+])
+def test_options_of_another_method_are_refused(kw, match):
+    with pytest.raises(est.EstimateError, match=match):
+        est.estimate("tiny:llama-demo", **kw)
+
+
+def test_an_option_left_off_is_no_option_given():
+    """said=False and gate=False are a flag that is off: every method takes them."""
+    plain = est.estimate("tiny:llama-demo", method="lora")
+    assert est.estimate("tiny:llama-demo", method="lora", said=False, gate=False) == plain
+
+
 @pytest.mark.parametrize("kw,match", [
     ({"method": "intrinsic"}, "intrinsic_dim"),
     ({"method": "intrinsic", "intrinsic_dim": 28, "said": True}, "exceed 28"),
@@ -312,3 +408,16 @@ def test_estimate_command_takes_the_new_options(capsys):
     assert "adapter_fusion, 396,288 trainable" in capsys.readouterr().out
     assert _cli("--method", "adapter_drop", "--drop-layers", "9") == 2
     assert "--drop-layers" in capsys.readouterr().err
+
+
+def test_estimate_command_takes_unipelt_and_gates(capsys):
+    assert _cli("--method", "unipelt", "--bits", "32", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["params_trainable"] == 29740  # the tiny model's, as the method's
+    assert _cli("--method", "unipelt", "--no-gate", "--bits", "32", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["params_trainable"] == 29740 - 3 * 4 * 129
+    assert _cli("--method", "lora", "--gate", "--targets", "q_proj,v_proj", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["params_trainable"] == 14336 + 2 * 4 * 129
+    assert _cli("--method", "lora", "--said") == 2
+    assert "--said (said) is an option of intrinsic; lora does not use it" in capsys.readouterr().err
+    assert _cli("--method", "lora", "--drop-layers", "2") == 2
+    assert "adapter_drop; lora does not use it" in capsys.readouterr().err
