@@ -64,6 +64,7 @@ CASES = {
     "demo-adapterdrop2-b8-t512": ("llama-demo", [{"name": "houlsby"}, {"name": "adapter_drop", "drop_layers": 2}], 8,
                                   512),
     "demo-fusion3-b8-t512": ("llama-demo", FUSION, 8, 512),
+    "demo-unipelt-b8-t500": ("llama-demo", {"name": "unipelt"}, 8, 500),  # + 10 prefix positions <= 512
 }
 
 
