@@ -475,8 +475,9 @@ ADDED_NOTES = {
                     "adapter, and its worst step (k = 0) is the plain adapter's estimate",
     "adapter_fusion": "adapter = the frozen members and the trained query/key/value matrices, all fp32; only the "
                       "latter have gradients and optimizer state",
-    "unipelt": "unipelt = LoRA on W_q/W_v, a key/value prefix and a Pfeiffer adapter, LoRA and adapter gated per "
-               "token; the prefix puts every block in the gradient's path, and the gates keep it from merging",
+    "unipelt": "unipelt = LoRA on W_q/W_v, a key/value prefix and a Pfeiffer adapter (LoRA and the adapter gated "
+               "per token unless --no-gate); the prefix puts every block in the gradient's path, and none of it "
+               "merges into the weights",
 }
 
 
