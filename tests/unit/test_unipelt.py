@@ -151,6 +151,31 @@ def test_save_load_round_trip(tmp_path, kw):
     assert torch.equal(fresh.eval()(_ids()).logits, ours)
 
 
+@pytest.mark.parametrize("order", ["prompt_tuning first", "unipelt first"])
+def test_unipelt_beside_another_soft_prompt_reloads(tmp_path, order):
+    """Loading hands every soft-prompt method the keys ending in ``prompt_embeddings``; unipelt's adapter part takes
+    only its own, so the other prompt's tensor is not refused as unexpected."""
+    other = METHODS["prompt_tuning"].Config(num_virtual_tokens=2, init="random")
+    cfgs = [other, unipelt.Config(num_virtual_tokens=3, rank=4)]
+    cfgs = cfgs if order == "prompt_tuning first" else cfgs[::-1]
+    model, _ = build_tiny("llama")
+    apply_methods(model, cfgs)
+    _perturb(model)
+    ours = model.eval()(_ids()).logits
+    save_adapter(model, cfgs, tmp_path / "ad")
+    fresh, _ = build_tiny("llama")
+    load_adapter(fresh, tmp_path / "ad")
+    assert torch.equal(fresh.eval()(_ids()).logits, ours)
+
+
+def test_gguf_lora_export_refuses_a_gated_lora_before_loading_anything():
+    from tuneforge.export.gguf import GgufExportError, check_lora_methods
+
+    check_lora_methods([lora.Config(rank=4)])
+    with pytest.raises(GgufExportError, match="gated LoRA.*serve it beside the base model"):
+        check_lora_methods([lora.Config(rank=4, gate=True)])
+
+
 def test_a_gated_lora_is_saved_in_tuneforges_layout_not_as_a_peft_lora(tmp_path):
     model, _ = build_tiny("llama")
     cfg = lora.Config(rank=4, gate=True)

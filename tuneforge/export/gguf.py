@@ -509,6 +509,10 @@ def check_lora_methods(methods: list | None) -> None:
         if getattr(cfg, "dora", False):
             raise GgufExportError("DoRA rescales each merged weight row by a learnt magnitude, which llama.cpp's "
                                   "additive LoRA cannot express; merge the adapter and export the whole model")
+        if getattr(cfg, "gate", False):
+            raise GgufExportError("a gated LoRA scales B A x by a per-token gate σ(W_g x + b_g), which neither a "
+                                  "GGUF LoRA nor a merged model can hold; serve it beside the base model "
+                                  "(tuneforge generate/serve --adapter)")
 
 
 def _lora_pair(layer, adapter: str, path: str) -> tuple[torch.Tensor, torch.Tensor]:

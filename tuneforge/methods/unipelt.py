@@ -166,7 +166,10 @@ def load_state_dict(model: nn.Module, cfg: Config | None, tensors: dict[str, tor
     key, own = SP._keys(model, NAME, adapter)
     prefix = {k: v for k, v in tensors.items() if k == key or k.startswith(own)}
     low_rank = {k: v for k, v in tensors.items() if k.startswith("base_model.model.")}
-    rest = {k: v for k, v in tensors.items() if k not in prefix and k not in low_rank}
+    # the adapter's own keys only: another soft prompt of the same adapter (``prompt_tuning.prompt_embeddings``)
+    # arrives here too, since loading hands every method the keys ending in a soft prompt's suffix
+    bottleneck = set(BN.state_dict(model, NAME, adapter))
+    rest = {k: v for k, v in tensors.items() if k in bottleneck}
     lora.load_state_dict(model, None, low_rank, adapter)
     BN.load_state_dict(model, NAME, rest, adapter)
     SP.load_state_dict(model, NAME, prefix, adapter)
