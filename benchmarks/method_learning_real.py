@@ -70,8 +70,9 @@ def run(label: str, plan: RealPlan, tmp: Path, files: tuple[str, str], examples,
     em = exact_match(fresh, tok, examples, max_new_tokens=16)["exact_match"]
     from tuneforge.data import build_dataset, collate
     from tuneforge.eval.metrics import eval_loss
+    from tuneforge.train.rollout import model_template
 
-    ds = build_dataset(files[1], tok, max_len=plan.max_len)
+    ds = build_dataset(files[1], tok, max_len=plan.max_len, template=model_template(fresh))  # as tuneforge eval does
     loss = eval_loss(fresh, ds, lambda rows: collate(rows, tok.pad_token_id), plan.batch)["loss"]
     row = {"method": label, "config": method, "lr": lr, "after": em, "loss_after": round(loss, 4),
            "train_seconds": round(seconds, 1)}

@@ -85,8 +85,8 @@ def fusion_problems(cfg: RunConfig) -> list[tuple[str, str]]:
 
 def soft_prompt_problems(cfg: RunConfig, model) -> list[tuple[str, str]]:
     """What a soft prompt cannot combine with, found before any weight loads: packed rows (one row holds several
-    examples, each would need the virtual tokens in front of it), and virtual tokens + data.max_len past the
-    model's positions."""
+    examples, each would need the virtual tokens in front of it), a P-tuning template's tokens after the prompt
+    with text rows or a flash-attention model, and virtual tokens + data.max_len past the model's positions."""
     from tuneforge.methods import SOFT_PROMPTS
     from tuneforge.methods._soft_prompt import max_positions
 
@@ -105,6 +105,13 @@ def soft_prompt_problems(cfg: RunConfig, model) -> list[tuple[str, str]]:
         out.append(("data.format", f"method[{i}].template {template.text!r} puts virtual tokens after the prompt; "
                                    "text rows have no prompt. Give prompt/completion or messages rows, or keep the "
                                    "template's tokens in front of {prompt}"))
+    attn = str(cfg.model.attn_implementation or "")
+    if template is not None and "flash" in attn:  # the model is not loaded yet: the config says what it will run
+        i = next(i for i, m in soft if m.name == "p_tuning")
+        out.append(("model.attn_implementation", f"method[{i}].template {template.text!r} puts virtual tokens "
+                    f"after the prompt, which {attn} cannot run (it unpads rows on the attention mask, where rows "
+                    "without the adapter hide the template's slots); use sdpa or eager, or keep the template's "
+                    "tokens in front of {prompt}"))
     n = sum(m.num_virtual_tokens for _, m in soft)
     limit = max_positions(model)
     if limit and n + cfg.data.max_len > limit:

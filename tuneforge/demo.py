@@ -105,7 +105,10 @@ def _accuracy(model_dir: str, adapter: str | None, examples: list[dict], eval_fi
     from tuneforge.eval.metrics import eval_loss
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    loss = eval_loss(model, build_dataset(str(eval_file), tok, max_len=64), lambda rows: collate(rows, pad), 64)
+    from tuneforge.train.rollout import model_template
+
+    ds = build_dataset(str(eval_file), tok, max_len=64, template=model_template(model))  # a P-tuning template's slots
+    loss = eval_loss(model, ds, lambda rows: collate(rows, pad), 64)
     return em, loss["loss"]
 
 

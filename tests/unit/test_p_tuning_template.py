@@ -325,3 +325,266 @@ def test_impossible_combinations_are_config_errors(tmp_path, pc_file, data, key)
     d["data"].update(data)
     with pytest.raises(ConfigError, match=key):
         api.check_targets(RunConfig.model_validate(d), build_tiny("llama")[1])
+
+
+# ------------------------------------------------------------------------------------- review fixes
+def _build_pair(tmp_path, rows, tok, t, name="rows.jsonl", **kw):
+    return build_dataset(write_jsonl(tmp_path / name, rows), tok, template=t, **kw)
+
+
+@pytest.mark.parametrize("kind", ["prompt_completion", "preference", "messages"])
+def test_left_truncation_keeps_a_prompt_token_before_the_slots_or_drops_the_row(tmp_path, kind):
+    """A left cut that would start on a slot ([S1] or [S0, S1] without the prompt) drops the row and says why; one
+    more token of room keeps the last prompt token in front of both slots, and the adapters-off reference (DPO's,
+    PPO's) reads every kept row."""
+    from tuneforge.data import collate
+    from tuneforge.data.report import SLOTS_CUT
+
+    model, tok, cfg = _model()
+    t = cfg.prompt_template()
+    long = {"prompt_completion": {"prompt": "copy: abcdef\n", "completion": "abcdef"},
+            "preference": {"prompt": "rev: abcdef\n", "chosen": "fedcba", "rejected": "abcdef"},
+            "messages": {"messages": _chat(("user", "copy: abcdef"), ("assistant", "abcdef"))}}[kind]
+    short = {"prompt_completion": {"prompt": "x", "completion": "y"},
+             "preference": {"prompt": "x", "chosen": "y", "rejected": "z"},
+             "messages": {"messages": _chat(("user", "x"), ("assistant", "y"))}}[kind]
+    full = _build_pair(tmp_path, [long], tok, t)[0]["input_ids"]
+    after = len(full) - 1 - max(i for i, x in enumerate(full) if x == S1)  # the answer after the last slot
+    for room, kept in ((1, False), (2, False), (3, True)):
+        ds = _build_pair(tmp_path, [long, short], tok, t, max_len=after + room, truncation="left")
+        if not kept:
+            assert len(ds) == 1 and ds.report.dropped == {SLOTS_CUT: 1}, room
+            assert f"dropped 1 row(s): {SLOTS_CUT}" in ds.report.summary()
+            continue
+        row = ds[0]
+        assert row["input_ids"] == full[-(after + 3):] and row["input_ids"][1:3] == [S0, S1]
+        assert SLOTS_CUT not in ds.report.dropped
+        seqs = [row["input_ids"]] + ([row["rejected_input_ids"]] if kind == "preference" else [])
+        for ids in seqs:
+            b = collate([{"input_ids": ids, "labels": ids}], 0)
+            with adapter_scope(model, None), torch.no_grad():
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])  # no "starts with slots"
+
+
+def test_an_empty_prompt_needs_a_start_token_before_the_slots(tmp_path):
+    from _chartok import char_tokenizer
+
+    t = PromptTemplate.parse(TEMPLATE)
+    bare, with_bos = char_tokenizer(bos=False), char_tokenizer()
+    for rows in ([{"prompt": "", "chosen": "ab", "rejected": "ba"}, {"prompt": "q", "chosen": "ab", "rejected": "ba"}],
+                 [{"prompt": "", "completion": "ab"}, {"prompt": "q", "completion": "ab"}]):
+        path = write_jsonl(tmp_path / "e.jsonl", rows)
+        with pytest.raises(DataError, match="e.jsonl:1: prompt: .*the template's tokens after the prompt need a "
+                                            "token before them"):
+            build_dataset(path, bare, template=t)
+        ds = build_dataset(path, bare, template=t, skip_bad_rows=True)
+        assert len(ds) == 1 and ds[0]["input_ids"][:3] == [bare.convert_tokens_to_ids("q"), S0, S1]
+        bos = build_dataset(path, with_bos, template=t)[0]  # bos stands before the slots
+        assert bos["input_ids"][:3] == [with_bos.bos_token_id, S0, S1]
+    with pytest.raises(DataError, match="need a token before them"):  # generation: the user's error, not a crash
+        encode_prompt(bare, "", t)
+    assert encode_prompt(bare, "", None) == []  # untemplated: unchanged (sample() refuses an empty prompt itself)
+
+
+def test_slots_inside_a_multi_turn_response_carry_no_loss(tmp_path):
+    """A conversational pair whose responses hold a later assistant turn: the slots that open it are input, never
+    labels, so DPO/ORPO and eval gather no slot id from the vocabulary and the report counts only real tokens."""
+    from tuneforge.algorithms._logps import token_logps_from_model
+    from tuneforge.data import collate_preference
+    from tuneforge.data.collate import preference_responses
+
+    model, tok, cfg = _model()
+    t = cfg.prompt_template()
+    row = {"prompt": _chat(("user", "ab")),
+           "chosen": _chat(("assistant", "ba"), ("user", "cd"), ("assistant", "dc")),
+           "rejected": _chat(("assistant", "ab"), ("user", "cd"), ("assistant", "cd"))}
+    ds = _build_pair(tmp_path, [row], tok, t)
+    A = tok.convert_tokens_to_ids("<|assistant|>")
+    for ids, labels in preference_responses(ds[0]):
+        at = [i for i, x in enumerate(ids) if x == S0]
+        assert len(at) == 2 and all(ids[i - 1] == A and ids[i + 1] == S1 for i in at)  # both turns opened
+        assert not any(x >= SLOT_BASE for x in labels if x != IGNORE)
+        assert all(labels[i] == labels[i + 1] == IGNORE for i in at)
+        head = len(encode_chat_prompt(tok, row["prompt"], t))
+        assert [x for x in labels[head:] if x != IGNORE] == without_slots(ids[head:])  # the rest is supervised
+    real = sum(len(without_slots(ids)) for ids, _ in preference_responses(ds[0]))
+    head = len(encode_chat_prompt(tok, row["prompt"], t))
+    assert ds.report.supervised_tokens == real - 2 * (head - 2)  # every real token but the prompts'
+    batch = collate_preference(list(ds), 0)
+    per_token, keep = token_logps_from_model(model, {k: batch[k] for k in ("input_ids", "attention_mask",
+                                                                            "labels")})
+    assert torch.isfinite(per_token).all() and int(keep.sum()) == ds.report.supervised_tokens
+
+
+@pytest.mark.parametrize("other", [{"template": None, "num_virtual_tokens": 4}, {"template": "[P:4] {prompt}"}])
+def test_a_mixed_batch_with_a_p_tuning_adapter_that_has_no_tokens_after_the_prompt(other):
+    """Templated "a" beside a plain (or front-only) P-tuning "b": prompts are encoded for "a", and b's row reads the
+    slots as hidden copies, so every row generates what it generates alone under its own adapter."""
+    model, tok = build_tiny("llama")
+    torch.manual_seed(3)
+    apply_methods(model, [p_tuning.Config(template=TEMPLATE, encoder_hidden_size=8)], adapter="a")
+    apply_methods(model, [p_tuning.Config(encoder_hidden_size=8, **other)], adapter="b")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in trainable_parameters(model).values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    model.eval()
+    prompts = ["copy: ab\n", "xy", "copy: hello\n"]
+    names = ["a", "b", "b"]
+    with adapter_scope(model, names):
+        assert p_tuning.prompt_template(model).text == TEMPLATE
+        mixed = generate(model, tok, prompts, max_new_tokens=5)
+    alone = []
+    for p, name in zip(prompts, names):
+        with adapter_scope(model, name):
+            alone += generate(model, tok, [p], max_new_tokens=5)
+    assert mixed == alone
+    with adapter_scope(model, "b"):
+        assert p_tuning.prompt_template(model) is None  # alone, b's prompts have no slots
+
+
+def test_a_templated_reward_model_scores_a_conversation_as_its_training_rows_read(tmp_path, monkeypatch):
+    """The online algorithms hand a chat row's turns to the reward model, which encodes the conversation and the
+    completion (an assistant turn) through its chat template with its own slots after every assistant opener: the
+    sequence its conversational preference rows trained it on, not a flat text with slots at the end only."""
+    from types import SimpleNamespace
+
+    from tuneforge.algorithms import _online as O
+    from tuneforge.algorithms import reward as RW
+    from tuneforge.algorithms import rewards as R
+
+    model, tok, cfg = _model()
+    t = cfg.prompt_template()
+    RW.attach_head(model)
+    save_adapter(model, [cfg], tmp_path / "rm")
+    RW.save_head(model, tmp_path / "rm")
+    scorer = R.build(R.RewardModel(path=str(tmp_path / "rm"), base="tiny:llama"))
+    seen = []
+    real = RW.scores
+    monkeypatch.setattr(RW, "scores", lambda m, batch: (seen.append(batch["input_ids"].tolist()), real(m, batch))[1])
+    turns = _chat(("user", "hi"), ("assistant", "yo"), ("user", "copy ab"), ("assistant", "ab"))
+    rows = list(_build_pair(tmp_path, [{"messages": turns}], tok, None, name="m.jsonl"))  # an untemplated policy
+    assert rows[0]["prompt_messages"] == turns[:3]
+    p_ids, _ = O.split_row(rows[0])
+    c_ids = _ids(tok, "ab") + [tok.eos_token_id]
+    roll = SimpleNamespace(prompt_ids=[p_ids], texts=["ab"], completion_ids=lambda i: c_ids)
+    ctx = SimpleNamespace(algo_state={"tokenizer": tok, "data_path": "m.jsonl"})
+    O.score(roll, rows, [0], [("rm", 1.0, scorer)], ctx)
+    pair = {"prompt": turns[:3], "chosen": [turns[3]], "rejected": [{"role": "assistant", "content": "ba"}]}
+    trained = _build_pair(tmp_path, [pair], tok, t, name="pair.jsonl")[0]["input_ids"]
+    assert seen[0][0] == trained
+    A = tok.convert_tokens_to_ids("<|assistant|>")
+    assert [i for i, x in enumerate(trained) if x == S0] == [i + 1 for i, x in enumerate(trained) if x == A]
+
+
+_SYSTEM_LAST = ("{% for m in messages %}{% if loop.last and m.role == 'user' %}<|system|>be brief</s>{% endif %}"
+                "{{ '<|' + m.role + '|>' + m.content + eos_token }}{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+_COUNTED = ("{{ messages | length }}:{% for m in messages %}{{ '<|' + m.role + '|>' + m.content + eos_token }}"
+            "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_a_chat_template_that_is_not_prefix_stable_places_the_slots_turn_by_turn(tmp_path, capsys, monkeypatch):
+    """A template that puts a system text before the *last* user turn (as Mistral-7B-Instruct-v0.3's does) renders
+    the history before an earlier assistant turn differently: each turn's slots still go after its own
+    ``<|assistant|>``; ``generate`` and ``chat`` run; a template that gives no place at all is one ``error:`` line
+    and exit 2, never a traceback."""
+    import io
+
+    from tuneforge.cli import main
+    from tuneforge.models.tiny import save_tiny
+    from tuneforge.serve.chat import chat_loop
+
+    model, tok, cfg = _model()
+    t = cfg.prompt_template()
+    tok.chat_template = _SYSTEM_LAST
+    turns = _chat(("user", "hi"), ("assistant", "yo"), ("user", "hi"), ("assistant", "yo2"), ("user", "ab"))
+    A, U, E = (tok.convert_tokens_to_ids(x) for x in ("<|assistant|>", "<|user|>", tok.eos_token))
+    Y = tok.convert_tokens_to_ids("<|system|>")
+    want = ([U] + _ids(tok, "hi") + [E, A, S0, S1] + _ids(tok, "yo") + [E, U] + _ids(tok, "hi") + [E, A, S0, S1]
+            + _ids(tok, "yo2") + [E, Y] + _ids(tok, "be brief") + [E, U] + _ids(tok, "ab") + [E, A, S0, S1])
+    assert encode_prompt(tok, turns, t) == want
+    lines = iter(["hi", "again", "/exit"])
+    history = chat_loop(model, tok, read=lambda _: next(lines), write=lambda s: None, max_new_tokens=3)
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+
+    base, ad = tmp_path / "base", tmp_path / "ad"
+    save_tiny("llama", base)
+    save_adapter(model, [cfg], ad)
+    data = write_jsonl(tmp_path / "p.jsonl", [{"messages": turns + [{"role": "assistant", "content": "ba"}]}])
+
+    def cli(*argv):
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "--model", str(base), "--adapter", str(ad), "--max-new-tokens", "3", *argv])
+        return e.value.code, capsys.readouterr()
+
+    (base / "chat_template.jinja").write_text(_SYSTEM_LAST)
+    code, out = cli("--file", data)
+    assert code == 0, out.err
+    assert json.loads(out.out)["prompt"] == turns
+    (base / "chat_template.jinja").write_text(_COUNTED)  # the message count in front: no turn keeps its place
+    code, out = cli("--file", data)
+    err = [ln for ln in out.err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(err) == 1 and "Traceback" not in out.err
+    assert "messages[1]" in err[0] and "P-tuning" in err[0]
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nagain\n"))
+    with pytest.raises(SystemExit) as e:
+        main(["chat", "--model", str(base), "--adapter", str(ad), "--max-new-tokens", "2"])
+    out = capsys.readouterr()
+    assert e.value.code == 2 and "Traceback" not in out.err and out.err.count("error:") == 1
+
+
+def test_demo_held_out_loss_reads_the_adapters_template(tmp_path):
+    """``demo._accuracy`` (the method-learning benchmarks' held-out loss) builds its rows with the loaded
+    adapter's template, as ``tuneforge eval`` does."""
+    from tuneforge.config import ModelConfig
+    from tuneforge.data import collate
+    from tuneforge.demo import _accuracy
+    from tuneforge.eval.metrics import eval_loss
+    from tuneforge.models.load import load_model
+    from tuneforge.models.tiny import save_tiny
+
+    save_tiny("llama", tmp_path / "base")
+    model, tok, cfg = _model()
+    save_adapter(model, [cfg], tmp_path / "ad")
+    fresh, tok = load_model(ModelConfig(path=str(tmp_path / "base")))
+    load_adapter(fresh, tmp_path / "ad")
+    fresh.eval()
+    rows = [{"prompt": f"copy {w}:", "completion": w} for w in ("ab", "cd")]
+    data = write_jsonl(tmp_path / "ev.jsonl", rows)
+    _, loss = _accuracy(str(tmp_path / "base"), str(tmp_path / "ad"), rows, data)
+    t = cfg.prompt_template()
+    want = eval_loss(fresh, build_dataset(data, tok, max_len=64, template=t), lambda r: collate(r, 0), 64)["loss"]
+    assert loss == pytest.approx(want, rel=1e-5)
+
+
+def test_flash_attention_refuses_tokens_after_the_prompt(tmp_path):
+    """flash_attention_2 unpads on the 2D mask, where rows without the adapter hide their slots: a template with
+    tokens after the prompt is refused when applied and when a forward meets slots; front-only templates are not
+    affected."""
+    from tuneforge import api
+    from tuneforge.config import ConfigError, RunConfig
+
+    model, _ = build_tiny("llama")
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="flash_attention_2.*sdpa"):
+        apply_methods(model, [p_tuning.Config(template=TEMPLATE)])
+    apply_methods(model, [p_tuning.Config(template="[P:3] {prompt}")])  # a key/value prefix only: fine
+    model, _, _ = _model()
+    model.config._attn_implementation = "flash_attention_2"  # switched after the adapter went on
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        model(torch.tensor([[1, 10, 11, S0, S1, 20]]))
+    d = base_config(tmp_path, str(tmp_path / "x.jsonl"))
+    d["method"] = [{"name": "p_tuning", "template": TEMPLATE}]
+    d["model"]["attn_implementation"] = "flash_attention_2"
+    with pytest.raises(ConfigError, match="model.attn_implementation: .*flash_attention_2 cannot run"):
+        api.check_targets(RunConfig.model_validate(d), build_tiny("llama")[1])
+
+
+def test_a_count_that_disagrees_with_the_template_is_reported_at_num_virtual_tokens(tmp_path):
+    from tuneforge.config import ConfigError, load_config
+
+    d = base_config(tmp_path, str(tmp_path / "x.jsonl"))
+    d["method"] = [{"name": "p_tuning", "template": TEMPLATE, "num_virtual_tokens": 4}]
+    with pytest.raises(ConfigError, match=r"method.0.num_virtual_tokens: .*4 disagrees with template"):
+        load_config(d, check_files=False)

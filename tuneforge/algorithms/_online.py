@@ -100,7 +100,9 @@ def score(roll: Rollout, rows: list[dict], owner: list[int], fns: list[tuple], c
     answers = [decode(a) for a in answers_ids]
     places = [where(rows[k], ctx.algo_state.get("data_path")) for k in owner]
     comp_ids = [roll.completion_ids(i) for i in range(len(owner))]
-    total, valid = R.combined_rewards(fns, prompts, roll.texts, answers, roll.prompt_ids, comp_ids, places, tok)
+    turns = [rows[k].get("prompt_messages") for k in owner]  # a chat row's prompt as turns, for reward models
+    total, valid = R.combined_rewards(fns, prompts, roll.texts, answers, roll.prompt_ids, comp_ids, places, tok,
+                                      prompt_messages=turns)
     if not bool(valid.all()):
         bad = sorted({places[i] for i in (~valid).nonzero().flatten().tolist()})
         log.warning("%d completion(s) got a non-finite reward and are skipped (rows %s)", int((~valid).sum()),

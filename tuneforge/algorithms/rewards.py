@@ -182,7 +182,14 @@ class ModelScorer:
     """Scores (prompt ids, completion ids) with a trained reward head. When the reward model shares the policy's
     vocabulary the token ids are scored as generated (plus eos, where the head was trained to read the score);
     otherwise the texts are re-tokenized with the reward model's tokenizer. ``like``: the policy it scores for
-    (see ``placement``)."""
+    (see ``placement``).
+
+    A P-tuning reward model with a template (tokens after the prompt) trained on conversational rows read its slots
+    after every assistant turn's generation prompt; a flat prompt text would put them at its end only. So when the
+    policy's prompt is a conversation (``messages``: its turns, as the data rows hold them), the conversation and
+    the completion, as an assistant turn, are encoded as the reward model's conversational training rows were."""
+
+    template = None  # the reward model's P-tuning template (``model_template``), set on loading
 
     def __init__(self, cfg: RewardModel, like=None):
         from tuneforge.algorithms.reward import load_head
@@ -225,8 +232,19 @@ class ModelScorer:
             self._enc = Encoder(self.tok, "preference", self.path, self.template)
         return self._enc
 
+    def _conversation(self, messages, i: int) -> list[dict] | None:
+        """Sample i's prompt turns, when they are to be encoded as a conversation (a templated reward model with a
+        chat template, and a policy prompt that is one)."""
+        if self.template is None or messages is None or not getattr(self.tok, "chat_template", None):
+            return None
+        turns = messages[i]
+        return list(turns) if isinstance(turns, list) else None
+
     @torch.no_grad()
-    def __call__(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], texts: tuple, policy_tok):
+    def __call__(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], texts: tuple, policy_tok,
+                 messages: list | None = None):
+        """Scores (N,) of the completions; ``messages``: per sample, the prompt's turns when it is a conversation
+        (else None), which a templated reward model encodes through its chat template."""
         from tuneforge.algorithms.reward import scores
         from tuneforge.data import collate
         from tuneforge.train.rollout import pad_id_of
@@ -237,6 +255,12 @@ class ModelScorer:
         eos = self.tok.eos_token_id
         seqs = []
         for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+            turns = self._conversation(messages, i)
+            if turns is not None:  # as a conversational preference row: slots open every assistant turn
+                head, (tail,) = self._encoder().encode_responses(turns, [[{"role": "assistant",
+                                                                          "content": texts[1][i]}]])
+                seqs.append({"input_ids": head + tail, "labels": head + tail})  # ends at its end-of-turn marker
+                continue
             p = without_slots(p)  # the policy's P-tuning template slots are the policy's, not the reward model's
             if not same:  # re-tokenized as the reward model's training rows were encoded: jointly (no seam), + eos
                 p, (c,) = self._encoder().encode_responses(self._prompt_text(p, policy_tok, texts[0][i]),
@@ -263,17 +287,19 @@ def build(cfg, like=None) -> Callable:
 # ------------------------------------------------------------------------------------------------ combination
 def combined_rewards(fns: list[tuple], prompts: list[str], completions: list[str], answers: list[str],
                      prompt_ids: list[list[int]], completion_ids: list[list[int]], where: list[str],
-                     policy_tok=None) -> tuple[torch.Tensor, torch.Tensor]:
+                     policy_tok=None, prompt_messages: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ_k w_k r_k per sample (N,) in float64, and a (N,) bool of which samples have every reward finite.
 
-    ``fns`` holds (label, weight, callable); ``where`` names each sample's data row (file:line) for messages.
+    ``fns`` holds (label, weight, callable); ``where`` names each sample's data row (file:line) for messages;
+    ``prompt_messages``: per sample, its prompt's turns when the prompt is a conversation (else None), for reward
+    models that encode conversations themselves (``ModelScorer``).
     """
     total = torch.zeros(len(completions), dtype=torch.float64)
     valid = torch.ones(len(completions), dtype=torch.bool)
     for label, weight, fn in fns:
         try:
             if isinstance(fn, ModelScorer):
-                values = fn(prompt_ids, completion_ids, (prompts, completions), policy_tok)
+                values = fn(prompt_ids, completion_ids, (prompts, completions), policy_tok, prompt_messages)
             else:
                 values = fn(prompts, completions, answers)
         except Exception as e:  # the user's function: report which one and on what, then stop

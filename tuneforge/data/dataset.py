@@ -17,9 +17,10 @@ from typing import Any
 
 from tuneforge.data.collate import preference_responses
 from tuneforge.data.readers import RawRow, iter_raw_rows
-from tuneforge.data.report import NO_SUPERVISED, TOO_LONG_DROPPED, DataError, DataReport, Problem
+from tuneforge.data.report import NO_SUPERVISED, SLOTS_CUT, TOO_LONG_DROPPED, DataError, DataReport, Problem
 from tuneforge.data.schema import FORMATS, RowError, detect_format, validate
-from tuneforge.data.tokenize import IGNORE, TRUNCATIONS, Encoder, n_supervised, truncate, truncate_shared
+from tuneforge.data.tokenize import (IGNORE, TRUNCATIONS, Encoder, SlotsCut, n_supervised, response_labels, truncate,
+                                     truncate_shared)
 
 log = logging.getLogger("tuneforge")
 
@@ -35,7 +36,10 @@ class TokenizedDataset:
     both.
 
     ``row_id`` is the 0-based index of the row among the file's non-blank rows and ``line`` where it sits in the
-    file, so any training-time anomaly can be traced back to its source row.
+    file, so any training-time anomaly can be traced back to its source row. A messages row also keeps
+    ``prompt_messages``, the turns before its last assistant turn (the prompt online algorithms sample from), so a
+    reward model can encode that conversation itself; a row cut at its end (right truncation) has none, as its last
+    supervised span may then be an earlier turn.
     """
 
     def __init__(self, rows: list[dict], report: DataReport, path: str):
@@ -227,6 +231,10 @@ def _tokenize_all(scan: _Scan, encoder: Encoder, max_len: int, truncation: str) 
                 report.bad_rows.append((path, line, str(e)))
                 continue
             row = _fit(scan, path, line, ids, labels, max_len, truncation, encoder.keep(ids))
+            if row is not None and encoder.fmt == "messages" and not (truncation == "right" and len(ids) > max_len):
+                last = max((i for i, t in enumerate(payload) if t["role"] == "assistant"), default=None)
+                if last is not None:
+                    row["prompt_messages"] = payload[:last]
         if row is None:
             continue
         row["row_id"] = row_id
@@ -251,7 +259,11 @@ def _fit(scan: _Scan, path: str, line: int, ids: list[int], labels: list[int], m
         if mode == "error":
             scan.too_long.append((path, line, f"{len(ids)} tokens > max_len={max_len}"))
             return None
-        ids, labels = truncate(ids, labels, max_len, mode, keep)
+        try:
+            ids, labels = truncate(ids, labels, max_len, mode, keep)
+        except SlotsCut:  # the prompt before a P-tuning template's slots would be cut away
+            report.drop(SLOTS_CUT)
+            return None
     if n_supervised(labels) == 0:
         report.drop(NO_SUPERVISED if cut else "no supervised tokens")
         return None
@@ -276,8 +288,12 @@ def _fit_shared(scan: _Scan, path: str, line: int, head: list[int], tails: list[
         if mode == "error":
             scan.too_long.append((path, line, f"{longest} tokens > max_len={max_len}"))
             return None
-        head, tails = truncate_shared(head, tails, max_len, mode, keep)
-    seqs = [(head + t, [IGNORE] * len(head) + t) for t in tails]
+        try:
+            head, tails = truncate_shared(head, tails, max_len, mode, keep)
+        except SlotsCut:  # the prompt before a P-tuning template's slots would be cut away
+            report.drop(SLOTS_CUT)
+            return None
+    seqs = [(head + t, [IGNORE] * len(head) + response_labels(t)) for t in tails]
     if any(n_supervised(labels) == 0 for _, labels in seqs):
         report.drop(NO_SUPERVISED if cut else "no supervised tokens")
         return None
@@ -339,6 +355,14 @@ def _warn_unsupervised(report: DataReport) -> None:
             f"{report.path}: {n} of {seen} rows ({n / seen:.1%}) were dropped because truncation to "
             f"max_len={report.max_len} ({report.truncation}) left them no supervised tokens; consider a larger "
             "max_len or truncation='left'",
+            stacklevel=3,
+        )
+    n = report.dropped.get(SLOTS_CUT, 0)
+    if seen and n / seen > NO_SUPERVISED_WARN_FRACTION:
+        warnings.warn(
+            f"{report.path}: {n} of {seen} rows ({n / seen:.1%}) were dropped because left truncation to "
+            f"max_len={report.max_len} cut their prompt away before the P-tuning template's tokens after it; "
+            "consider a larger max_len or shorter responses",
             stacklevel=3,
         )
 

@@ -16,6 +16,8 @@ Problem = tuple[str, "int | None", str]  # (file, 1-based line or None for whole
 MESSAGE_LIMIT = 50
 NO_SUPERVISED = "no supervised tokens after truncation"
 TOO_LONG_DROPPED = "too long (truncation=drop)"
+SLOTS_CUT = ("left truncation kept a P-tuning template's tokens after the prompt without a prompt token before "
+             "them")
 
 
 def format_problem(problem: Problem) -> str:

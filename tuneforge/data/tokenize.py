@@ -27,6 +27,11 @@ prompt included (``<|im_start|>assistant\\n``), so the slots open every assistan
 training rows and in the history of a prompt alike. Every chat template has that place, and the data already cuts
 each answer's loss span there (the seam rule above); around a user turn's content the slots would sit inside the
 template's own markup.
+
+The slots always follow a real token: a row without the adapter reads each slot as a copy of the token before it.
+An empty prompt with no start token (no bos) is therefore a bad row, and left truncation that would keep slots
+without a prompt token before them drops the row instead (``SlotsCut``; counted in the report). Slots inside a
+response (a later assistant turn of a multi-turn response) carry no loss either (``response_labels``).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from typing import Any
 
 from tuneforge.data.report import DataError
 from tuneforge.data.schema import RowError
-from tuneforge.data.template import PromptTemplate, insert_slots
+from tuneforge.data.template import PromptTemplate, insert_slots, is_slot
 
 IGNORE = -100
 TRUNCATIONS = ("right", "left", "drop", "error")
@@ -69,13 +74,36 @@ def _slots(template: PromptTemplate | None) -> list[int]:
     return template.slots() if template is not None else []
 
 
+class SlotsCut(ValueError):
+    """Left truncation would keep a P-tuning template's slots without a prompt token before them (the caller drops
+    the row and counts it, ``report.SLOTS_CUT``)."""
+
+
+def _check_lead(ids: list[int], where: str) -> None:
+    """A sequence holding template slots must not start with one: a row without the adapter reads a slot as a copy
+    of the token before it, and the adapter's tokens after the prompt are meant to follow the prompt."""
+    if not ids or is_slot(ids[0]):
+        raise RowError(f"{where}: nothing comes before the P-tuning template's tokens after the prompt (an empty "
+                       "prompt, and no start token such as bos in front of it): the template's tokens after the "
+                       "prompt need a token before them; give the row a prompt")
+
+
+def response_labels(tail: list[int]) -> list[int]:
+    """A response's labels: its own ids, except the template slots inside it (those that open a later assistant turn
+    of a multi-turn response), which are part of that turn's prompt and carry no loss."""
+    return [IGNORE if is_slot(t) else t for t in tail]
+
+
 def encode_prompt_text(tokenizer, prompt: str, specials: list[int] | None = None,
                        template: PromptTemplate | None = None) -> list[int]:
     """A prompt string as generation sees it, and as a prompt/completion row whose prompt is that string starts
     (with a P-tuning template's slots after it)."""
     specials = leading_specials(tokenizer) if specials is None else specials
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-    return with_start(specials, ids, tokenizer.bos_token_id) + _slots(template)
+    out = with_start(specials, ids, tokenizer.bos_token_id) + _slots(template)
+    if _slots(template):
+        _check_lead(out, "prompt")
+    return out
 
 
 def encode_chat_prompt(tokenizer, turns: list[dict], template: PromptTemplate | None = None) -> list[int]:
@@ -87,27 +115,59 @@ def encode_chat_prompt(tokenizer, turns: list[dict], template: PromptTemplate | 
     text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
     starts = assistant_starts(tokenizer, turns, text, ids)
-    return insert_slots(ids, None, starts, template.slots())[0] + template.slots()
+    out = insert_slots(ids, None, starts, template.slots())[0] + template.slots()
+    _check_lead(out, "messages")
+    return out
 
 
 def assistant_starts(tokenizer, turns: list[dict], text: str, ids: list[int], first: int = 0,
                      render=None) -> list[int]:
     """Token indices into ``ids`` (the encoding of ``text``, which begins with the rendering of ``turns``) where
-    each assistant turn of ``turns[first:]`` begins: after the generation prompt that precedes it."""
-    render = render or (lambda t: tokenizer.apply_chat_template(t, tokenize=False, add_generation_prompt=True))
-    out, last = [], 0
+    each assistant turn of ``turns[first:]`` begins: after the generation prompt that precedes it.
+
+    Found turn by turn, so the history as a whole need not be prefix-stable. When ``turns[:i]`` rendered with the
+    generation prompt begins ``text``, turn i begins where that rendering ends (where a messages row cuts its loss
+    span). A template that renders a conversation's last user turn differently (Mistral's put the system prompt in
+    front of it) breaks that for every earlier turn; then the turn's own rendering, ``turns[:i + 1]``, shows where
+    its generation prompt ends: after the longest tail of the generation-prompt rendering that it holds, which must
+    reach back into the turn before (its content) and begin ``text`` up to there. ``RowError`` when neither places
+    the turn. ``render(turns, generation_prompt)`` renders text (default: the tokenizer's chat template)."""
+    render = render or (lambda t, gen: tokenizer.apply_chat_template(t, tokenize=False, add_generation_prompt=gen))
+    out, last, cut_last = [], 0, 0
     for i in range(first, len(turns)):
         if turns[i]["role"] != "assistant":
             continue
-        before = render(turns[:i]) if i else ""
-        if not text.startswith(before):
+        before = render(turns[:i], True) if i else ""
+        cut = len(before) if text.startswith(before) else _own_turn_cut(render, turns, i, before, text)
+        if cut is None or cut < cut_last:
             raise RowError(f"messages[{i}]: the chat template renders the conversation before this assistant turn "
-                           "differently once the turn follows (not prefix-stable), so the P-tuning template's "
-                           "virtual tokens cannot be placed before it")
-        enc = list(tokenizer(before, add_special_tokens=False)["input_ids"]) if before else []
+                           "differently once the turn follows (not prefix-stable), and the turn's own rendering does "
+                           "not show where its generation prompt ends, so the P-tuning template's virtual tokens "
+                           "cannot be placed before it")
+        cut_last = cut
+        enc = list(tokenizer(text[:cut], add_special_tokens=False)["input_ids"]) if cut else []
         last = max(last, common_prefix(enc, ids))
         out.append(last)
     return out
+
+
+def _own_turn_cut(render, turns: list[dict], i: int, before: str, text: str) -> int | None:
+    """Where assistant turn i's content begins in ``text``, read off the rendering of ``turns[:i + 1]`` (``before``:
+    ``turns[:i]`` with the generation prompt, which does not begin ``text``); None when it cannot be told."""
+    own = render(turns[: i + 1], False)
+    lo, hi = 0, len(before)  # the longest tail of `before` found in `own` (each shorter tail is then found too)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if before[len(before) - mid:] in own:
+            lo = mid
+        else:
+            hi = mid - 1
+    tail = before[len(before) - lo:]
+    prev = str(turns[i - 1].get("content") or "").strip()
+    if not tail or (prev and prev not in tail):  # a few characters of markup would match anywhere
+        return None
+    end = own.rfind(tail) + len(tail)
+    return end if text.startswith(own[:end]) else None
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -150,7 +210,7 @@ class Encoder:
         if self.fmt == "prompt_completion":
             prompt, completion = payload
             head, (tail,) = self.encode_responses(prompt, [completion])
-            return head + tail, [IGNORE] * len(head) + tail
+            return head + tail, [IGNORE] * len(head) + response_labels(tail)
         if self.fmt == "preference":
             raise TypeError("preference rows encode to several sequences: use encode_responses()")
         return self._messages(payload, line)
@@ -175,6 +235,8 @@ class Encoder:
         alone, *joint = self._ids([prompt] + [prompt + r for r in responses])
         m = min(common_prefix(alone, j) for j in joint)
         head = with_start(self.start, alone[:m], self.bos_id) + self.slots
+        if self.slots:
+            _check_lead(head, "prompt")
         return head, [j[m:] + self.eos for j in joint]
 
     def _chat_responses(self, prompt: list[dict], responses: list[list[dict]]) -> tuple[list[int], list[list[int]]]:
@@ -196,12 +258,12 @@ class Encoder:
         m = min(common_prefix(alone, j) for j in joint)
         if not self.slots:
             return with_start([], alone[:m], self.bos_id), [self._to_turn_end(j[m:]) for j in joint]
-        render = lambda t: self._render(t, True)  # noqa: E731
-        inner = [min(a, m) for a in assistant_starts(self.tok, prompt, head_text, alone, render=render)]
+        inner = [min(a, m) for a in assistant_starts(self.tok, prompt, head_text, alone, render=self._render)]
         head = with_start([], insert_slots(alone[:m], None, inner, self.slots)[0], self.bos_id) + self.slots
+        _check_lead(head, "prompt")
         tails = []
         for r, full, j in zip(responses, fulls, joint):  # later assistant turns of a multi-turn response
-            later = assistant_starts(self.tok, prompt + r, full, j, first=len(prompt) + 1, render=render)
+            later = assistant_starts(self.tok, prompt + r, full, j, first=len(prompt) + 1, render=self._render)
             tail = insert_slots(j[m:], None, [max(a - m, 0) for a in later], self.slots)[0]
             tails.append(self._to_turn_end(tail))
         return head, tails
@@ -246,6 +308,7 @@ class Encoder:
             labels[a:b] = ids[a:b]
         if self.slots:  # a P-tuning template's slots open every assistant turn
             ids, labels = insert_slots(ids, labels, bounds[0::2], self.slots, IGNORE)
+            _check_lead(ids, "messages")
         return ids, labels
 
     def _turn_cuts(self, turns: list[dict], line: int) -> tuple[str, list[tuple[int, int]]]:
@@ -293,7 +356,8 @@ def truncate(ids: list[int], labels: list[int], max_len: int, mode: str, keep: i
              ) -> tuple[list[int], list[int]]:
     """Cut to ``max_len`` tokens: ``right`` keeps the start, ``left`` keeps the first ``keep`` tokens (the
     tokenizer's bos: the model never saw a sequence without it) and the end (``drop``/``error`` are decided by the
-    caller, which needs to count and report them)."""
+    caller, which needs to count and report them). ``SlotsCut`` when ``left`` would keep a P-tuning template's
+    slots without a prompt token before them (the end starts on a slot)."""
     if len(ids) <= max_len:
         return ids, labels
     if mode == "right":
@@ -301,6 +365,8 @@ def truncate(ids: list[int], labels: list[int], max_len: int, mode: str, keep: i
     if mode == "left":
         keep = min(keep, max_len - 1)
         tail = max_len - keep
+        if is_slot(ids[-tail]):
+            raise SlotsCut(f"left truncation to {max_len} tokens starts on a P-tuning template slot")
         return ids[:keep] + ids[-tail:], labels[:keep] + labels[-tail:]
     raise ValueError(f"truncate() handles right|left, got {mode!r}")
 
@@ -314,7 +380,8 @@ def truncate_shared(head: list[int], tails: list[list[int]], max_len: int, mode:
     ``right`` keeps the start: the head as is, each response loses its end. ``left`` keeps the first ``keep`` head
     tokens (bos) and the end of the prompt, dropping its oldest tokens until the longest response fits; a response
     that does not fit even after an empty prompt loses its end. A head that leaves a response no room yields an
-    empty tail, which the caller drops as having no supervised tokens.
+    empty tail, which the caller drops as having no supervised tokens. ``SlotsCut`` when ``left`` would keep a
+    P-tuning template's slots (which end the head) without a prompt token before them.
     """
     longest = max(len(t) for t in tails)
     if len(head) + longest <= max_len:
@@ -323,7 +390,11 @@ def truncate_shared(head: list[int], tails: list[list[int]], max_len: int, mode:
         keep = min(keep, len(head), max_len - 1)
         room = max(max_len - keep - longest, 0)  # prompt tokens that still fit beside the longest response
         body = head[keep:]
-        head = head[:keep] + body[len(body) - min(room, len(body)):]
+        kept = body[len(body) - min(room, len(body)):]
+        if kept and is_slot(kept[0]):
+            raise SlotsCut(f"left truncation to {max_len} tokens keeps {len(kept)} prompt token(s), starting on a "
+                           "P-tuning template slot")
+        head = head[:keep] + kept
     elif mode != "right":
         raise ValueError(f"truncate_shared() handles right|left, got {mode!r}")
     head = head[:max_len]

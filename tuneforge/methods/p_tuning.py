@@ -35,7 +35,7 @@ import types
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from torch import nn
 
 from tuneforge.data.template import SLOT_BASE, PromptTemplate
@@ -72,9 +72,13 @@ class Config(SP.SoftPromptConfig):
         if t is None:
             return self
         if "num_virtual_tokens" in self.model_fields_set and self.num_virtual_tokens != t.n:
-            raise ValueError(f"num_virtual_tokens {self.num_virtual_tokens} disagrees with template {self.template!r} "
+            why = ValueError(f"num_virtual_tokens {self.num_virtual_tokens} disagrees with template {self.template!r} "
                              f"({t.front} + {t.back} = {t.n} virtual tokens); leave num_virtual_tokens out (the "
                              "template sets it) or make the two agree")
+            # raised as a ValidationError located at the field, so a config error names method.N.num_virtual_tokens
+            raise ValidationError.from_exception_data(type(self).__name__, [
+                {"type": "value_error", "loc": ("num_virtual_tokens",), "input": self.num_virtual_tokens,
+                 "ctx": {"error": why}}])
         self.num_virtual_tokens = t.n
         return self
 
@@ -159,6 +163,8 @@ def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> None:
     SP.check_model(model, NAME)
     device, dtype = SP._param_like(model)
     t = cfg.prompt_template()
+    if t is not None and t.back:
+        _refuse_flash(SP._cfg(model), t)
     layers, heads, head_dim = SP.kv_shape(model) if t is not None and t.front == 0 else (0, 0, 0)
     mod = PromptEncoder(cfg.num_virtual_tokens, SP.hidden_size(model), cfg, device, dtype,
                         kv_width=layers * 2 * heads * head_dim)  # the width of an empty key/value prefix
@@ -213,6 +219,19 @@ def from_peft_config(d: dict) -> Config:
 
 # ------------------------------------------------------------------------------------------------ templates
 HIDDEN = "tuneforge_template_hidden"  # on a KV cache: (B, columns) bool, the slot columns no token may see
+
+
+def _refuse_flash(config, template: PromptTemplate | None = None) -> None:
+    """Template slots need the 2D attention mask as written: rows without the adapter hide each slot's column with
+    a 0 in the middle of the mask. Flash-attention implementations read 0s as padding and unpad the sequence on
+    them, so those slots would vanish with their logits (the last one predicts the answer)."""
+    impl = str(getattr(config, "_attn_implementation", None) or "")
+    if "flash" in impl:
+        what = f"template {template.text!r} puts" if template is not None else "P-tuning template slots put"
+        raise ValueError(f"p_tuning: {what} virtual tokens after the prompt, which attn_implementation {impl!r} "
+                         "cannot run (it unpads sequences on the attention mask, which hides template slots in the "
+                         "middle of a row); load the model with attn_implementation: sdpa (or eager), or keep the "
+                         "template's tokens in front of {prompt}")
 
 
 def _templated(c: SP.SoftPrompts) -> list[PromptEncoder]:
@@ -276,13 +295,15 @@ def configured_template(cfgs: list) -> PromptTemplate | None:
 
 
 def _owners(c: SP.SoftPrompts, ids: torch.Tensor, slot: torch.Tensor) -> list[PromptEncoder | None]:
-    """Each row's P-tuning module (None: the row reads its slots as absent), checked against the slots it holds."""
+    """Each row's P-tuning module with tokens after the prompt (None: the row reads its slots as absent, also when
+    its P-tuning adapter puts every token in front, as ``prompt_template`` ignores such an adapter), checked against
+    the slots it holds."""
     owners: list[PromptEncoder | None] = []
     for sel in c._selections(ids.shape[0]):
-        found = [m for name in sel for m in c.prompts[name].values() if isinstance(m, PromptEncoder)]
+        found = [m for name in sel for m in c.prompts[name].values() if isinstance(m, PromptEncoder) and m.back]
         if len(found) > 1:
-            raise ValueError(f"two P-tuning adapters active on one row ({', '.join(sel)}): template slots would be "
-                             "ambiguous; activate one of them")
+            raise ValueError(f"two templated P-tuning adapters active on one row ({', '.join(sel)}): template slots "
+                             "would be ambiguous; activate one of them")
         owners.append(found[0] if found else None)
     for m in dict.fromkeys(o for o in owners if o is not None):
         rows = torch.tensor([o is m for o in owners], device=ids.device)
@@ -314,6 +335,8 @@ def _before(c: SP.SoftPrompts, module, args, kwargs):
         return args, _hide(c, kwargs, cache, hidden, torch.zeros(kwargs["inputs_embeds"].shape[:2], dtype=torch.bool,
                                                                   device=kwargs["inputs_embeds"].device), None)
     T = ids.shape[1]
+    if bool(slot.any()):
+        _refuse_flash(c.decoder.config)
     owners = _owners(c, ids, slot) if bool(slot.any()) else [None] * ids.shape[0]
     real = torch.where(~slot, torch.arange(T, device=ids.device), -1)
     src = real.cummax(1).values  # each position's nearest real token at or before it (-1: none)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tuneforge.data.report import DataError
+from tuneforge.data.schema import RowError
 from tuneforge.data.template import SLOT_BASE
 from tuneforge.data.tokenize import encode_chat_prompt, encode_prompt_text
 
@@ -37,10 +39,14 @@ IGNORE = -100
 def encode_prompt(tokenizer, prompt, template=None) -> list[int]:
     """Token ids of a prompt string (after the special tokens the tokenizer itself puts first, e.g. Llama's bos;
     none for SmolLM2, whose bos is the chat marker ``<|im_start|>``) or a chat message list; ``template``: the
-    model's P-tuning template (``p_tuning.prompt_template(model)``), whose slots end the prompt."""
-    if isinstance(prompt, list):
-        return encode_chat_prompt(tokenizer, prompt, template)
-    return encode_prompt_text(tokenizer, prompt, template=template)
+    model's P-tuning template (``p_tuning.prompt_template(model)``), whose slots end the prompt. ``DataError``
+    (a user-facing error: ``tuneforge generate`` and ``chat`` print it) when the slots have no place in it."""
+    try:
+        if isinstance(prompt, list):
+            return encode_chat_prompt(tokenizer, prompt, template)
+        return encode_prompt_text(tokenizer, prompt, template=template)
+    except RowError as e:  # the template's slots have no place in this prompt: the user's to fix, not a crash
+        raise DataError(f"this prompt cannot be encoded for the model's P-tuning template: {e}") from None
 
 
 def model_template(model):
