@@ -168,6 +168,34 @@ def test_unipelt_beside_another_soft_prompt_reloads(tmp_path, order):
     assert torch.equal(fresh.eval()(_ids()).logits, ours)
 
 
+def test_a_plain_lora_beside_a_gated_one_saves_as_the_plain_adapter_alone(tmp_path):
+    """A gated and a plain LoRA on one linear are two wrappers, one inside the other: each adapter's file still names
+    the linear itself (no ``base_layer`` in keys or targets), so PEFT and a model without the other adapter load it."""
+    from peft import PeftModel
+
+    model, _ = build_tiny("llama")
+    plain = lora.Config(rank=4)
+    apply_methods(model, [plain], adapter="a")
+    lora.apply(model, lora.Config(rank=4, gate=True), "b")
+    _perturb(model)
+    with adapter_scope(model, "a"):
+        ours = model.eval()(_ids()).logits
+    save_adapter(model, [plain], tmp_path / "a", adapter="a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert "base_layer" not in config["target_modules"]
+    fresh, _ = build_tiny("llama")
+    load_adapter(fresh, tmp_path / "a")
+    assert torch.equal(fresh.eval()(_ids()).logits, ours)
+    peft_model = PeftModel.from_pretrained(build_tiny("llama")[0], str(tmp_path / "a")).eval()
+    assert (peft_model(_ids()).logits - ours).abs().max() < 1e-5
+    save_adapter(model, [lora.Config(rank=4, gate=True)], tmp_path / "b", adapter="b")  # and the gated one
+    with adapter_scope(model, "b"):
+        gated = model(_ids()).logits
+    fresh, _ = build_tiny("llama")
+    load_adapter(fresh, tmp_path / "b")
+    assert torch.equal(fresh.eval()(_ids()).logits, gated)
+
+
 def test_gguf_lora_export_refuses_a_gated_lora_before_loading_anything():
     from tuneforge.export.gguf import GgufExportError, check_lora_methods
 

@@ -225,8 +225,9 @@ def save_adapter(model: nn.Module, cfgs: list, out_dir: str | Path, adapter: str
     methods = [getattr(METHODS[c.name], "saved_config", lambda m, c, a: c)(model, c, adapter).model_dump(mode="json")
                for c in cfgs]
     if _is_peft_native(cfgs):
-        config = {k: v for k, v in METHODS[cfgs[0].name].peft_config(model, cfgs[0], base_path).items()
-                  if not k.startswith("tuneforge")}
+        fn = METHODS[cfgs[0].name].peft_config  # LoRA's names the layers that hold this adapter
+        kw = {"adapter": adapter} if "adapter" in inspect.signature(fn).parameters else {}
+        config = {k: v for k, v in fn(model, cfgs[0], base_path, **kw).items() if not k.startswith("tuneforge")}
     else:  # no PEFT type holds this (a composition, or a method PEFT lacks): PEFT cannot load it either way
         config = {"tuneforge_method": methods, "base_model_name_or_path": base_path}
     tensors = {k: v.detach().cpu().contiguous() for k, v in method_state_dict(model, cfgs, adapter).items()}

@@ -83,6 +83,7 @@ class Config(BaseModel):
 GATED_NOT_MERGEABLE = ("a gated LoRA scales B A x by σ(W_g x + b_g), a different factor for every token, so its update "
                        "is no fixed weight and cannot be folded into the base weights; keep the adapter beside the base "
                        "model (tuneforge generate/serve --adapter), or train LoRA without gate to merge it")
+GATE_INIT_STD = 0.02  # the gate's initial weight scale (AdapterHub's); with a zero bias every gate starts near 0.5
 
 
 class LowRankLayer(LinearWrapper):
@@ -224,9 +225,6 @@ class GatedLoraLayer(LowRankLayer):
         raise NotMergeableError(GATED_NOT_MERGEABLE)
 
 
-GATE_INIT_STD = 0.02
-
-
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     """The layers with mergeable (ungated) LoRA adapters."""
     return wrapped_layers(model, LoraLayer)
@@ -239,6 +237,24 @@ def gated_layers(model: nn.Module) -> dict[str, GatedLoraLayer]:
 def all_layers(model: nn.Module) -> dict[str, LowRankLayer]:
     """Every layer with LoRA adapters, gated or not."""
     return wrapped_layers(model, LowRankLayer)
+
+
+def _file_path(model: nn.Module, path: str) -> str:
+    """The path an adapter's keys use: without the ``base_layer`` segments of LoRA wrappers. A gated and a plain
+    LoRA on one linear are two wrapper types, one inside the other; each adapter's file names the linear itself, so
+    it does not depend on which other adapters share the model (and loads into a model with only that adapter)."""
+    keep, module = [], model
+    for part in path.split("."):
+        if not (part == "base_layer" and isinstance(module, LowRankLayer)):
+            keep.append(part)
+        module = getattr(module, part, None) if module is not None else None
+    return ".".join(keep)
+
+
+def adapter_layers_of(model: nn.Module, adapter: str, cls: type = LowRankLayer) -> dict[str, LowRankLayer]:
+    """The layers holding LoRA adapter ``adapter``, by the path its keys use (``_file_path``)."""
+    return {_file_path(model, p): layer for p, layer in wrapped_layers(model, cls).items()
+            if adapter in layer.adapter_names()}
 
 
 def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> None:
@@ -285,21 +301,20 @@ def state_dict(model: nn.Module, cfg: Config | None = None, adapter: str = "defa
     """PEFT's keys: ``base_model.model.<layer path>.lora_A.weight`` (the adapter name is not stored); a gated
     adapter adds ``<layer path>.lora_gate.weight``/``.bias`` (tuneforge's layout only)."""
     out = {}
-    for path, layer in all_layers(model).items():
-        if adapter in layer.adapter_names():
-            out[f"base_model.model.{path}.lora_A.weight"] = layer.lora_A[adapter].weight.detach()
-            out[f"base_model.model.{path}.lora_B.weight"] = layer.lora_B[adapter].weight.detach()
-            if adapter in layer.lora_magnitude_vector:
-                out[f"base_model.model.{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter].detach()
-            if isinstance(layer, GatedLoraLayer):
-                gate = layer.lora_gate[adapter]
-                out[f"base_model.model.{path}.lora_gate.weight"] = gate.weight.detach()
-                out[f"base_model.model.{path}.lora_gate.bias"] = gate.bias.detach()
+    for path, layer in adapter_layers_of(model, adapter).items():
+        out[f"base_model.model.{path}.lora_A.weight"] = layer.lora_A[adapter].weight.detach()
+        out[f"base_model.model.{path}.lora_B.weight"] = layer.lora_B[adapter].weight.detach()
+        if adapter in layer.lora_magnitude_vector:
+            out[f"base_model.model.{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter].detach()
+        if isinstance(layer, GatedLoraLayer):
+            gate = layer.lora_gate[adapter]
+            out[f"base_model.model.{path}.lora_gate.weight"] = gate.weight.detach()
+            out[f"base_model.model.{path}.lora_gate.bias"] = gate.bias.detach()
     return out
 
 
 def load_state_dict(model: nn.Module, cfg: Config | None, tensors: dict[str, torch.Tensor], adapter: str = "default") -> None:
-    layers = all_layers(model)
+    layers = adapter_layers_of(model, adapter)
     expected = set(state_dict(model, cfg, adapter))
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:
@@ -318,19 +333,19 @@ def load_state_dict(model: nn.Module, cfg: Config | None, tensors: dict[str, tor
             target.copy_(value)
 
 
-def peft_config(model: nn.Module, cfg: Config, base_path: str | None) -> dict:
+def peft_config(model: nn.Module, cfg: Config, base_path: str | None, adapter: str = "default") -> dict:
     """``adapter_config.json`` in PEFT's LoraConfig fields, so PEFT and vLLM load the adapter."""
-    targets = cfg.target_modules or sorted({p.rsplit(".", 1)[-1] for p in lora_layers(model)})
+    layers = adapter_layers_of(model, adapter, LoraLayer)
+    targets = cfg.target_modules or sorted({p.rsplit(".", 1)[-1] for p in layers})
     if cfg.exclude_modules or any(t.startswith("re:") for t in targets):
-        wrapped = [p for p, layer in lora_layers(model).items()]
+        wrapped = list(layers)
         targets_out: list[str] | str = "^(" + "|".join(map(_re_escape, wrapped)) + ")$"
     else:
         targets_out = sorted(targets)
     return {
         "peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path,
         "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
-        "target_modules": targets_out, "fan_in_fan_out": any(layer.fan_in_fan_out for layer in
-                                                               lora_layers(model).values()),
+        "target_modules": targets_out, "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
         "bias": "none", "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
         "use_dora": cfg.dora, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
         "alpha_pattern": {}, "revision": None,

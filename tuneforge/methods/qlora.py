@@ -106,10 +106,10 @@ def load_state_dict(model: nn.Module, cfg: Config | None, tensors: dict[str, tor
     lora.load_state_dict(model, cfg, tensors, adapter)
 
 
-def peft_config(model: nn.Module, cfg: Config, base_path: str | None) -> dict:
+def peft_config(model: nn.Module, cfg: Config, base_path: str | None, adapter: str = "default") -> dict:
     """PEFT's LoRA config: PEFT loads the adapter on a 16-bit base; the quantisation settings live in tuneforge's
     own file beside it (``methods.METHODS_FILE``)."""
-    return lora.peft_config(model, cfg.lora_config(), base_path)
+    return lora.peft_config(model, cfg.lora_config(), base_path, adapter)
 
 
 def from_peft_config(d: dict) -> Config:
