@@ -25,7 +25,16 @@ from pathlib import Path
 
 from tuneforge.demo import LEARNING_SETUPS, QUICK, DemoPlan, finetune, pretrain
 
-METHODS = LEARNING_SETUPS  # label -> (method config, learning rate)
+# Set-ups this benchmark measures beyond ``LEARNING_SETUPS`` (label -> (method config, learning rate)). UniPELT
+# (Mao et al. 2022) with the paper's sizes: gated LoRA r 8 on W_q/W_v, a 10-token prefix, a gated Pfeiffer adapter
+# (m = d/16), and the same mixture without its gates (the paper's ablation); results in
+# results/method_learning_unipelt.json. One learning rate for all three parts, from seed 0 at 3e-3 / 1e-2 / 3e-2:
+# 66% / 99% / 93% held-out exact match.
+EXTRA_SETUPS: dict[str, tuple[dict | list, float]] = {
+    "unipelt (r 8; n = 10; m = d/16)": ({"name": "unipelt"}, 1e-2),
+    "unipelt without gates": ({"name": "unipelt", "gate": False}, 1e-2),
+}
+METHODS = {**LEARNING_SETUPS, **EXTRA_SETUPS}  # label -> (method config, learning rate)
 
 
 def summarise(label: str, lr: float, runs: list[dict]) -> dict:
