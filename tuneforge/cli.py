@@ -355,6 +355,27 @@ def cmd_intrinsic_dim(a) -> int:
     return 0
 
 
+def cmd_compare(a) -> int:
+    """One recipe, several methods, one report (``eval/compare.py``); a bad argument is one ``error:`` line."""
+    from tuneforge.config import load_config
+    from tuneforge.eval.compare import CompareError, parse_lr, parse_methods, prepare, run_compare
+    from tuneforge.eval.compare_report import direction_text, markdown_table
+
+    try:
+        entries, lr = parse_methods(a.methods), parse_lr(a.lr)
+        cfg = load_config(a.config, a.overrides + a.override)
+        cfg, metric = prepare(cfg, entries, a.steps, a.metric)
+    except CompareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(a.out or cfg.train.output_dir)
+    s = run_compare(cfg, entries, out, lr=lr, metric=metric, log=lambda line: print(line, flush=True),
+                    recipe=a.config)
+    print(f"\n{direction_text(s)}:\n{markdown_table(s)}")
+    print(f"\nreport {s['files']['html']}\njson   {s['files']['json']}")
+    return 0 if all(r.get("status") == "ok" for r in s["runs"]) else 1
+
+
 def cmd_demo(a) -> int:
     if a.tiny or a.quick:
         from tuneforge.demo import run_demo
@@ -483,6 +504,21 @@ def build_parser() -> argparse.ArgumentParser:
                       "(e.g. 0.5,1,2: a per-d sweep, one run per factor)")
     idim.add_argument("--out", default=None, help="default: <train.output_dir>/intrinsic_dim")
     idim.set_defaults(fn=cmd_intrinsic_dim)
+    cm = sub.add_parser("compare", help="train one recipe with several methods (same data, steps, seed) and "
+                        "report metric, trainable share, memory and time side by side")
+    cm.add_argument("config", help="YAML recipe; its data.eval scores every run")
+    cm.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
+    cm.add_argument("-o", "--override", action="append", default=[], help="one dotted override (repeatable)")
+    cm.add_argument("--methods", required=True, help="comma-separated: name, name:key=value[:key=value], "
+                    "name:{key: value}, a+b (composed), label=spec; e.g. full,lora,lora:rank=4,ia3")
+    cm.add_argument("--out", default=None, help="default: the recipe's train.output_dir; the report goes to "
+                    "<out>/compare/")
+    cm.add_argument("--lr", default=None, help="auto (a short sweep per method around its usual rate) or one "
+                    "rate for every method (default: the recipe's)")
+    cm.add_argument("--steps", type=int, default=None, help="optimizer steps per run (train.max_steps)")
+    cm.add_argument("--metric", default=None, help="exact_match or loss (default: exact match when the eval "
+                    "rows have answers, else held-out loss)")
+    cm.set_defaults(fn=cmd_compare)
     es = sub.add_parser("estimate", help="memory to serve or fine-tune a model (no weights loaded)")
     es.add_argument("--model", required=True, help="model directory (config.json), preset (llama-3-8b, tiny:llama, "
                     "...) or parameter count (7b, 70e9)")

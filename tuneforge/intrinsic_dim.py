@@ -32,38 +32,10 @@ import json
 import math
 from pathlib import Path
 
-from tuneforge.config import ConfigError, ModelConfig, RunConfig
+from tuneforge.config import ConfigError, RunConfig
+from tuneforge.eval.runs import better, finite as _finite, score as _score, variant as _variant
 
-
-def _score(cfg: RunConfig, saved: Path | None, metric: str) -> float:
-    """The metric of the base model (``saved`` None), an adapter directory or a saved full model."""
-    from tuneforge.data import build_dataset, collate
-    from tuneforge.eval.examples import answer_examples
-    from tuneforge.eval.metrics import eval_loss, exact_match
-    from tuneforge.methods import load_adapter
-    from tuneforge.models.load import load_model
-
-    whole = saved is not None and not (saved / "adapter_config.json").exists()
-    mcfg = ModelConfig(**{**cfg.model.model_dump(), "path": str(saved), "gguf_file": None}) if whole else cfg.model
-    model, tok = load_model(mcfg)
-    if saved is not None and not whole:
-        load_adapter(model, saved)
-    model.eval()
-    if metric == "exact_match":
-        return exact_match(model, tok, answer_examples(cfg.data.eval), max_new_tokens=32)["exact_match"]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ds = build_dataset(cfg.data.eval, tok, max_len=cfg.data.max_len)
-    return eval_loss(model, ds, lambda rows: collate(rows, pad), cfg.train.batch_size)["loss"]
-
-
-def _variant(cfg: RunConfig, method: list[dict], out: Path, lr: float | None = None) -> RunConfig:
-    d = cfg.model_dump(mode="json")
-    d["method"] = method
-    d["train"]["output_dir"] = str(out)
-    d["train"]["save_every"] = 0
-    if lr is not None:
-        d["train"]["learning_rate"] = lr
-    return RunConfig.model_validate(d)
+__all__ = ["search", "lr_for", "better", "reached", "target_of", "d90"]
 
 
 LR_SCALES = ("sqrt", "none")
@@ -75,21 +47,6 @@ def lr_for(d: int, lr_ref: float, d_ref: int, scale: str = "sqrt") -> float:
     if scale not in LR_SCALES:
         raise ValueError(f"lr_scale must be one of {LR_SCALES}, not {scale!r}")
     return lr_ref * math.sqrt(d_ref / d) if scale == "sqrt" else lr_ref
-
-
-def better(a: float, b: float, metric: str) -> bool:
-    """Whether metric value ``a`` beats ``b`` (higher exact match, lower loss); a diverged run's NaN or inf loses
-    to any finite value, so the order of the factors tried cannot decide the result."""
-    if not math.isfinite(a):
-        return False
-    if not math.isfinite(b):
-        return True
-    return a > b if metric == "exact_match" else a < b
-
-
-def _finite(v: float) -> float | None:
-    """JSON has no NaN: a diverged run's metric is written as null."""
-    return v if math.isfinite(v) else None
 
 
 def reached(value: float, target: float, metric: str) -> bool:

@@ -1,0 +1,119 @@
+"""What commands that train one recipe many times share (``intrinsic-dim``, ``compare``): a variant of the recipe
+with another method, output folder or learning rate, and the held-out metric of what a run saved.
+
+Held-out metrics are a registry (``METRICS``, a plain dict): each entry says how to compute the metric on a loaded
+model, whether higher is better, and whether a recipe's ``data.eval`` file supports it. ``pick_metric`` takes the
+first entry, in dict order, that the file supports, so a more specific metric (exact match needs reference answers)
+comes before the one every file supports (held-out loss). Adding a metric is one function and one dict entry.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tuneforge.config import ModelConfig, RunConfig
+
+EXACT_MATCH_NEW_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class Metric:
+    compute: Callable  # (model, tokenizer, cfg) -> float, on cfg.data.eval
+    higher_is_better: bool
+    supports: Callable  # (cfg) -> bool: whether cfg.data.eval can be scored this way
+    label: str  # what a report calls it
+
+
+def _exact_match(model, tok, cfg: RunConfig) -> float:
+    from tuneforge.eval.examples import answer_examples
+    from tuneforge.eval.metrics import exact_match
+
+    examples = answer_examples(cfg.data.eval)
+    return exact_match(model, tok, examples, max_new_tokens=EXACT_MATCH_NEW_TOKENS)["exact_match"]
+
+
+def _has_answers(cfg: RunConfig) -> bool:
+    """Whether the eval file has rows with a reference answer (prompt/completion, or chat rows ending in one)."""
+    from tuneforge.data import DataError
+    from tuneforge.eval.examples import answer_examples
+
+    try:
+        return bool(cfg.data.eval) and bool(answer_examples(cfg.data.eval))
+    except DataError:
+        return False
+
+
+def _loss(model, tok, cfg: RunConfig) -> float:
+    from tuneforge.data import build_dataset, collate
+    from tuneforge.eval.metrics import eval_loss
+    from tuneforge.methods.p_tuning import configured_template
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ds = build_dataset(cfg.data.eval, tok, max_len=cfg.data.max_len, template=configured_template(cfg.method))
+    return eval_loss(model, ds, lambda rows: collate(rows, pad), cfg.train.batch_size)["loss"]
+
+
+METRICS: dict[str, Metric] = {
+    "exact_match": Metric(_exact_match, True, _has_answers, "held-out exact match (greedy answers)"),
+    "loss": Metric(_loss, False, lambda cfg: bool(cfg.data.eval), "held-out loss"),
+}
+
+
+def pick_metric(cfg: RunConfig) -> str:
+    """The first registered metric the recipe's eval file supports."""
+    return next(name for name, m in METRICS.items() if m.supports(cfg))
+
+
+def load_saved(cfg: RunConfig, saved: Path | None):
+    """The recipe's model with ``saved`` on it: the base model (None), an adapter directory or a saved full model."""
+    from tuneforge.methods import load_adapter
+    from tuneforge.models.load import load_model
+
+    whole = saved is not None and not (Path(saved) / "adapter_config.json").exists()
+    mcfg = ModelConfig(**{**cfg.model.model_dump(), "path": str(saved), "gguf_file": None}) if whole else cfg.model
+    model, tok = load_model(mcfg)
+    if saved is not None and not whole:
+        load_adapter(model, saved)
+    model.eval()
+    return model, tok
+
+
+def score_all(cfg: RunConfig, saved: Path | None, metrics: list[str]) -> dict[str, float]:
+    """Several metrics of one saved run, loading the model once."""
+    model, tok = load_saved(cfg, saved)
+    return {name: float(METRICS[name].compute(model, tok, cfg)) for name in metrics}
+
+
+def score(cfg: RunConfig, saved: Path | None, metric: str) -> float:
+    return score_all(cfg, saved, [metric])[metric]
+
+
+def variant(cfg: RunConfig, method: list[dict], out: Path, lr: float | None = None, **train) -> RunConfig:
+    """The recipe with another method list, output folder and (optionally) learning rate or train settings;
+    no periodic checkpoints unless ``train`` asks for them."""
+    d = cfg.model_dump(mode="json")
+    d["method"] = method
+    d["train"]["output_dir"] = str(out)
+    d["train"]["save_every"] = 0
+    d["train"].update(train)
+    if lr is not None:
+        d["train"]["learning_rate"] = lr
+    return RunConfig.model_validate(d)
+
+
+def better(a: float, b: float, metric: str) -> bool:
+    """Whether metric value ``a`` beats ``b``; a diverged run's NaN or inf loses to any finite value, so the order
+    of the runs compared cannot decide the result."""
+    if not math.isfinite(a):
+        return False
+    if not math.isfinite(b):
+        return True
+    return a > b if METRICS[metric].higher_is_better else a < b
+
+
+def finite(v: float | None) -> float | None:
+    """JSON has no NaN: a diverged run's metric is written as null."""
+    return v if v is not None and math.isfinite(v) else None
