@@ -28,7 +28,9 @@ from tuneforge.eval.metrics import eval_loss
 from tuneforge.methods import (apply_methods, count_parameters, finalize_methods, has_regularizer, has_step_hook,
                                prepare_methods, regularizer, save_adapter, step_methods)
 from tuneforge.methods._inject import TargetError
-from tuneforge.models.load import load_model, load_tokenizer, meta_model
+from tuneforge.models.arch import task_head_names
+from tuneforge.models.labels import save_labels
+from tuneforge.models.load import ENCODER_TYPES, load_model, load_tokenizer, meta_model
 from tuneforge.safeio import share_like_open
 from tuneforge.train.precision import autocast_context, cast_frozen_matmul_weights_, resolve_precision
 from tuneforge.train import checkpoint as ckpt
@@ -56,7 +58,12 @@ def check_targets(cfg: RunConfig, tok=None) -> None:
     problems = fusion_problems(cfg)  # before the members' weights are read
     if problems:
         raise ConfigError(problems, "config")
-    model = meta_model(cfg.model)
+    classify = cfg.algorithm.name == "classification"
+    model = meta_model(cfg.model, labels=(cfg.algorithm.labels or ["0", "1"]) if classify else None)
+    if not classify and getattr(model.config, "model_type", None) in ENCODER_TYPES:
+        raise ConfigError([("algorithm.name", f"{cfg.algorithm.name} trains a generative model, and {cfg.model.path} "
+                                              f"is an encoder ({model.config.model_type}); use algorithm: "
+                                              "classification")], "config")
     try:
         apply_methods(model, cfg.method, tokenizer=tok)
     except (TargetError, ValueError) as e:
@@ -146,9 +153,47 @@ class PackedView:
         return sum(sum(1 for x in r["labels"][1:] if x != -100) for r in self.bins[i])
 
 
+def _classification_datasets(cfg: RunConfig, tok):
+    """Train and held-out classification rows, both mapped through one label set (the config's or the training
+    file's)."""
+    from tuneforge.data.classification import build_classification_dataset, read_labels
+    from tuneforge.data.report import DataError
+
+    d = cfg.data
+    if d.packing:
+        raise ConfigError([("data.packing", "classification reads one text per row; set packing: false")], "config")
+    labels = cfg.algorithm.labels or read_labels(d.train)
+    if len(labels) < 2:
+        raise DataError(f"{d.train}: classification needs at least two classes, the file has "
+                        f"{len(labels)} ({', '.join(labels) or 'none'})")
+    kw = dict(labels=labels, max_len=d.max_len, truncation=d.truncation, skip_bad_rows=d.skip_bad_rows)
+    train_ds = build_classification_dataset(d.train, tok, **kw)
+    eval_ds = build_classification_dataset(d.eval, tok, **kw) if d.eval else None
+    if eval_ds is None and d.eval_fraction > 0:
+        train_ds, eval_ds = train_ds.split(d.eval_fraction, seed=cfg.train.seed)
+    return train_ds, eval_ds
+
+
+def _refuse_classification_rows(cfg: RunConfig) -> None:
+    """Rows with a label (and a text) given to a generative algorithm: most likely meant for classification."""
+    from tuneforge.data.classification import is_classification_row
+    from tuneforge.data.readers import iter_raw_rows
+
+    if cfg.data.format != "auto":
+        return
+    first = next((r for r in iter_raw_rows(cfg.data.train) if r.value is not None), None)
+    if first is not None and is_classification_row(first.value):
+        raise ConfigError([("data.train", f"{cfg.data.train}:{first.line}: classification rows (a text and a "
+                                          f"label), but algorithm {cfg.algorithm.name!r} trains a generative model "
+                                          "on text; use algorithm: classification (or give data.format)")], "config")
+
+
 def _datasets(cfg: RunConfig, tok):
     from tuneforge.methods.p_tuning import configured_template
 
+    if cfg.algorithm.name == "classification":
+        return _classification_datasets(cfg, tok)
+    _refuse_classification_rows(cfg)
     d = cfg.data
     kw = dict(format=d.format, max_len=d.max_len, truncation=d.truncation, skip_bad_rows=d.skip_bad_rows,
               template=configured_template(cfg.method))  # a P-tuning template's slots go in every prompt
@@ -165,6 +210,10 @@ def _datasets(cfg: RunConfig, tok):
 
 def _collate_fn(cfg: RunConfig, tok, fmt: str | None = None):
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if fmt == "classification":
+        from tuneforge.data.classification import collate_classification
+
+        return lambda rows: collate_classification(rows, pad)
     if fmt == "preference":
         return lambda rows: collate_preference(rows, pad)
     if cfg.data.packing:
@@ -185,8 +234,8 @@ def train(cfg: RunConfig, resume: str | None = None, allow_config_change: bool =
     train_ds, eval_ds = _datasets(cfg, tok)
     if d.main:
         print(train_ds.report.summary(), flush=True)
-    seed_everything(cfg.train.seed)
-    model, tok = load_model(cfg.model)
+    seed_everything(cfg.train.seed)  # (a new classification head is drawn from it)
+    model, tok = load_model(cfg.model, labels=getattr(train_ds, "labels", None))
     apply_methods(model, cfg.method, tokenizer=tok)
     model.to(d.device)
     share_prompts(model, cfg.train.share_prompts)
@@ -210,7 +259,9 @@ def train(cfg: RunConfig, resume: str | None = None, allow_config_change: bool =
 
     def eval_fn(m):
         res = {}
-        if eval_ds is not None:
+        if eval_ds is not None and hasattr(algo, "evaluate"):  # the algorithm's own held-out metrics
+            res.update(algo.evaluate(m, eval_ds, coll, cfg.train.batch_size, d.device))
+        elif eval_ds is not None:
             r = eval_loss(m, eval_ds, lambda rows: collate(rows, pad), cfg.train.batch_size, d.device)
             res.update(loss=r["loss"], ppl=r["ppl"])
         if extra_eval is not None:
@@ -308,7 +359,10 @@ def _save_final(model, tok, cfg: RunConfig, out: Path) -> Path:
             for n, h in heads.items():
                 setattr(model, n, h)
     else:
-        save_adapter(model, cfg.method, tmp, base_path=base_model_reference(cfg.model))
+        heads = task_head_names(model) if cfg.algorithm.name == "classification" else None
+        save_adapter(model, cfg.method, tmp, base_path=base_model_reference(cfg.model), modules_to_save=heads)
+    if cfg.algorithm.name == "classification":
+        save_labels(model, tmp)
     tok.save_pretrained(tmp)
     from tuneforge.algorithms.reward import has_head, save_head
 

@@ -63,9 +63,12 @@ def _model_and_adapter(a):
     from tuneforge.methods import load_adapter
     from tuneforge.models.load import load_model
 
+    from tuneforge.models.labels import read_labels
+
     mcfg = SimpleNamespace(path=a.model, dtype=a.dtype, trust_remote_code=False, revision=None,
                            attn_implementation="sdpa")
-    model, tok = load_model(mcfg)
+    labels = read_labels(a.adapter) if a.adapter else None  # a classification adapter: its head's classes
+    model, tok = load_model(mcfg, labels=labels)
     if a.adapter:
         load_adapter(model, a.adapter)
     model.eval()
@@ -128,13 +131,45 @@ def cmd_eval(a) -> int:
 
     from tuneforge.train.rollout import model_template
 
+    from tuneforge.eval.classify import classify_file, is_classifier
+
     model, tok = _model_and_adapter(a)
+    if is_classifier(model):  # classification rows: loss, accuracy and macro-F1
+        _, metrics = classify_file(model, tok, a.data, a.batch_size, a.max_len)
+        if metrics is None:
+            raise FileNotFoundError(f"{a.data}: rows without a label column cannot be scored; use tuneforge classify")
+        print(json.dumps({"file": a.data, **metrics}))
+        return 0
     ds = build_dataset(a.data, tok, max_len=a.max_len, template=model_template(model))
     pad = tok.pad_token_id
     res = {"file": a.data, **eval_loss(model, ds, lambda r: collate(r, pad), a.batch_size)}
     if a.exact_match:  # prompt/completion rows, and chat rows answered after their last assistant turn's context
         res.update(exact_match(model, tok, answer_examples(a.data), max_new_tokens=a.max_new_tokens))
     print(json.dumps(res))
+    return 0
+
+
+def cmd_classify(a) -> int:
+    from tuneforge.data import DataError
+    from tuneforge.eval.classify import classify_file, classify_texts, is_classifier
+    from tuneforge.safeio import atomic_write_text
+
+    model, tok = _model_and_adapter(a)
+    if not is_classifier(model):
+        raise DataError(f"{a.model}{' + ' + a.adapter if a.adapter else ''} is not a classifier (no labelled "
+                        "classification head); train one with algorithm: classification")
+    if a.text is not None:
+        print(json.dumps(classify_texts(model, tok, [a.text], [a.text_b] if a.text_b else None,
+                                        max_len=a.max_len)[0]))
+        return 0
+    preds, metrics = classify_file(model, tok, a.file, a.batch_size, a.max_len)
+    if a.out:
+        atomic_write_text(Path(a.out), "".join(json.dumps(p) + "\n" for p in preds))
+    else:
+        for p in preds:
+            print(json.dumps(p))
+    if metrics is not None:
+        print(json.dumps({"file": a.file, **metrics}), file=sys.stderr if not a.out else sys.stdout)
     return 0
 
 
@@ -449,6 +484,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "with a chat row's last assistant turn (the turns before it are the prompt)")
     e.add_argument("--max-new-tokens", type=int, default=32)
     e.set_defaults(fn=cmd_eval)
+    cl = sub.add_parser("classify", help="a classifier's label and class probabilities for a text or every row of "
+                        "a file (scored when the rows have labels)")
+    _model_args(cl)
+    src = cl.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="one text to classify")
+    src.add_argument("--file", help="JSONL/CSV/TSV/Parquet rows with text (or text_a + text_b), label optional")
+    cl.add_argument("--text-b", help="the second text of a pair (with --text)")
+    cl.add_argument("--out", help="write the predictions here as JSONL (else stdout)")
+    cl.add_argument("--max-len", type=int, default=512)
+    cl.add_argument("--batch-size", type=int, default=32)
+    cl.set_defaults(fn=cmd_classify)
     sc = sub.add_parser("score", help="score (prompt, response) rows, or preference pairs, with a reward model")
     _model_args(sc)
     sc.add_argument("--data", required=True, help="JSONL/CSV/Parquet of prompt/completion or prompt/chosen/rejected")

@@ -6,8 +6,9 @@ weighs in the step's normaliser) and ``step(model, batch, cfg, ctx) -> (loss, me
 ``step`` per micro-batch; it knows nothing about any particular algorithm.
 """
 
-from tuneforge.algorithms import dpo, grpo, online_dpo, orpo, ppo, rejection_sampling, reward, rlaif, sft
+from tuneforge.algorithms import classification, dpo, grpo, online_dpo, orpo, ppo, rejection_sampling, reward, rlaif, sft
 
 ALGORITHMS = {"sft": sft, "reward": reward, "dpo": dpo, "orpo": orpo, "grpo": grpo, "ppo": ppo,
-              "rejection_sampling": rejection_sampling, "online_dpo": online_dpo, "rlaif": rlaif}
+              "rejection_sampling": rejection_sampling, "online_dpo": online_dpo, "rlaif": rlaif,
+              "classification": classification}
 ALGORITHM_CONFIGS = {name: mod.Config for name, mod in ALGORITHMS.items()}

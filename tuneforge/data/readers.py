@@ -23,7 +23,7 @@ from tuneforge.data.report import DataError
 
 BOM = b"\xef\xbb\xbf"
 JSON_LINES_EXTS = (".jsonl", ".json")
-EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +65,8 @@ def iter_raw_rows(path: str) -> Iterator[RawRow]:
         raise DataError(f"{path}: no such file")
     if ext in JSON_LINES_EXTS:
         return read_jsonl(path)
-    if ext == ".csv":
-        return read_csv(path)
+    if ext in (".csv", ".tsv"):
+        return read_csv(path, tabs=ext == ".tsv")
     return read_parquet(path)
 
 
@@ -109,8 +109,12 @@ def parse_json_line(raw: bytes) -> tuple[dict | None, str | None]:
 # --- CSV ----------------------------------------------------------------------------------------------------------
 
 
-def read_csv(path: str) -> Iterator[RawRow]:
+def read_csv(path: str, tabs: bool = False) -> Iterator[RawRow]:
     """Header row = field names; a ``messages`` cell holds the turns as JSON (a cell cannot hold a list).
+
+    ``tabs``: tab-separated values as GLUE ships them (SST-2's ``sentence<TAB>label``): cells are split at tabs
+    only, quotes are ordinary characters (GLUE's sentences contain unbalanced ones), and a row with more or fewer
+    cells than the header is reported with its line.
 
     Bytes that are not UTF-8 are kept as surrogate escapes while parsing, so the CSV state machine stays in step,
     and the record holding them is reported rather than the whole file failing.
@@ -124,7 +128,10 @@ def read_csv(path: str) -> Iterator[RawRow]:
     csv.field_size_limit(2**31 - 1)  # long documents are legitimate; the default 128 KiB is not a data error
     try:
         # strict: a stray or unterminated quote is reported, instead of silently swallowing the rest of the file
-        yield from _csv_records(csv.reader(io.StringIO(text, newline=""), strict=True))
+        src = io.StringIO(text, newline="")
+        reader = (csv.reader(src, delimiter="\t", quoting=csv.QUOTE_NONE, strict=True) if tabs
+                  else csv.reader(src, strict=True))
+        yield from _csv_records(reader)
     finally:
         csv.field_size_limit(old_limit)
 

@@ -212,9 +212,24 @@ def _is_peft_native(cfgs: list) -> bool:
             and getattr(cfgs[0], "peft_layout", lambda: True)())
 
 
+# PEFT's key prefixes for a module saved whole (``modules_to_save``): a tuner wraps the model once more
+# (``base_model.model.classifier``) than a prompt-learning method does (``base_model.classifier``)
+HEAD_PREFIX, PROMPT_HEAD_PREFIX = "base_model.model.", "base_model."
+PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
+
+
+def head_state_dict(model: nn.Module, names: list[str], prefix: str = HEAD_PREFIX) -> dict[str, torch.Tensor]:
+    """A classifier's head tensors under PEFT's keys, e.g. ``base_model.model.classifier.weight`` (what
+    ``get_peft_model_state_dict`` writes for ``modules_to_save``)."""
+    return {f"{prefix}{n}.{k}": v for n in names for k, v in getattr(model, n).state_dict().items()}
+
+
 def save_adapter(model: nn.Module, cfgs: list, out_dir: str | Path, adapter: str = "default",
-                 base_path: str | None = None) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically, file by file)."""
+                 base_path: str | None = None, modules_to_save: list[str] | None = None) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (atomically, file by file).
+
+    ``modules_to_save``: top-level modules trained in full beside the adapter (a classifier's head), saved whole in
+    the same file under PEFT's keys and listed in PEFT's config, so ``PeftModel.from_pretrained`` restores them."""
     from tuneforge.safeio import atomic_write_text, save_safetensors
 
     from tuneforge import __version__
@@ -228,9 +243,14 @@ def save_adapter(model: nn.Module, cfgs: list, out_dir: str | Path, adapter: str
         fn = METHODS[cfgs[0].name].peft_config  # LoRA's names the layers that hold this adapter
         kw = {"adapter": adapter} if "adapter" in inspect.signature(fn).parameters else {}
         config = {k: v for k, v in fn(model, cfgs[0], base_path, **kw).items() if not k.startswith("tuneforge")}
+        if modules_to_save:
+            config.update(modules_to_save=list(modules_to_save), task_type="SEQ_CLS")
     else:  # no PEFT type holds this (a composition, or a method PEFT lacks): PEFT cannot load it either way
         config = {"tuneforge_method": methods, "base_model_name_or_path": base_path}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in method_state_dict(model, cfgs, adapter).items()}
+    prompt = _is_peft_native(cfgs) and getattr(METHODS[cfgs[0].name], "PEFT_TYPE", None) in PROMPT_LEARNING
+    heads = head_state_dict(model, modules_to_save or [], PROMPT_HEAD_PREFIX if prompt else HEAD_PREFIX)
+    state = {**method_state_dict(model, cfgs, adapter), **heads}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_safetensors(tensors, out / WEIGHTS_FILE, metadata={"format": "pt"})
     atomic_write_text(out / METHODS_FILE, json.dumps({"tuneforge_method": methods, "tuneforge": __version__,
                                                       "base_model_name_or_path": base_path}, indent=2) + "\n")
@@ -296,7 +316,27 @@ def load_adapter(model: nn.Module, path: str | Path, adapter: str = "default", a
             mod.load_state_dict(model, cfg, part, adapter)
         else:
             _copy_parameters(model, part, keys, path)
+    _load_heads(model, tensors, path)
     return cfgs
+
+
+def _load_heads(model: nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
+    """Copy saved classifier heads (``modules_to_save``) into the model's own, shape-checked."""
+    from tuneforge.models.arch import task_head_names
+
+    for name in task_head_names(model):
+        own = getattr(model, name).state_dict()
+        saved = {k[len(pre) + len(name) + 1:]: v for pre in (HEAD_PREFIX, PROMPT_HEAD_PREFIX)
+                 for k, v in tensors.items() if k.startswith(f"{pre}{name}.")}
+        if not saved:
+            continue
+        bad = [k for k in own if k not in saved or saved[k].shape != own[k].shape]
+        if bad:
+            k = bad[0]
+            raise AdapterError(f"{path}: the saved {name} head does not fit this model ({name}.{k}: saved "
+                               f"{tuple(saved[k].shape) if k in saved else 'missing'}, model {tuple(own[k].shape)}); "
+                               "load it on the base model with the adapter's labels")
+        getattr(model, name).load_state_dict({k: saved[k] for k in own})
 
 
 def _copy_parameters(model: nn.Module, tensors: dict[str, torch.Tensor], keys: set[str], path) -> None:

@@ -54,6 +54,13 @@ FFN_OUT = {"llama": "mlp.down_proj", "gpt2": "mlp.c_proj", "gpt_neox": "mlp.dens
 FFN_BLOCK = {"llama": "mlp", "gpt2": "mlp", "gpt_neox": "mlp"}
 for _t in ("mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite", "phi3"):
     ATTN_OUT[_t], FFN_OUT[_t], FFN_BLOCK[_t] = "self_attn.o_proj", "mlp.down_proj", "mlp"
+# Encoders (Houlsby's own setting): BERT's attention output and FFN output projections, each before its residual
+# add and LayerNorm, as in Houlsby et al.'s fig. 2. BERT's FFN is two sibling modules (``intermediate``, ``output``,
+# the latter holding the residual and LayerNorm), so there is no FFN block to run a parallel adapter beside:
+# parallel adapters, AdapterBias and their kin need target_modules there.
+for _t in ("bert", "roberta", "xlm-roberta", "camembert", "electra"):
+    ATTN_OUT[_t], FFN_OUT[_t] = "attention.output.dense", r"re:.*\.layer\.\d+\.output\.dense"
+ATTN_OUT["distilbert"], FFN_OUT["distilbert"] = "attention.out_lin", "ffn.lin2"
 
 
 class BottleneckConfig(BaseModel):

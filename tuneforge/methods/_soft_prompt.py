@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from tuneforge.methods._scope import AdapterLayer, PerExample, adapter_layers
+from tuneforge.models.load import ENCODER_TYPES
 
 ATTR = "tuneforge_soft_prompts"  # the container's name on the model
 MARK = "tuneforge_prefix"  # set on a KV cache that holds a soft prefix: (prefix width, per-row lengths)
@@ -117,9 +118,18 @@ def _takes(module: nn.Module, name: str) -> bool:
         return False
 
 
-def check_model(model: nn.Module, method: str) -> None:
-    """Refuse, with the fix, a model whose decoder cannot take a key/value prefix."""
+def check_model(model: nn.Module, method: str, input_level: bool = False) -> None:
+    """Refuse, with the fix, a model whose decoder cannot take a key/value prefix.
+
+    ``input_level``: prompt tuning and P-tuning, whose virtual tokens are *inputs*. Only in a causal model are
+    those exactly a key/value prefix; in an encoder they would attend to the text (and BERT's pooler would read
+    the first of them), which a prefix does not do, so they are refused there. Prefix tuning and P-tuning v2 are
+    a key/value prefix by definition and run on encoders as on decoders (equal to PEFT's on BERT)."""
     cfg = _cfg(model)
+    if input_level and not _is_causal(model):
+        raise ValueError(f"{method}: on an encoder ({cfg.model_type}) the virtual tokens must attend to the text, "
+                         "which tuneforge's key/value prefix cannot express yet; use prefix_tuning or p_tuning_v2 "
+                         "(deep prompts: Liu et al. 2022 found them the stronger choice on encoders anyway)")
     if getattr(cfg, "is_encoder_decoder", False):
         raise ValueError(f"{method}: encoder-decoder models are not supported yet; use a decoder-only model")
     if getattr(cfg, "model_type", None) in ("bloom", "mpt") or getattr(cfg, "alibi", False):
@@ -132,6 +142,11 @@ def check_model(model: nn.Module, method: str) -> None:
     if not _takes(dec, "position_ids"):
         raise ValueError(f"{method}: {type(dec).__name__} takes no position_ids, so inputs cannot be placed after "
                          "the virtual tokens; train a method that changes weights (lora, ia3) instead")
+
+
+def _is_causal(model: nn.Module) -> bool:
+    """A decoder, whose tokens see only earlier tokens (what makes input-level virtual tokens a KV prefix)."""
+    return getattr(_cfg(model), "model_type", None) not in ENCODER_TYPES
 
 
 def max_positions(model: nn.Module) -> int | None:

@@ -39,6 +39,10 @@ DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
     "falcon": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
     "opt": (["k_proj", "v_proj", "fc2"], ["fc2"]),
     "phi3": (["qkv_proj", "down_proj"], ["down_proj"]),
+    # encoders (PEFT's BERT defaults): keys, values and the FFN output
+    **{t: (["key", "value", r"re:.*\.layer\.\d+\.output\.dense"], [r"re:.*\.layer\.\d+\.output\.dense"])
+       for t in ("bert", "roberta", "xlm-roberta", "camembert", "electra")},
+    "distilbert": (["k_lin", "v_lin", "lin2"], ["lin2"]),
 }
 
 

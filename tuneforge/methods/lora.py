@@ -337,7 +337,7 @@ def peft_config(model: nn.Module, cfg: Config, base_path: str | None, adapter: s
     """``adapter_config.json`` in PEFT's LoraConfig fields, so PEFT and vLLM load the adapter."""
     layers = adapter_layers_of(model, adapter, LoraLayer)
     targets = cfg.target_modules or sorted({p.rsplit(".", 1)[-1] for p in layers})
-    if cfg.exclude_modules or any(t.startswith("re:") for t in targets):
+    if cfg.exclude_modules or any(t.startswith("re:") for t in targets) or _matches_more(model, targets, layers):
         wrapped = list(layers)
         targets_out: list[str] | str = "^(" + "|".join(map(_re_escape, wrapped)) + ")$"
     else:
@@ -360,6 +360,17 @@ def from_peft_config(d: dict) -> Config:
     targets = ["re:" + t] if isinstance(t, str) else list(t)
     return Config(rank=d["r"], alpha=d["lora_alpha"], dropout=d.get("lora_dropout", 0.0),
                   target_modules=targets, rslora=d.get("use_rslora", False), dora=bool(d.get("use_dora")))
+
+
+def _matches_more(model: nn.Module, targets: list[str], layers: dict) -> bool:
+    """Whether PEFT's suffix matching of ``targets`` would also wrap a layer this adapter left alone (BERT's
+    ``pooler.dense`` beside the blocks' ``dense`` layers): then the config names the wrapped layers exactly."""
+    for name, module in model.named_modules():
+        if name in layers or any(name.startswith(w + ".") for w in layers) or not arch.linear_like(module):
+            continue
+        if any(name == t or name.endswith("." + t) for t in targets):
+            return True
+    return False
 
 
 def _re_escape(s: str) -> str:

@@ -160,7 +160,7 @@ class PromptEncoder(SP.PromptModule):
 
 
 def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> None:
-    SP.check_model(model, NAME)
+    SP.check_model(model, NAME, input_level=True)
     device, dtype = SP._param_like(model)
     t = cfg.prompt_template()
     if t is not None and t.back:

@@ -64,7 +64,7 @@ def initial_embeddings(model: nn.Module, cfg: SP.InitConfig, n: int, tokenizer=N
 
 
 def apply(model: nn.Module, cfg: Config, adapter: str = "default", tokenizer=None) -> None:
-    SP.check_model(model, NAME)
+    SP.check_model(model, NAME, input_level=True)
     value = initial_embeddings(model, cfg, cfg.num_virtual_tokens, tokenizer)
     SP.container(model, create=True).add(adapter, PromptEmbedding(value))
 

@@ -29,12 +29,22 @@ _DEFAULT_TARGETS: dict[str, list[str]] = {
     "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "gptj": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"],
+    # encoders: every projection of attention and the FFN (BERT's "output.dense" ends both the attention sub-layer
+    # and the FFN; the pooler's "dense" is not a target)
+    **{t: ["query", "key", "value", "intermediate.dense", "output.dense"]
+       for t in ("bert", "roberta", "xlm-roberta", "camembert", "electra")},
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
 }
 
 # Where the block list lives, tried before the structural search so the common cases are exact.
 _BLOCK_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers",
-                "transformer.blocks", "model.language_model.layers")
+                "transformer.blocks", "model.language_model.layers", "bert.encoder.layer", "roberta.encoder.layer",
+                "electra.encoder.layer", "distilbert.transformer.layer", "encoder.layer")
+# Output heads: to the vocabulary, and a sequence classifier's (``classifier``, ``pre_classifier``, ``score``: the
+# modules PEFT trains and saves beside a classification adapter). Never adapted or quantised; a classification run
+# trains the latter in full.
 _HEAD_NAMES = ("lm_head", "embed_out")
+TASK_HEAD_NAMES = ("classifier", "pre_classifier", "score")
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -56,7 +66,13 @@ def output_head_names(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if (head is not None and module is head) or name.rsplit(".", 1)[-1] in _HEAD_NAMES:
             names.append(name)
-    return names
+    return names + [n for n in task_head_names(model) if n not in names]
+
+
+def task_head_names(model: nn.Module) -> list[str]:
+    """Dotted names of a sequence classifier's head modules (top-level ``classifier``/``pre_classifier``/
+    ``score``), in PEFT's ``modules_to_save`` spelling."""
+    return [n for n in TASK_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -81,15 +97,21 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def linear_like(module: nn.Module) -> bool:
+    """An ``nn.Linear``, a GPT-2 ``Conv1D`` or a quantised linear layer."""
+    return isinstance(module, nn.Linear) or is_conv1d(module) or getattr(module, "is_quant_linear", False)
+
+
 def default_targets(model: nn.Module) -> list[str]:
     """Default adapter targets as module-name suffixes.
 
     Curated per model type, filtered to suffixes that actually occur (a variant may drop a projection); an
     unknown architecture gets every distinct leaf name of its linear layers.
     """
-    leaves = {name.rsplit(".", 1)[-1] for name in linear_modules(model)}
+    names = list(linear_modules(model))
+    leaves = {name.rsplit(".", 1)[-1] for name in names}
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    curated = [t for t in _DEFAULT_TARGETS.get(model_type, []) if t in leaves]
+    curated = [t for t in _DEFAULT_TARGETS.get(model_type, []) if any(n.endswith("." + t) for n in names)]
     return curated or sorted(leaves)
 
 

@@ -34,7 +34,7 @@ import torch
 
 from tuneforge.models import arch
 from tuneforge.models.code_pin import CodePinError, verify_code_pin
-from tuneforge.models.tiny import PRESETS, build_tiny, char_tokenizer
+from tuneforge.models.tiny import ENCODERS, PRESETS, build_tiny, char_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LOAD_ERRORS = (OSError, ValueError, KeyError, ImportError, TypeError, AttributeError)
@@ -44,9 +44,18 @@ class ModelLoadError(ValueError):
     """A model directory or preset cannot be loaded; the message names the path and what to change."""
 
 
-def load_model(mcfg: Any, device: str | None = None):
+# Encoder-only model types: they classify (a ``*ForSequenceClassification`` head), they do not generate.
+ENCODER_TYPES = ("bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "xlm-roberta",
+                 "camembert", "mpnet", "modernbert")
+
+
+def load_model(mcfg: Any, device: str | None = None, labels: list[str] | None = None):
     """Return ``(model, tokenizer)`` for a model config (any object with ``path``, ``dtype``,
     ``trust_remote_code``, ``revision`` and ``attn_implementation`` attributes).
+
+    ``labels``: load a sequence classifier (``AutoModelForSequenceClassification``) with these classes, its head
+    new (or the checkpoint's own when it is a classifier of the same classes). Without labels a checkpoint saved as a
+    classifier loads as one, with its own labels; an encoder without labels is refused (it cannot generate).
 
     Duck typing keeps this module importable without the pydantic config layer, and lets tests pass a
     ``SimpleNamespace``.
@@ -54,9 +63,9 @@ def load_model(mcfg: Any, device: str | None = None):
     path = source_path(mcfg)
     trust, revision = _remote_code_policy(mcfg)
     if path.startswith("tiny:"):
-        model, tokenizer = _load_tiny(path.removeprefix("tiny:"), mcfg)
+        model, tokenizer = _load_tiny(path.removeprefix("tiny:"), mcfg, labels)
     else:
-        model, tokenizer = _load_local(Path(path).expanduser(), mcfg, trust, revision)
+        model, tokenizer = _load_local(Path(path).expanduser(), mcfg, trust, revision, labels)
     _ensure_pad_token(model, tokenizer)
     if device is not None:
         model.to(device)
@@ -110,14 +119,38 @@ def _resolve_dtype(name: str | None, auto: Any):
     return _DTYPES[name]
 
 
-def _load_tiny(preset: str, mcfg: Any):
+def _load_tiny(preset: str, mcfg: Any, labels: list[str] | None = None):
     if preset not in PRESETS:
         raise ModelLoadError(f"tiny:{preset}: unknown preset; choose one of {', '.join(sorted(PRESETS))}")
     dtype = _resolve_dtype(getattr(mcfg, "dtype", "float32"), torch.float32)
-    return build_tiny(preset, dtype=dtype, attn_implementation=getattr(mcfg, "attn_implementation", None))
+    return build_tiny(preset, dtype=dtype, attn_implementation=getattr(mcfg, "attn_implementation", None),
+                      labels=labels)
 
 
-def _load_local(path: Path, mcfg: Any, trust: bool, revision: str | None):
+def is_classifier_config(config: Any) -> bool:
+    """A checkpoint saved as a sequence classifier (its ``architectures``)."""
+    return any(str(a).endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
+
+
+def _classifier_kwargs(path: Path, config: Any, labels: list[str] | None) -> dict | None:
+    """``from_pretrained`` options for a sequence classifier with ``labels`` (None: not a classifier load)."""
+    if labels is None:
+        if is_classifier_config(config):
+            return {}
+        if getattr(config, "model_type", None) in ENCODER_TYPES:
+            raise ModelLoadError(f"{path} is an encoder ({config.model_type}): it classifies, it does not generate; "
+                                 "train it with algorithm: classification, and run it with tuneforge classify")
+        return None
+    own = getattr(config, "id2label", None) or {}
+    if is_classifier_config(config) and len(own) != len(labels):
+        raise ModelLoadError(f"{path} is a classifier with {len(own)} labels ({', '.join(map(str, own.values()))}) "
+                             f"but the data has {len(labels)} ({', '.join(labels)}); start from its base model, or "
+                             "give algorithm.labels its label set")
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)}}
+
+
+def _load_local(path: Path, mcfg: Any, trust: bool, revision: str | None, labels: list[str] | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _check_directory(path)
@@ -131,8 +164,12 @@ def _load_local(path: Path, mcfg: Any, trust: bool, revision: str | None):
     if attn:
         model_kwargs["attn_implementation"] = attn
     auto = AutoModelForCausalLM
-    if any(str(a).endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or [])):
-        from transformers import AutoModelForSequenceClassification as auto  # a reward model with a score head
+    head = _classifier_kwargs(path, config, labels)
+    if head is not None:  # a classifier (or a reward model with a one-label score head)
+        from transformers import AutoModelForSequenceClassification as auto
+
+        for k, v in head.items():
+            setattr(config, k, v)
     model = _guarded("model", path, auto.from_pretrained, str(path), **model_kwargs)
     tokenizer = _guarded("tokenizer", path, AutoTokenizer.from_pretrained, str(path), **common)
     model.eval()
@@ -283,7 +320,7 @@ def load_tokenizer(mcfg: Any):
     """Only the tokenizer, so data can be checked before any weights load (same remote-code rules as the model)."""
     path = source_path(mcfg)
     if path.startswith("tiny:"):
-        return char_tokenizer()
+        return char_tokenizer(encoder=path.removeprefix("tiny:") in ENCODERS)
     from transformers import AutoTokenizer
 
     local = Path(path).expanduser()
@@ -298,17 +335,18 @@ def load_tokenizer(mcfg: Any):
     return tok
 
 
-def meta_model(mcfg: Any):
+def meta_model(mcfg: Any, labels: list[str] | None = None):
     """The model's module tree on the meta device: names and shapes, no weights read, no memory used.
 
-    Used to check method targets and count parameters before (or instead of) a real load.
+    Used to check method targets and count parameters before (or instead of) a real load. ``labels`` as in
+    ``load_model``; an encoder gets a two-label head when none are given (its layers are what matter here).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = source_path(mcfg)
     with torch.device("meta"):
         if path.startswith("tiny:"):
-            return build_tiny(path.removeprefix("tiny:"))[0]
+            return build_tiny(path.removeprefix("tiny:"), labels=labels)[0]
         local = Path(path).expanduser()
         _check_directory(local)
         trust, revision = _remote_code_policy(mcfg)
@@ -318,4 +356,11 @@ def meta_model(mcfg: Any):
                           trust_remote_code=trust, revision=revision)
         # from_config hands code_revision to the dynamic-module loader, and drops it only on that branch.
         pinned = {"code_revision": revision} if trust else {}
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust, **pinned)
+        if labels is None and getattr(config, "model_type", None) in ENCODER_TYPES and not is_classifier_config(config):
+            labels = ["0", "1"]
+        head = _classifier_kwargs(local, config, labels)
+        if head is None:
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust, **pinned)
+        for k, v in head.items():
+            setattr(config, k, v)
+        return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust, **pinned)

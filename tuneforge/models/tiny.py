@@ -16,10 +16,12 @@ import os
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig,
+                          PreTrainedTokenizerFast)
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+CLS, SEP = "[CLS]", "[SEP]"  # the encoder presets' sentence markers (appended after CHARS: other ids unchanged)
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 # Printable ASCII (space..tilde) plus the two whitespace controls that appear in real text.
@@ -63,10 +65,17 @@ PRESETS: dict[str, dict] = {
         "num_key_value_heads": 4, "intermediate_size": 1376, "max_position_embeddings": 4096,
         "vocab_size": 32000, "tie_word_embeddings": False,
     },
+    # An encoder (BERT): classification tests build ``BertForSequenceClassification`` on it; its tokenizer adds
+    # [CLS] A [SEP] (B [SEP]) with segment ids, as BERT's does.
+    "bert": {
+        "model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 128, "max_position_embeddings": 512, "type_vocab_size": 2,
+    },
 }
+ENCODERS = ("bert",)  # presets that are encoders: no causal LM head, a sequence-classification head instead
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
+def char_tokenizer(encoder: bool = False) -> PreTrainedTokenizerFast:
     """Build the character-level tokenizer shared by every tiny preset.
 
     Specials get the low ids (pad=0, bos=1, eos=2, unk=3) so that a zero-initialised or padded tensor is
@@ -74,22 +83,36 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     eight characters. Encoding adds no bos/eos, like GPT-2's tokenizer (a bos token it never adds itself): the
     data pipeline keeps whatever start tokens a tokenizer adds (none here), appends eos to completions, and uses
     bos only to give an empty prompt a first token.
+
+    ``encoder``: BERT's conventions instead: [CLS] and [SEP] (after every other id), ``[CLS] A [SEP]`` for one text
+    and ``[CLS] A [SEP] B [SEP]`` with token type ids 0/1 for a pair (the tokenizer's pair template).
     """
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + ROLE_TOKENS + CHARS)}
+    extra = (CLS, SEP) if encoder else ()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + ROLE_TOKENS + CHARS + extra)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     # Isolate every character (the class also matches newline, unlike ".").
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS + ROLE_TOKENS])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in SPECIAL_TOKENS + ROLE_TOKENS + extra])
+    if encoder:
+        cls, sep = vocab[CLS], vocab[SEP]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{CLS}:0 $A:0 {SEP}:0", pair=f"{CLS}:0 $A:0 {SEP}:0 $B:1 {SEP}:1",
+            special_tokens=[(CLS, cls), (SEP, sep)])
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
-        add_bos_token=False, add_eos_token=False,
+        # (an encoder keeps its pair template: these two would rebuild the post-processor without it)
+        **({} if encoder else {"add_bos_token": False, "add_eos_token": False}),
         padding_side="right",
         clean_up_tokenization_spaces=False,  # would turn "a ." into "a." and break decode(encode(s)) == s
         model_max_length=4096,
+        **({"cls_token": CLS, "sep_token": SEP, "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
+           if encoder else {}),
     )
-    tok.chat_template = CHAT_TEMPLATE
+    if not encoder:
+        tok.chat_template = CHAT_TEMPLATE
     return tok
 
 
@@ -111,18 +134,25 @@ def _make_config(preset: str, vocab_size: int | None, tokenizer: PreTrainedToken
 
 
 def build_tiny(preset: str, seed: int = 0, dtype=torch.float32, vocab_size: int | None = None,
-               *, attn_implementation: str | None = None):
+               *, attn_implementation: str | None = None, labels: list[str] | None = None):
     """Build a randomly initialised tiny model and its tokenizer, reproducibly from ``seed``.
 
     Initialisation runs under a forked RNG so building a model never perturbs the caller's random stream (tests
-    that seed once and build several models would otherwise depend on construction order).
+    that seed once and build several models would otherwise depend on construction order). ``labels``: a
+    sequence classifier with those classes (``*ForSequenceClassification``; an encoder preset is always one).
     """
-    tokenizer = char_tokenizer()
+    encoder = preset in ENCODERS
+    tokenizer = char_tokenizer(encoder=encoder)
     config = _make_config(preset, vocab_size, tokenizer)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if encoder or labels is not None:
+        labels = list(labels or ("0", "1"))
+        config.num_labels = len(labels)
+        config.id2label, config.label2id = dict(enumerate(labels)), {name: i for i, name in enumerate(labels)}
+    auto = AutoModelForSequenceClassification if labels is not None else AutoModelForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
+        model = auto.from_config(config, dtype=dtype, **extra)
     model.generation_config = GenerationConfig(
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -1,0 +1,271 @@
+"""Classification on encoders (and decoders with a score head): rows, labels, the loss and metrics, the head saved
+with the adapter in PEFT's layout, and the errors a user gets for bad files."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from tuneforge.algorithms import classification as C
+from tuneforge.api import train
+from tuneforge.config import ConfigError, load_config
+from tuneforge.data.classification import (ClassificationDataset, build_classification_dataset, collate_classification,
+                                           label_name, read_labels, sorted_labels)
+from tuneforge.data.report import DataError
+from tuneforge.methods import METHOD_CONFIGS, apply_methods, load_adapter, save_adapter
+from tuneforge.models.labels import read_labels as read_saved_labels
+from tuneforge.models.load import load_model
+from tuneforge.models.tiny import build_tiny, char_tokenizer
+
+
+def _rows(n: int, seed: int) -> list[dict]:
+    """Whether a 9-letter a/b string has more a's than b's: learnable in a few dozen steps by the tiny encoder."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        s = "".join(rng.choice("ab") for _ in range(9))
+        out.append({"text": s, "label": "pos" if s.count("a") > s.count("b") else "neg"})
+    return out
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _recipe(tmp_path, method, steps=60, **algo):
+    train_file = _write(tmp_path / "train.jsonl", _rows(400, 0))
+    eval_file = _write(tmp_path / "eval.jsonl", _rows(100, 1))
+    return load_config({"model": {"path": "tiny:bert"}, "data": {"train": train_file, "eval": eval_file, "max_len": 32},
+                        "method": method, "algorithm": {"name": "classification", **algo},
+                        "train": {"output_dir": str(tmp_path / "run"), "max_steps": steps, "batch_size": 16,
+                                  "learning_rate": 3e-3, "progress": False, "tensorboard": False, "log_every": 1000,
+                                  "eval_every": steps}})
+
+
+# ------------------------------------------------------------------------------------------------ rows and labels
+def test_label_names_and_order():
+    assert label_name(1) == label_name("1") == label_name(1.0) == "1"
+    assert sorted_labels(["10", "2", "1"]) == ["1", "2", "10"]  # numerically: SST-2's 0 stays class 0
+    assert sorted_labels(["pos", "neg"]) == ["neg", "pos"]
+    with pytest.raises(ValueError, match="label"):
+        label_name(1.5)
+    with pytest.raises(ValueError, match="label"):
+        label_name(True)
+
+
+def test_tsv_file_as_glue_ships_it(tmp_path):
+    f = tmp_path / "dev.tsv"
+    f.write_text('sentence\tlabel\nit \'s a "charming journey . \t1\nbleak \t0\n')
+    tok = char_tokenizer(encoder=True)
+    ds = build_classification_dataset(str(f), tok)
+    assert ds.labels == ["0", "1"] and [r["class_label"] for r in ds.rows] == [1, 0]
+    assert ds.rows[0]["input_ids"][0] == tok.cls_token_id and ds.rows[0]["input_ids"][-1] == tok.sep_token_id
+
+
+def test_sentence_pairs_use_the_pair_template(tmp_path):
+    f = _write(tmp_path / "p.jsonl", [{"text_a": "ab", "text_b": "c", "label": 0}, {"sentence1": "x", "sentence2": "yz",
+                                                                                   "label": 1}])
+    ds = build_classification_dataset(f, char_tokenizer(encoder=True))
+    assert ds.rows[0]["token_type_ids"] == [0, 0, 0, 0, 1, 1]
+    batch = collate_classification(ds.rows, 0)
+    assert batch["token_type_ids"].tolist() == [[0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1]]
+    assert batch["attention_mask"].tolist() == [[1] * 6, [1] * 6] and batch["class_labels"].tolist() == [0, 1]
+
+
+def test_bad_files_name_file_line_and_field(tmp_path):
+    tok = char_tokenizer(encoder=True)
+    f = _write(tmp_path / "e.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "maybe"}])
+    with pytest.raises(DataError, match=r"e\.jsonl:2: label: 'maybe' is not one of the run's labels"):
+        build_classification_dataset(f, tok, labels=["neg", "pos"])
+    f = _write(tmp_path / "m.jsonl", [{"text": "a", "label": 1}, {"text": "b"}])
+    with pytest.raises(DataError, match=r"m\.jsonl:2: label: missing"):
+        build_classification_dataset(f, tok)
+    t = tmp_path / "r.tsv"
+    t.write_text("sentence\tlabel\ngood\t1\nbad\t0\tsurplus\n")
+    with pytest.raises(DataError, match=r"r\.tsv:3: expected 2 fields \(from the header\), got 3"):
+        build_classification_dataset(str(t), tok)
+    f = _write(tmp_path / "pair.jsonl", [{"text_a": "a", "text_b": "b", "label": 1}])
+    with pytest.raises(DataError, match=r"pair\.jsonl:1: text_b: sentence pairs need a tokenizer with a pair template"):
+        build_classification_dataset(f, char_tokenizer())  # the decoders' tokenizer: no separator, no segments
+
+
+def test_truncation_modes(tmp_path):
+    tok = char_tokenizer(encoder=True)
+    f = _write(tmp_path / "t.jsonl", [{"text": "abcdefgh", "label": 0}, {"text": "ab", "label": 1}])
+    ds = build_classification_dataset(f, tok, max_len=6)
+    assert len(ds.rows[0]["input_ids"]) == 6 and ds.rows[0]["input_ids"][-1] == tok.sep_token_id
+    assert len(build_classification_dataset(f, tok, max_len=6, truncation="drop").rows) == 1
+    with pytest.raises(DataError, match="longer than max_len"):
+        build_classification_dataset(f, tok, max_len=6, truncation="error")
+
+
+def test_read_labels_of_a_file(tmp_path):
+    f = _write(tmp_path / "l.jsonl", [{"text": "a", "label": 2}, {"text": "b", "label": 10}, {"text": "c", "label": 2}])
+    assert read_labels(f) == ["2", "10"]
+
+
+# ------------------------------------------------------------------------------------------------ loss and metrics
+def test_loss_is_the_step_mean_cross_entropy():
+    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]])  # p = (1/4, 3/4) and (1/2, 1/2)
+    targets = torch.tensor([1, 0])
+    want = -(math.log(0.75) + math.log(0.5)) / 4  # the step has 4 rows; this micro-batch 2 of them
+    assert C.loss_fn(logits, targets, 4.0).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_accuracy_and_macro_f1_by_hand():
+    # gold 0 0 0 1 1 2, predicted 0 0 1 1 0 2: class 0 tp2 fp1 fn1 -> 2/3; class 1 tp1 fp1 fn1 -> 1/2; class 2 -> 1
+    s = C.scores([0, 0, 1, 1, 0, 2], [0, 0, 0, 1, 1, 2], 3)
+    assert s["accuracy"] == pytest.approx(4 / 6)
+    assert s["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+
+
+def test_config_labels_must_be_distinct():
+    with pytest.raises(ValueError):
+        C.Config(labels=["a", "a"])
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_lora_on_an_encoder_learns_and_saves_the_head_in_peft_layout(tmp_path):
+    out = train(_recipe(tmp_path, [{"name": "lora", "rank": 4}]))
+    final = out.result.history[-1]
+    assert final["eval_accuracy"] >= 0.85, final  # chance is ~0.5; 60 steps reach 1.0 on this task
+    cfg = json.loads((out.saved / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["classifier"]
+    assert read_saved_labels(out.saved) == ["neg", "pos"]
+    # reloading gives the trained classifier's predictions
+    model, tok = load_model(load_config({"model": {"path": "tiny:bert"}, "data": {"train": str(tmp_path / "train.jsonl")}
+                                         }).model, labels=["neg", "pos"])
+    load_adapter(model, out.saved)
+    ds = build_classification_dataset(str(tmp_path / "eval.jsonl"), tok, labels=["neg", "pos"])
+    res = C.evaluate(model, ds, lambda rows: collate_classification(rows, tok.pad_token_id))
+    assert res["accuracy"] == pytest.approx(final["eval_accuracy"])
+
+
+@pytest.mark.parametrize("method", [[{"name": "full"}], [{"name": "houlsby"}], [{"name": "bitfit"}],
+                                    [{"name": "ia3"}], [{"name": "prefix_tuning", "num_virtual_tokens": 4}]])
+def test_methods_train_on_an_encoder(tmp_path, method):
+    out = train(_recipe(tmp_path, method, steps=3))
+    assert out.saved.exists() and (out.saved / ("config.json" if method[0]["name"] == "full" else "labels.json")).exists()
+    if method[0]["name"] == "full":  # a whole classifier: its labels live in its config
+        model, _ = load_model(load_config({"model": {"path": str(out.saved)}, "data": {"train": str(tmp_path / "train.jsonl")}}
+                                          ).model)
+        assert type(model).__name__ == "BertForSequenceClassification"
+        assert model.config.id2label == {0: "neg", 1: "pos"}
+
+
+def test_decoder_with_a_score_head_classifies(tmp_path):
+    cfg = _recipe(tmp_path, [{"name": "lora", "rank": 4}], steps=3)
+    cfg.model.path = "tiny:llama"
+    out = train(cfg)
+    assert json.loads((out.saved / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+def test_classification_rows_with_a_generative_algorithm(tmp_path):
+    f = _write(tmp_path / "c.jsonl", _rows(4, 0))
+    cfg = load_config({"model": {"path": "tiny:llama"}, "data": {"train": f},
+                       "train": {"output_dir": str(tmp_path / "o"), "max_steps": 1, "progress": False}})
+    with pytest.raises(ConfigError, match=r"c\.jsonl:1: classification rows .* use algorithm: classification"):
+        train(cfg)
+    assert not (tmp_path / "o").exists()
+
+
+def test_generative_algorithm_on_an_encoder_is_refused(tmp_path):
+    f = _write(tmp_path / "t.jsonl", [{"text": "hello"}])
+    cfg = load_config({"model": {"path": "tiny:bert"}, "data": {"train": f},
+                       "train": {"output_dir": str(tmp_path / "o"), "max_steps": 1, "progress": False}})
+    with pytest.raises(ConfigError, match="is an encoder .*use algorithm: classification"):
+        train(cfg)
+
+
+def test_input_level_prompts_are_refused_on_encoders():
+    for name in ("prompt_tuning", "p_tuning"):
+        model, tok = build_tiny("bert")
+        with pytest.raises(ValueError, match="on an encoder"):
+            apply_methods(model, [METHOD_CONFIGS[name](name=name)], tokenizer=tok)
+
+
+# ------------------------------------------------------------------------------------------------ PEFT interop
+@pytest.mark.parametrize("name", ["lora", "ia3", "prefix_tuning", "p_tuning_v2"])
+def test_peft_loads_our_encoder_adapter_and_head(tmp_path, name):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model, tok = build_tiny("bert")
+    model.eval()
+    cfgs = [METHOD_CONFIGS[name](name=name, **({"num_virtual_tokens": 3} if "p" in name[:2] else {}))]
+    apply_methods(model, cfgs, tokenizer=tok)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+        model.classifier.weight.normal_()
+    save_adapter(model, cfgs, tmp_path / "a", base_path="tiny:bert", modules_to_save=["classifier"])
+    base, _ = build_tiny("bert")
+    ours = model(**tok(["aab ab", "bbba"], padding=True, return_tensors="pt")).logits
+    theirs = peft.PeftModel.from_pretrained(base.eval(), tmp_path / "a").eval()
+    with torch.no_grad():
+        plain = build_tiny("bert")[0].eval()(**tok(["aab ab", "bbba"], padding=True, return_tensors="pt")).logits
+        got = theirs(**tok(["aab ab", "bbba"], padding=True, return_tensors="pt")).logits
+    assert (ours - plain).abs().max() > 1e-3  # the adapter and head change the output
+    torch.testing.assert_close(got, ours.detach(), atol=1e-5, rtol=0)
+
+
+def test_we_load_peft_lora_classifier(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base, tok = build_tiny("bert")
+    pm = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.normal_(0, 0.5)
+    pm.save_pretrained(tmp_path / "p")
+    pm.eval()
+    x = tok(["aab ab", "bbba"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = pm(**x).logits
+        ours, _ = build_tiny("bert")
+        load_adapter(ours.eval(), tmp_path / "p")
+        got = ours(**x).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_dataset_split_keeps_labels(tmp_path):
+    f = _write(tmp_path / "s.jsonl", _rows(20, 3))
+    ds = build_classification_dataset(f, char_tokenizer(encoder=True))
+    a, b = ds.split(0.25)
+    assert isinstance(a, ClassificationDataset) and a.labels == b.labels == ds.labels and len(a) + len(b) == 20
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def _cli(argv, capsys):
+    from tuneforge.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_classify_and_eval_commands(tmp_path, capsys):
+    out = train(_recipe(tmp_path, [{"name": "lora", "rank": 4}], steps=3))
+    capsys.readouterr()  # the training run's own output
+    code, stdout, _ = _cli(["classify", "--model", "tiny:bert", "--adapter", str(out.saved), "--text", "aaab"], capsys)
+    res = json.loads(stdout)
+    assert code == 0 and res["label"] in ("neg", "pos") and sum(res["probs"].values()) == pytest.approx(1, abs=1e-4)
+    preds = tmp_path / "preds.jsonl"
+    code, stdout, _ = _cli(["classify", "--model", "tiny:bert", "--adapter", str(out.saved), "--file",
+                            str(tmp_path / "eval.jsonl"), "--out", str(preds)], capsys)
+    assert code == 0 and len(preds.read_text().splitlines()) == 100
+    assert set(json.loads(stdout.splitlines()[-1])) >= {"accuracy", "macro_f1", "loss"}
+    code, stdout, _ = _cli(["eval", "--model", "tiny:bert", "--adapter", str(out.saved), "--data",
+                            str(tmp_path / "eval.jsonl")], capsys)
+    assert code == 0 and 0.0 <= json.loads(stdout)["accuracy"] <= 1.0
+    bad = _write(tmp_path / "bad.jsonl", [{"text": "ab", "label": "maybe"}])
+    code, _, err = _cli(["classify", "--model", "tiny:bert", "--adapter", str(out.saved), "--file", bad], capsys)
+    assert code == 2 and err.startswith("error:") and "bad.jsonl:1: label: 'maybe'" in err and "Traceback" not in err
