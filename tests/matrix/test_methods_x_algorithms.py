@@ -41,6 +41,7 @@ ALGORITHM_CONFIGS = {
     "grpo": {**ONLINE, "num_generations": 2}, "ppo": {**ONLINE, "ppo_epochs": 2},
     "rejection_sampling": {**ONLINE, "num_samples": 2}, "online_dpo": ONLINE,
     "rlaif": {"max_new_tokens": 4, "judge": {"function": "JUDGE"}},
+    "classification": {},  # the tiny Llama with a score head (LlamaForSequenceClassification)
 }
 
 
@@ -56,6 +57,8 @@ def files(tmp_path_factory):
     return {"members": _fusion_members(d),
             "pc": write_jsonl(d / "pc.jsonl", make_examples("copy", 24, seed=1)),
             "pref": write_jsonl(d / "pref.jsonl", preference_pairs("reverse", 24, seed=1)),
+            "cls": write_jsonl(d / "cls.jsonl", [{"text": r["prompt"], "label": len(r["prompt"]) % 2}
+                                                 for r in make_examples("copy", 24, seed=1)]),
             "judge": f"{judge}:shorter"}
 
 
@@ -84,7 +87,8 @@ def test_method_trains_under_algorithm(method, algorithm, files, tmp_path):
     algo = {"name": algorithm, **ALGORITHM_CONFIGS[algorithm]}
     if algorithm == "rlaif":
         algo["judge"] = {"function": files["judge"]}
-    data = files["pref"] if algorithm in ("reward", "dpo", "orpo") else files["pc"]
+    data = files["pref"] if algorithm in ("reward", "dpo", "orpo") else files["cls" if algorithm == "classification"
+                                                                              else "pc"]
     cfg = base_config(tmp_path, data, max_steps=3, batch_size=2, learning_rate=1e-2)
     m = METHODS[method]
     m = [{**c, "adapters": files["members"]} if c.get("adapters") == "MEMBERS" else c
