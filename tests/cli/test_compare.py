@@ -115,7 +115,7 @@ def test_lr_auto_sweeps_each_method_then_trains_at_the_best_rate(tmp_path, capsy
 
     calls = []
 
-    def fake_children(jobs, metric, log_file):  # the exact match peaks at each method's middle rate
+    def fake_children(jobs, metric, log_file, echo=None):  # the exact match peaks at each middle rate
         calls.append((log_file.name, [(d, c.train.learning_rate, c.train.max_steps) for d, c in jobs]))
         out = []
         for d, c in jobs:
@@ -142,6 +142,27 @@ def test_lr_auto_sweeps_each_method_then_trains_at_the_best_rate(tmp_path, capsy
     assert lora["learning_rate"] == C.DEFAULT_LR["lora"] and len(lora["lr_sweep"]) == 3
     assert [s["value"] for s in lora["lr_sweep"]] == [0.1, 0.9, 0.1] and res["lr_mode"] == "auto"
     assert "chose lr 0.003" in stdout and "(sweep 0.000949: 10.0%, 0.003: 90.0%, 0.00949: 10.0%)" in stdout
+
+
+def test_a_run_whose_process_dies_is_reported_failed_and_its_log_kept(tmp_path, monkeypatch):
+    import sys
+
+    from tuneforge.config import load_config
+    from tuneforge.eval import compare as C
+    from tuneforge.eval.runs import variant
+
+    real = subprocess.Popen
+    child = "print('step 1/2 | loss 4.5 | lr 0.1 | eta 00:00:01', flush=True); raise SystemExit(137)"
+    monkeypatch.setattr(C.subprocess, "Popen", lambda args, **kw: real([sys.executable, "-c", child], **kw))
+    cfg = load_config(str(recipe(tmp_path)))
+    run_dir = tmp_path / "cmp" / "ia3" / "run"
+    seen = []
+    [res] = C.run_children([(run_dir, variant(cfg, [{"name": "ia3"}], run_dir))], "loss", run_dir.parent / "run.log",
+                           seen.append)
+    assert res["status"] == "failed" and "exited with code 137" in res["error"] and "run.log" in res["error"]
+    assert seen == ["step 1/2 | loss 4.5 | eta 00:00:01"]
+    assert "step 1/2" in (run_dir.parent / "run.log").read_text()
+    assert not list(run_dir.parent.glob(".*job.json"))  # the job file is removed
 
 
 @pytest.mark.parametrize("args, words", [
@@ -179,6 +200,7 @@ def test_the_report_renders_in_a_headless_browser(tmp_path):
     summary = {"recipe": "r.yaml", "model": "tiny:llama", "data": {"train": "t.jsonl", "eval": "e.jsonl"},
                "algorithm": "sft", "seed": 0, "max_steps": 10, "epochs": None, "metric": "exact_match",
                "metric_label": "held-out exact match", "higher_is_better": True, "lr_mode": "recipe",
+               "metric_percent": True,
                "runs": [row("lora", 0.75, 2.5), row("ia3", 0.5, 0.1), row("full", 0.875, 100.0)]}
     write_report(summary, tmp_path / "compare")
     page = (tmp_path / "compare" / "report.html").resolve()

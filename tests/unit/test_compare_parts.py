@@ -114,6 +114,7 @@ def summary(metric="exact_match"):
     return {"recipe": "r.yaml", "model": "tiny:llama", "data": {"train": "t.jsonl", "eval": "e.jsonl"},
             "algorithm": "sft", "seed": 0, "max_steps": 20, "epochs": None, "metric": metric,
             "metric_label": "held-out exact match", "higher_is_better": metric == "exact_match", "lr_mode": "auto",
+            "metric_percent": metric == "exact_match",
             "runs": [_run("ia3", 0.25, 2.0, 0.4), _run("lora", 0.5, 1.0, 15.0, sweep=sweep),
                      _run("prefix_tuning", None, None, 1.0, "failed"), _run("bitfit", 0.25, 1.5, 0.1)]}
 
@@ -177,3 +178,29 @@ def test_throughput_counts_this_sessions_steps():
     hist = [{"tokens_per_s": 100.0, "step_s": 0.5}, {"tokens_per_s": 300.0, "step_s": 0.5}]
     assert throughput(hist) == (200, 200.0)
     assert throughput([]) == (0, None)
+
+
+# ------------------------------------------------------------------------------------------ metric registry
+def test_the_metric_follows_what_the_eval_rows_hold(tmp_path):
+    from conftest import base_config, write_jsonl
+
+    from tuneforge.config import load_config
+    from tuneforge.eval.runs import METRICS, pick_metric
+
+    rows = {"pc": [{"prompt": "a", "completion": "b"}], "chat": [{"messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}],
+        "text": [{"text": "abc"}], "pref": [{"prompt": "a", "chosen": "b", "rejected": "c"}]}
+    want = {"pc": "exact_match", "chat": "exact_match", "text": "loss", "pref": "preference_accuracy"}
+    for kind, data in rows.items():
+        cfg = base_config(tmp_path, write_jsonl(tmp_path / f"{kind}.jsonl", data))
+        cfg["data"]["eval"] = str(tmp_path / f"{kind}.jsonl")
+        assert pick_metric(load_config(cfg)) == want[kind], kind
+    assert list(METRICS)[-1] == "loss"  # the fallback comes last: the first supported entry wins
+    assert all(callable(m.compute) and callable(m.supports) and m.label for m in METRICS.values())
+
+
+def test_step_lines_are_shortened_for_progress():
+    from tuneforge.eval.compare import step_line
+
+    line = "step 4/8 | loss 4.697 | lr 0.0001 | grad_norm 0.02 | eval_loss 4.5 | tokens_per_s 128.1 | eta 00:00:03\n"
+    assert step_line(line) == "step 4/8 | loss 4.697 | eval_loss 4.5 | eta 00:00:03"

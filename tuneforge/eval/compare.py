@@ -235,13 +235,16 @@ def prepare(cfg: RunConfig, entries: list[Entry], steps: int | None, metric: str
                       max_steps=steps, save_every=cfg.train.save_every)
     if metric is None:
         metric = pick_metric(cfg)
+        if metric is None:
+            raise CompareError(f"data.eval: no held-out metric can score {cfg.data.eval} (known: "
+                               f"{', '.join(METRICS)})")
     elif metric not in METRICS:
         close = difflib.get_close_matches(metric, list(METRICS), n=1)
         hint = f"; did you mean `{close[0]}`?" if close else ""
         raise CompareError(f"--metric {metric!r}: unknown metric (known: {', '.join(METRICS)}){hint}")
     elif not METRICS[metric].supports(cfg):
-        raise CompareError(f"--metric {metric}: {cfg.data.eval} cannot be scored this way "
-                           f"(use {pick_metric(cfg)})")
+        raise CompareError(f"--metric {metric}: {cfg.data.eval} cannot be scored this way"
+                           + (f" (use {pick_metric(cfg)})" if pick_metric(cfg) else ""))
     tok = load_tokenizer(cfg.model)
     for e in entries:
         try:
@@ -276,9 +279,16 @@ def _reusable(run_dir: Path, cfg: RunConfig, metric: str) -> dict | None:
     return None
 
 
-def run_children(jobs: list[tuple[Path, RunConfig]], metric: str, log_file: Path) -> list[dict]:
+def step_line(line: str) -> str:
+    """The training loop's step line, short: ``step 40/200 | loss 1.23 | eval_loss 1.4 | eta 00:01:10``."""
+    parts = line.strip().split(" | ")
+    return " | ".join([parts[0]] + [p for p in parts[1:] if p.split(" ", 1)[0] in ("loss", "eval_loss", "eta")])
+
+
+def run_children(jobs: list[tuple[Path, RunConfig]], metric: str, log_file: Path, echo=None) -> list[dict]:
     """Train and score ``jobs`` in one child process (results reused where finished); one result dict per job,
-    ``status`` "failed" with the reason where a run did not finish."""
+    ``status`` "failed" with the reason where a run did not finish. The child's output goes to ``log_file``, its
+    step lines also to ``echo``."""
     from tuneforge.safeio import atomic_write_text
 
     results: dict[int, dict] = {}
@@ -298,8 +308,13 @@ def run_children(jobs: list[tuple[Path, RunConfig]], metric: str, log_file: Path
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         with open(log_file, "a") as fh:
-            code = subprocess.call([sys.executable, "-m", "tuneforge.eval.compare_run", str(job)],
-                                   stdout=fh, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen([sys.executable, "-m", "tuneforge.eval.compare_run", str(job)], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            for line in proc.stdout:
+                fh.write(line)
+                if echo is not None and line.startswith("step "):
+                    echo(step_line(line))
+            code = proc.wait()
         job.unlink(missing_ok=True)
         for i in todo:
             f = jobs[i][0] / RESULT_FILE
@@ -312,7 +327,44 @@ def run_children(jobs: list[tuple[Path, RunConfig]], metric: str, log_file: Path
 
 
 def _fmt(v: float | None, metric: str) -> str:
-    return "n/a" if v is None else (f"{v:.1%}" if metric == "exact_match" else f"{v:.4g}")
+    return "n/a" if v is None else (f"{v:.1%}" if METRICS[metric].percent else f"{v:.4g}")
+
+
+def _sweep(cfg: RunConfig, e: Entry, out: Path, metric: str, log, tag: str) -> tuple[float, list[dict]]:
+    """``--lr auto`` for one entry: its sweep runs (one child process), each rate's metric, and the rate chosen."""
+    rates, budget = sweep_rates(e.methods), sweep_budget(cfg.train.model_dump())
+    log(f"{tag}: learning-rate sweep {', '.join(f'{r:g}' for r in rates)} "
+        f"({', '.join(f'{k} {v:g}' for k, v in budget.items())} each)")
+    jobs = [(out / e.folder / f"sweep-lr{r:g}", variant(cfg, e.methods, out / e.folder / f"sweep-lr{r:g}", r,
+                                                       **budget)) for r in rates]
+    results = run_children(jobs, metric, out / e.folder / "sweep.log", lambda x: log(f"{tag}:     {x}"))
+    sweep = []
+    for (run_dir, _), r, res in zip(jobs, rates, results):
+        scores = res.get("metrics") or {}
+        sweep.append({"lr": r, "value": scores.get(metric), "loss": scores.get("loss"), "status": res["status"],
+                      "dir": str(run_dir), "error": res.get("error"), "reused": res.get("reused", False)})
+        why = "" if res["status"] == "ok" else f" (failed: {res['error']})"
+        log(f"{tag}:   lr {r:g}: {metric} {_fmt(scores.get(metric), metric)}{why}"
+            f"{' (reused)' if res.get('reused') else ''}")
+    chosen = choose_rate(sweep, metric)
+    rate = chosen if chosen is not None else default_lr(e.methods)
+    log(f"{tag}: chose lr {rate:g}" + ("" if chosen is not None else " (no sweep run finished: the default)"))
+    return rate, sweep
+
+
+def _final(cfg: RunConfig, e: Entry, out: Path, rate: float, metric: str, log, tag: str) -> dict:
+    """The entry's run on the whole budget, with periodic checkpoints as the recipe sets them (for resuming)."""
+    run_dir = out / e.folder / "run"
+    run_cfg = variant(cfg, e.methods, run_dir, rate, save_every=cfg.train.save_every)
+    log(f"{tag}: training at lr {rate:g} in {run_dir}")
+    res = run_children([(run_dir, run_cfg)], metric, out / e.folder / "run.log", lambda x: log(f"{tag}:   {x}"))[0]
+    value = (res.get("metrics") or {}).get(metric)
+    if res["status"] == "ok":
+        log(f"{tag}: {metric} {_fmt(value, metric)}, {res['wall_s']:.1f} s, peak RSS "
+            f"{res['peak_rss_bytes'] / 2**20:.0f} MiB{' (result reused)' if res.get('reused') else ''}")
+    else:
+        log(f"{tag}: FAILED: {res['error']}")
+    return {**res, "learning_rate": rate, "value": value}
 
 
 def run_compare(cfg: RunConfig, entries: list[Entry], out: str | Path, lr: str | float = "recipe",
@@ -320,56 +372,27 @@ def run_compare(cfg: RunConfig, entries: list[Entry], out: str | Path, lr: str |
     """Train and score every entry (``prepare`` first), then write ``<out>/compare/``; returns the summary."""
     from tuneforge.eval.compare_report import write_report
 
-    out = Path(out)
-    base_train = cfg.train.model_dump(mode="json")
-    n = len(entries)
+    out, t = Path(out), cfg.train
     mode = "auto" if lr == "auto" else ("fixed" if isinstance(lr, float) else "recipe")
-    steps = base_train.get("max_steps")
-    budget = f"{steps} steps" if steps else f"{base_train['epochs']:g} epoch(s)"
-    rate_text = {"auto": "auto (a sweep per method)", "fixed": f"{lr:g}" if mode == "fixed" else "",
-                 "recipe": f"{base_train['learning_rate']:g} (the recipe's)"}[mode]
+    budget = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epoch(s)"
+    rate_text = ("auto (a sweep per method)" if mode == "auto" else f"{lr:g} for every method" if mode == "fixed"
+                 else f"{t.learning_rate:g} (the recipe's)")
     direction = "higher" if METRICS[metric].higher_is_better else "lower"
-    log(f"compare: {n} method(s), {budget} each, seed {base_train['seed']}, metric {metric} ({direction} is "
+    log(f"compare: {len(entries)} method(s), {budget} each, seed {t.seed}, metric {metric} ({direction} is "
         f"better), learning rate {rate_text}")
     rows = []
     for k, e in enumerate(entries, 1):
-        tag = f"[{k}/{n}] {e.label}"
-        row = {"label": e.label, "method": e.methods, "folder": str(out / e.folder), "lr_sweep": []}
-        rate = lr if isinstance(lr, float) else base_train["learning_rate"]
+        tag = f"[{k}/{len(entries)}] {e.label}"
+        rate, sweep = lr if mode == "fixed" else t.learning_rate, []
         if mode == "auto":
-            rates = sweep_rates(e.methods)
-            budget = sweep_budget(base_train)
-            log(f"{tag}: learning-rate sweep {', '.join(f'{r:g}' for r in rates)} "
-                f"({', '.join(f'{k2} {v:g}' for k2, v in budget.items())} each)")
-            jobs = [(out / e.folder / f"sweep-lr{r:g}", variant(cfg, e.methods, out / e.folder / f"sweep-lr{r:g}",
-                                                               r, **budget)) for r in rates]
-            for (run_dir, _), r, res in zip(jobs, rates, run_children(jobs, metric, out / e.folder / "sweep.log")):
-                value = (res.get("metrics") or {}).get(metric)
-                row["lr_sweep"].append({"lr": r, "value": value, "loss": (res.get("metrics") or {}).get("loss"),
-                                        "status": res["status"], "dir": str(run_dir), "error": res.get("error")})
-                log(f"{tag}:   lr {r:g}: {metric} {_fmt(value, metric)}"
-                    f"{'' if res['status'] == 'ok' else ' (failed: ' + res['error'] + ')'}"
-                    f"{' (reused)' if res.get('reused') else ''}")
-            chosen = choose_rate(row["lr_sweep"], metric)
-            rate = chosen if chosen is not None else default_lr(e.methods)
-            log(f"{tag}: chose lr {rate:g}" + ("" if chosen is not None else " (no sweep run finished: the default)"))
-        run_dir = out / e.folder / "run"
-        run_cfg = variant(cfg, e.methods, run_dir, rate, save_every=base_train["save_every"])
-        log(f"{tag}: training at lr {rate:g} in {run_dir}")
-        res = run_children([(run_dir, run_cfg)], metric, out / e.folder / "run.log")[0]
-        row.update(res, learning_rate=rate)
-        value = (res.get("metrics") or {}).get(metric)
-        row["value"] = value
-        if res["status"] == "ok":
-            log(f"{tag}: {metric} {_fmt(value, metric)}, {res['wall_s']:.1f} s, peak RSS "
-                f"{res['peak_rss_bytes'] / 2**20:.0f} MiB{' (result reused)' if res.get('reused') else ''}")
-        else:
-            log(f"{tag}: FAILED: {res['error']}")
-        rows.append(row)
+            rate, sweep = _sweep(cfg, e, out, metric, log, tag)
+        rows.append({"label": e.label, "method": e.methods, "folder": str(out / e.folder), "lr_sweep": sweep,
+                     **_final(cfg, e, out, rate, metric, log, tag)})
     summary = {"recipe": recipe, "model": cfg.model.path, "data": {"train": cfg.data.train, "eval": cfg.data.eval},
-               "algorithm": cfg.algorithm.name, "seed": base_train["seed"], "max_steps": steps,
-               "epochs": None if steps else base_train["epochs"], "metric": metric,
+               "algorithm": cfg.algorithm.name, "seed": t.seed, "max_steps": t.max_steps,
+               "epochs": None if t.max_steps else t.epochs, "metric": metric,
                "metric_label": METRICS[metric].label, "higher_is_better": METRICS[metric].higher_is_better,
-               "lr_mode": mode, "sweep": {"factors": list(SWEEP_FACTORS), "fraction": 1 / SWEEP_FRACTION}
-               if mode == "auto" else None, "runs": rows}
+               "metric_percent": METRICS[metric].percent, "lr_mode": mode,
+               "sweep": {"factors": list(SWEEP_FACTORS), "fraction": 1 / SWEEP_FRACTION} if mode == "auto" else None,
+               "runs": rows}
     return write_report(summary, out / REPORT_DIR)

@@ -32,6 +32,12 @@ COLUMNS = ["#", "method", "metric", "trainable params", "% of model", "peak RSS"
            "weights on disk", "learning rate"]
 
 
+def headers(summary: dict) -> list[str]:
+    """``COLUMNS`` with the metric's own name and direction in place of "metric"."""
+    name = f"{summary['metric'].replace('_', ' ')} {'↑' if summary['higher_is_better'] else '↓'}"
+    return [name if c == "metric" else c for c in COLUMNS]
+
+
 def human_bytes(n: int | None) -> str:
     if n is None:
         return "n/a"
@@ -42,14 +48,14 @@ def human_bytes(n: int | None) -> str:
     return f"{n:.1f} GiB"
 
 
-def metric_text(v: float | None, metric: str) -> str:
+def metric_text(v: float | None, percent: bool) -> str:
     if v is None:
         return "n/a"
-    return f"{v:.1%}" if metric == "exact_match" else f"{v:.4g}"
+    return f"{v:.1%}" if percent else f"{v:.4g}"
 
 
-def _sweep_text(row: dict, metric: str) -> str:
-    return ", ".join(f"{s['lr']:g}: " + (metric_text(s["value"], metric) if s["status"] == "ok" else "failed")
+def _sweep_text(row: dict, percent: bool) -> str:
+    return ", ".join(f"{s['lr']:g}: " + (metric_text(s["value"], percent) if s["status"] == "ok" else "failed")
                      for s in row.get("lr_sweep") or [])
 
 
@@ -68,13 +74,13 @@ def ordered(summary: dict) -> list[dict]:
 
 def table_rows(summary: dict) -> list[dict]:
     """One display row per run (strings, in ``COLUMNS`` order), plus the raw figures the charts use."""
-    metric, out = summary["metric"], []
+    percent, out = summary.get("metric_percent", False), []
     for i, r in enumerate(ordered(summary), 1):
         ok = r.get("status") == "ok"
         lr = f"{r['learning_rate']:g}" if r.get("learning_rate") else "n/a"
         if r.get("lr_sweep"):
-            lr += f" (sweep {_sweep_text(r, metric)})"
-        cells = [str(i) if ok else "–", r["label"], metric_text(r.get("value"), metric) if ok else "failed",
+            lr += f" (sweep {_sweep_text(r, percent)})"
+        cells = [str(i) if ok else "–", r["label"], metric_text(r.get("value"), percent) if ok else "failed",
                  f"{r['trainable_params']:,}" if ok else "n/a", f"{r['trainable_pct']:.3g}%" if ok else "n/a",
                  _rss(r) if ok else "n/a",
                  f"{r['wall_s']:.1f} s" if ok else "n/a",
@@ -109,7 +115,7 @@ def _budget(summary: dict) -> str:
 
 
 def markdown_table(summary: dict) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |",
+    lines = ["| " + " | ".join(headers(summary)) + " |",
              "|" + "|".join("---" if c in ("method", "learning rate") else "---:" for c in COLUMNS) + "|"]
     for row in table_rows(summary):
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row["cells"]) + " |")
@@ -146,7 +152,7 @@ def charts(summary: dict) -> dict[str, bytes]:
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         if logx and pts:
             ax.set_xscale("log")
-        if summary["metric"] == "exact_match":
+        if summary.get("metric_percent"):
             ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -170,7 +176,7 @@ def html_page(summary: dict, images: dict[str, bytes]) -> str:
     esc = html.escape
     rows = table_rows(summary)
     numeric = {0, 2, 3, 4, 5, 6, 7, 8}
-    head = "".join(f"<th>{esc(c)}</th>" for c in COLUMNS)
+    head = "".join(f"<th>{esc(c)}</th>" for c in headers(summary))
     body = "\n".join("<tr" + ("" if r["ok"] else ' class="failed"') + ">" + "".join(
         f"<td{' class=n' if i in numeric else ''}>{esc(c)}</td>" for i, c in enumerate(r["cells"])) + "</tr>"
         for r in rows)

@@ -25,6 +25,7 @@ class Metric:
     higher_is_better: bool
     supports: Callable  # (cfg) -> bool: whether cfg.data.eval can be scored this way
     label: str  # what a report calls it
+    percent: bool = False  # a share of rows, shown as a percentage
 
 
 def _exact_match(model, tok, cfg: RunConfig) -> float:
@@ -56,15 +57,46 @@ def _loss(model, tok, cfg: RunConfig) -> float:
     return eval_loss(model, ds, lambda rows: collate(rows, pad), cfg.train.batch_size)["loss"]
 
 
+def _eval_format(cfg: RunConfig) -> str | None:
+    """The eval file's row format: the recipe's ``data.format``, else the first row's."""
+    from tuneforge.data import DataError
+    from tuneforge.data.readers import iter_raw_rows
+    from tuneforge.data.schema import detect_format
+
+    if cfg.data.format != "auto":
+        return cfg.data.format
+    try:
+        return next((detect_format(r.value) for r in iter_raw_rows(cfg.data.eval) if isinstance(r.value, dict)),
+                    None)
+    except DataError:
+        return None
+
+
+def _preference_accuracy(model, tok, cfg: RunConfig) -> float:
+    from tuneforge.data import build_dataset
+    from tuneforge.eval.metrics import preference_accuracy
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ds = build_dataset(cfg.data.eval, tok, max_len=cfg.data.max_len)
+    return preference_accuracy(model, ds, pad, cfg.train.batch_size)["preference_accuracy"]
+
+
+def _has_token_loss(cfg: RunConfig) -> bool:
+    return bool(cfg.data.eval) and _eval_format(cfg) != "preference"
+
+
 METRICS: dict[str, Metric] = {
-    "exact_match": Metric(_exact_match, True, _has_answers, "held-out exact match (greedy answers)"),
-    "loss": Metric(_loss, False, lambda cfg: bool(cfg.data.eval), "held-out loss"),
+    "exact_match": Metric(_exact_match, True, _has_answers, "held-out exact match (greedy answers)", True),
+    "preference_accuracy": Metric(_preference_accuracy, True, lambda cfg: bool(cfg.data.eval) and
+                                  _eval_format(cfg) == "preference",
+                                  "held-out preference accuracy (chosen above rejected)", True),
+    "loss": Metric(_loss, False, _has_token_loss, "held-out loss"),
 }
 
 
-def pick_metric(cfg: RunConfig) -> str:
-    """The first registered metric the recipe's eval file supports."""
-    return next(name for name, m in METRICS.items() if m.supports(cfg))
+def pick_metric(cfg: RunConfig) -> str | None:
+    """The first registered metric the recipe's eval file supports (None: none does)."""
+    return next((name for name, m in METRICS.items() if m.supports(cfg)), None)
 
 
 def load_saved(cfg: RunConfig, saved: Path | None):
