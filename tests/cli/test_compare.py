@@ -36,10 +36,12 @@ def run(argv, capsys):
 
 def test_compare_trains_each_method_writes_the_report_and_reuses_finished_runs(tmp_path, capsys):
     out = tmp_path / "cmp"
-    argv = ["compare", str(recipe(tmp_path)), "--methods", "lora:rank=2,ia3", "--steps", "2", "--out", str(out)]
+    argv = ["compare", str(recipe(tmp_path, progress=True)), "--methods", "lora:rank=2,ia3", "--steps", "2",
+            "--out", str(out)]
     code, stdout, err = run(argv, capsys)
     assert code == 0, stdout + err
     assert "[1/2] lora:rank=2: training" in stdout and "[2/2] ia3: exact_match" in stdout
+    assert "[2/2] ia3:   step 2/2 | loss " in stdout  # each run's progress, as lines (no progress bar in a pipe)
     res = json.loads((out / "compare" / "compare.json").read_text())
     assert res["metric"] == "exact_match" and res["higher_is_better"] and res["lr_mode"] == "recipe"
     runs = {r["label"]: r for r in res["runs"]}

@@ -288,7 +288,7 @@ def step_line(line: str) -> str:
 def run_children(jobs: list[tuple[Path, RunConfig]], metric: str, log_file: Path, echo=None) -> list[dict]:
     """Train and score ``jobs`` in one child process (results reused where finished); one result dict per job,
     ``status`` "failed" with the reason where a run did not finish. The child's output goes to ``log_file``, its
-    step lines also to ``echo``."""
+    step lines (``train.progress`` off: lines, not a progress bar) also to ``echo``."""
     from tuneforge.safeio import atomic_write_text
 
     results: dict[int, dict] = {}
@@ -336,7 +336,7 @@ def _sweep(cfg: RunConfig, e: Entry, out: Path, metric: str, log, tag: str) -> t
     log(f"{tag}: learning-rate sweep {', '.join(f'{r:g}' for r in rates)} "
         f"({', '.join(f'{k} {v:g}' for k, v in budget.items())} each)")
     jobs = [(out / e.folder / f"sweep-lr{r:g}", variant(cfg, e.methods, out / e.folder / f"sweep-lr{r:g}", r,
-                                                       **budget)) for r in rates]
+                                                       progress=False, **budget)) for r in rates]
     results = run_children(jobs, metric, out / e.folder / "sweep.log", lambda x: log(f"{tag}:     {x}"))
     sweep = []
     for (run_dir, _), r, res in zip(jobs, rates, results):
@@ -355,7 +355,7 @@ def _sweep(cfg: RunConfig, e: Entry, out: Path, metric: str, log, tag: str) -> t
 def _final(cfg: RunConfig, e: Entry, out: Path, rate: float, metric: str, log, tag: str) -> dict:
     """The entry's run on the whole budget, with periodic checkpoints as the recipe sets them (for resuming)."""
     run_dir = out / e.folder / "run"
-    run_cfg = variant(cfg, e.methods, run_dir, rate, save_every=cfg.train.save_every)
+    run_cfg = variant(cfg, e.methods, run_dir, rate, save_every=cfg.train.save_every, progress=False)
     log(f"{tag}: training at lr {rate:g} in {run_dir}")
     res = run_children([(run_dir, run_cfg)], metric, out / e.folder / "run.log", lambda x: log(f"{tag}:   {x}"))[0]
     value = (res.get("metrics") or {}).get(metric)

@@ -138,7 +138,7 @@ def charts(summary: dict) -> dict[str, bytes]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import PercentFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, PercentFormatter
 
     rows = [r for r in table_rows(summary) if r["ok"]]
     ylabel = f"{summary['metric'].replace('_', ' ')} ({'higher' if summary['higher_is_better'] else 'lower'} " \
@@ -152,6 +152,9 @@ def charts(summary: dict) -> dict[str, bytes]:
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         if logx and pts:
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         if summary.get("metric_percent"):
             ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.set_xlabel(xlabel)
@@ -168,8 +171,9 @@ def charts(summary: dict) -> dict[str, bytes]:
 
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em;color:#222}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;font-size:14px}
-th{background:#f0f0f0}td.n{text-align:right}tr.failed td{color:#a00}img{max-width:100%;margin:0.5em 0}
-.note{color:#555;font-size:13px}"""
+th{background:#f0f0f0}td.n{text-align:right;white-space:nowrap}tr.failed td{color:#a00}
+.charts{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0}figcaption{font-weight:bold;font-size:15px}
+img{max-width:100%}.note{color:#555;font-size:13px}"""
 
 
 def html_page(summary: dict, images: dict[str, bytes]) -> str:
@@ -182,8 +186,9 @@ def html_page(summary: dict, images: dict[str, bytes]) -> str:
         for r in rows)
     failed = "".join(f"<li>{esc(r['label'])}: {esc(str(r['error']))}</li>" for r in rows if not r["ok"])
     what = esc(summary["metric"].replace("_", " "))
-    imgs = "\n".join(f'<h3>{what} against {esc(CHARTS[n][1])}</h3>\n<img alt="{esc(n)}" '
-                     f'src="data:image/png;base64,{base64.b64encode(b).decode()}">' for n, b in images.items())
+    imgs = "\n".join(f'<figure><figcaption>{what} against {esc(CHARTS[n][1])}</figcaption>\n<img alt="{esc(n)}" '
+                     f'src="data:image/png;base64,{base64.b64encode(b).decode()}"></figure>'
+                     for n, b in images.items())
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>tuneforge compare</title><style>{_CSS}</style></head>
 <body><h1>tuneforge compare</h1>
@@ -195,7 +200,9 @@ def html_page(summary: dict, images: dict[str, bytes]) -> str:
 {f'<p>Failed:</p><ul>{failed}</ul>' if failed else ''}
 <p class="note">{esc(NOTE)}</p>
 <h2>Charts</h2>
+<div class="charts">
 {imgs}
+</div>
 </body></html>
 """
 
