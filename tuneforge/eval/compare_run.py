@@ -63,8 +63,7 @@ def run_one(cfg_dict: dict, run_dir: Path, metric: str) -> dict:
     peak = peak_rss_bytes()
     gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     t1 = time.perf_counter()
-    names = [metric] + (["loss"] if metric != "loss" else [])
-    values = score_all(cfg, out.saved, names)
+    values = score_all(cfg, out.saved, [metric], extra=("loss",) if metric != "loss" else ())
     run = json.loads((run_dir / "run.json").read_text())
     tokens, tps = throughput(out.result.history)
     return {"status": "ok", "config_hash": cfg.hash(), "metric": metric,

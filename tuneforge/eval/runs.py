@@ -113,10 +113,17 @@ def load_saved(cfg: RunConfig, saved: Path | None):
     return model, tok
 
 
-def score_all(cfg: RunConfig, saved: Path | None, metrics: list[str]) -> dict[str, float]:
-    """Several metrics of one saved run, loading the model once."""
+def score_all(cfg: RunConfig, saved: Path | None, metrics: list[str], extra: tuple[str, ...] = ()) -> dict:
+    """Several metrics of one saved run, loading the model once. ``extra`` metrics are side information (a
+    tie-break): one the eval file does not support, or that fails on it, is NaN instead of an error."""
     model, tok = load_saved(cfg, saved)
-    return {name: float(METRICS[name].compute(model, tok, cfg)) for name in metrics}
+    out = {name: float(METRICS[name].compute(model, tok, cfg)) for name in metrics}
+    for name in extra:
+        try:
+            out[name] = float(METRICS[name].compute(model, tok, cfg)) if METRICS[name].supports(cfg) else math.nan
+        except Exception:  # noqa: BLE001 - side information only; the run's own metric above did not fail
+            out[name] = math.nan
+    return out
 
 
 def score(cfg: RunConfig, saved: Path | None, metric: str) -> float:
