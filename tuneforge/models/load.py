@@ -75,13 +75,15 @@ def load_model(mcfg: Any, device: str | None = None, labels: list[str] | None = 
 def source_path(mcfg: Any) -> str:
     """The folder (or ``tiny:`` preset) to load: ``model.path`` itself, or for a GGUF source (a ``.gguf`` file, a
     folder plus ``model.gguf_file``, a packaged model's name) its dequantised copy (``models/gguf.py``)."""
-    from tuneforge.models.gguf import GgufError, gguf_file, local_folder
+    from tuneforge.models.gguf import GgufError, gguf_file, is_packaged, local_folder, packaged_file
 
     path = str(mcfg.path)
     if path.startswith("tiny:"):
         return path
     try:
         file = gguf_file(path, getattr(mcfg, "gguf_file", None))
+        if file is None and is_packaged(path):  # a packaged Hugging Face folder
+            return str(packaged_file(path))
         return path if file is None else str(local_folder(file))
     except GgufError as exc:
         raise ModelLoadError(str(exc)) from exc
