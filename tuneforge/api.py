@@ -28,6 +28,7 @@ from tuneforge.eval.metrics import eval_loss
 from tuneforge.methods import (apply_methods, count_parameters, finalize_methods, has_regularizer, has_step_hook,
                                prepare_methods, regularizer, save_adapter, step_methods)
 from tuneforge.methods._inject import TargetError
+from tuneforge.data.seq2seq import is_encoder_decoder, seq2seq_batch, start_token
 from tuneforge.models.arch import task_head_names
 from tuneforge.models.labels import save_labels
 from tuneforge.models.load import ENCODER_TYPES, load_model, load_tokenizer, meta_model
@@ -38,6 +39,8 @@ from tuneforge.train import dist as D
 from tuneforge.train.loop import Loop, LoopResult
 
 WHOLE_MODEL_METHODS = {"full", "freeze"}
+SEQ2SEQ_ALGORITHMS = ("sft", "dpo", "orpo")  # on encoder-decoders: likelihoods of the decoder given the encoder's input
+SEQ2SEQ_FORMATS = ("prompt_completion", "preference")
 
 
 @dataclass
@@ -60,6 +63,14 @@ def check_targets(cfg: RunConfig, tok=None) -> None:
         raise ConfigError(problems, "config")
     classify = cfg.algorithm.name == "classification"
     model = meta_model(cfg.model, labels=(cfg.algorithm.labels or ["0", "1"]) if classify else None)
+    if getattr(model.config, "is_encoder_decoder", False) and cfg.algorithm.name not in SEQ2SEQ_ALGORITHMS:
+        raise ConfigError([("algorithm.name", f"{cfg.algorithm.name} does not run on an encoder-decoder model "
+                                              f"({model.config.model_type}) yet; it trains with "
+                                              f"{', '.join(SEQ2SEQ_ALGORITHMS)} (prompt -> encoder, completion -> "
+                                              "decoder)")], "config")
+    if getattr(model.config, "is_encoder_decoder", False) and cfg.data.packing:
+        raise ConfigError([("data.packing", "an encoder-decoder reads one prompt per row; set packing: false")],
+                          "config")
     if not classify and getattr(model.config, "model_type", None) in ENCODER_TYPES:
         raise ConfigError([("algorithm.name", f"{cfg.algorithm.name} trains a generative model, and {cfg.model.path} "
                                               f"is an encoder ({model.config.model_type}); use algorithm: "
@@ -208,7 +219,18 @@ def _datasets(cfg: RunConfig, tok):
     return train_ds, eval_ds
 
 
-def _collate_fn(cfg: RunConfig, tok, fmt: str | None = None):
+def _collate_fn(cfg: RunConfig, tok, fmt: str | None = None, model=None):
+    """How micro-batches are built; for an encoder-decoder ``model``, split into encoder and decoder parts
+    (``data/seq2seq.py``)."""
+    base = _decoder_collate_fn(cfg, tok, fmt)
+    if model is None or not is_encoder_decoder(model):
+        return base
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    start = start_token(model, tok)
+    return lambda rows: seq2seq_batch(base(rows), start, pad)
+
+
+def _decoder_collate_fn(cfg: RunConfig, tok, fmt: str | None = None):
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if fmt == "classification":
         from tuneforge.data.classification import collate_classification
@@ -239,7 +261,12 @@ def train(cfg: RunConfig, resume: str | None = None, allow_config_change: bool =
     apply_methods(model, cfg.method, tokenizer=tok)
     model.to(d.device)
     share_prompts(model, cfg.train.share_prompts)
-    coll = _collate_fn(cfg, tok, train_ds.report.format)
+    if is_encoder_decoder(model) and train_ds.report.format not in SEQ2SEQ_FORMATS:
+        raise ConfigError([("data.train", f"{cfg.data.train} has {train_ds.report.format!r} rows; an encoder-decoder "
+                                          "trains on prompt/completion rows (the prompt is its encoder's input) or "
+                                          "preference rows")], "config")
+    coll = _collate_fn(cfg, tok, train_ds.report.format, model)
+    plain = _collate_fn(cfg, tok, None, model) if is_encoder_decoder(model) else (lambda rows: collate(rows, pad))
     data = PackedView(train_ds, cfg.data.max_len) if cfg.data.packing else train_ds
     algo, algo_state = ALGORITHMS[cfg.algorithm.name], {"tokenizer": tok, "data_path": cfg.data.train}
     if dropout_disabled(cfg.train.disable_dropout, algo):  # after the methods: their own dropout goes too
@@ -262,7 +289,7 @@ def train(cfg: RunConfig, resume: str | None = None, allow_config_change: bool =
         if eval_ds is not None and hasattr(algo, "evaluate"):  # the algorithm's own held-out metrics
             res.update(algo.evaluate(m, eval_ds, coll, cfg.train.batch_size, d.device))
         elif eval_ds is not None:
-            r = eval_loss(m, eval_ds, lambda rows: collate(rows, pad), cfg.train.batch_size, d.device)
+            r = eval_loss(m, eval_ds, plain, cfg.train.batch_size, d.device)
             res.update(loss=r["loss"], ppl=r["ppl"])
         if extra_eval is not None:
             res.update(extra_eval(m, tok))

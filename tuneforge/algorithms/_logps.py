@@ -18,6 +18,7 @@ from torch import nn
 
 from tuneforge.algorithms._head_logps import fusable_head, head_token_logps
 from tuneforge.algorithms._prefix import share_prompts
+from tuneforge.data.seq2seq import model_inputs
 
 IGNORE = -100
 
@@ -103,8 +104,8 @@ def supervised_logits(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torc
     """
     targets = shift(batch["labels"])  # (B, T-1)
     keep = targets != IGNORE  # (B, T-1)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    head = _head(model, inputs)
+    inputs = model_inputs(batch)
+    head = None if "encoder_input_ids" in batch else _head(model, inputs)  # an encoder-decoder: its own forward
     if head is None:
         logits = model(**inputs, use_cache=False).logits[:, :-1]  # (B, T-1, V)
         return logits[keep], targets[keep]
@@ -126,14 +127,15 @@ def tempered(x: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def _inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
     targets = shift(batch["labels"])  # (B, T-1)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    return targets, targets != IGNORE, inputs
+    return targets, targets != IGNORE, model_inputs(batch)
 
 
 def _fused(model: nn.Module, batch: dict, temperature: float = 1.0):
     """(hidden (B, T-1, H), log p (N,), keep (B, T-1)) through the chunked head+softmax, or None when the model's
     head cannot be fused (an adapted or quantised head, soft-capped logits)."""
     targets, keep, inputs = _inputs(batch)
+    if "encoder_input_ids" in batch:  # an encoder-decoder (T5 scales the decoder's output before its head)
+        return None
     head = _head(model, inputs)
     if head is None or not fusable_head(head) or (temperature != 1.0 and head.bias is not None):
         return None  # (a biased head: z / T ≠ W (h / T) + b, so tempered log-probs take the model's own head)

@@ -55,7 +55,13 @@ def preference_accuracy(model, dataset, pad_id: int, batch_size: int = 32, devic
     try:
         for start in range(0, len(dataset), batch_size):
             rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            batch = {k: v.to(device) if device else v for k, v in collate_preference(rows, pad_id).items()}
+            batch = collate_preference(rows, pad_id)
+            if getattr(model.config, "is_encoder_decoder", False):  # prompt -> encoder, responses -> decoder
+                from tuneforge.data.seq2seq import seq2seq_batch
+
+                start_id = model.config.decoder_start_token_id
+                batch = seq2seq_batch(batch, pad_id if start_id is None else start_id, pad_id)
+            batch = {k: v.to(device) if device else v for k, v in batch.items()}
             lp, _ = sequence_logps_from_model(model, batch)
             c, r, _ = pair_index(batch)  # every pair of every row (a ranking has K-choose-2)
             diff = lp[c] - lp[r]

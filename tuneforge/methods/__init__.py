@@ -245,6 +245,8 @@ def save_adapter(model: nn.Module, cfgs: list, out_dir: str | Path, adapter: str
         config = {k: v for k, v in fn(model, cfgs[0], base_path, **kw).items() if not k.startswith("tuneforge")}
         if modules_to_save:
             config.update(modules_to_save=list(modules_to_save), task_type="SEQ_CLS")
+        elif getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            config["task_type"] = "SEQ_2_SEQ_LM"  # PEFT wraps it as a seq2seq model (decoder inputs passed on)
     else:  # no PEFT type holds this (a composition, or a method PEFT lacks): PEFT cannot load it either way
         config = {"tuneforge_method": methods, "base_model_name_or_path": base_path}
     prompt = _is_peft_native(cfgs) and getattr(METHODS[cfgs[0].name], "PEFT_TYPE", None) in PROMPT_LEARNING

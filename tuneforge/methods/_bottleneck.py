@@ -61,6 +61,8 @@ for _t in ("mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "o
 for _t in ("bert", "roberta", "xlm-roberta", "camembert", "electra"):
     ATTN_OUT[_t], FFN_OUT[_t] = "attention.output.dense", r"re:.*\.layer\.\d+\.output\.dense"
 ATTN_OUT["distilbert"], FFN_OUT["distilbert"] = "attention.out_lin", "ffn.lin2"
+for _t in ("t5", "mt5", "umt5"):  # every block of encoder and decoder: self-attention output, FFN output
+    ATTN_OUT[_t], FFN_OUT[_t] = "SelfAttention.o", "DenseReluDense.wo"
 
 
 class BottleneckConfig(BaseModel):
@@ -106,6 +108,12 @@ class BottleneckLayer(AdapterLayer):
         # adapter_drop: adapter name -> {"train": k, "eval": k}, that adapter off here when this block is below k
         self.drop_below: dict[str, dict[str, int]] = {}
         self.train_k_is_eval_k = False  # set when dropout is off: a robust k is dropout, and goes with it
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped projection's own weight (absent for a wrapped block): models read it (T5's FFN checks
+        ``wo.weight.dtype`` before its output projection)."""
+        return self.base.weight
 
     def adapter_names(self) -> list[str]:
         return list(self.adapter_down) + list(self.fusion)

@@ -43,6 +43,7 @@ DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
     **{t: (["key", "value", r"re:.*\.layer\.\d+\.output\.dense"], [r"re:.*\.layer\.\d+\.output\.dense"])
        for t in ("bert", "roberta", "xlm-roberta", "camembert", "electra")},
     "distilbert": (["k_lin", "v_lin", "lin2"], ["lin2"]),
+    **{t: (["k", "v", "wo"], ["wo"]) for t in ("t5", "mt5", "umt5")},  # the IA3 paper's own model family
 }
 
 

@@ -34,6 +34,8 @@ _DEFAULT_TARGETS: dict[str, list[str]] = {
     **{t: ["query", "key", "value", "intermediate.dense", "output.dense"]
        for t in ("bert", "roberta", "xlm-roberta", "camembert", "electra")},
     "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    # encoder-decoders: every attention projection (self and cross) and the FFN, gated (wi_0/wi_1) or not
+    **{t: ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"] for t in ("t5", "mt5", "umt5")},
 }
 
 # Where the block list lives, tried before the structural search so the common cases are exact.

@@ -166,6 +166,8 @@ def _load_local(path: Path, mcfg: Any, trust: bool, revision: str | None, labels
     if attn:
         model_kwargs["attn_implementation"] = attn
     auto = AutoModelForCausalLM
+    if getattr(config, "is_encoder_decoder", False):  # T5 and kin: prompt -> encoder, completion -> decoder
+        from transformers import AutoModelForSeq2SeqLM as auto
     head = _classifier_kwargs(path, config, labels)
     if head is not None:  # a classifier (or a reward model with a one-label score head)
         from transformers import AutoModelForSequenceClassification as auto
@@ -361,6 +363,10 @@ def meta_model(mcfg: Any, labels: list[str] | None = None):
         if labels is None and getattr(config, "model_type", None) in ENCODER_TYPES and not is_classifier_config(config):
             labels = ["0", "1"]
         head = _classifier_kwargs(local, config, labels)
+        if head is None and getattr(config, "is_encoder_decoder", False):
+            from transformers import AutoModelForSeq2SeqLM
+
+            return AutoModelForSeq2SeqLM.from_config(config, trust_remote_code=trust, **pinned)
         if head is None:
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust, **pinned)
         for k, v in head.items():

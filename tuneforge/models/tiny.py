@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig,
-                          PreTrainedTokenizerFast)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+                          GenerationConfig, PreTrainedTokenizerFast)
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 CLS, SEP = "[CLS]", "[SEP]"  # the encoder presets' sentence markers (appended after CHARS: other ids unchanged)
@@ -71,8 +71,14 @@ PRESETS: dict[str, dict] = {
         "model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "intermediate_size": 128, "max_position_embeddings": 512, "type_vocab_size": 2,
     },
+    # An encoder-decoder (T5): seq2seq SFT, DPO and ORPO tests; its decoder starts from the pad token, as T5's does.
+    "t5": {
+        "model_type": "t5", "d_model": 64, "d_ff": 128, "d_kv": 16, "num_layers": 2, "num_decoder_layers": 2,
+        "num_heads": 4, "decoder_start_token_id": 0, "feed_forward_proj": "relu",
+    },
 }
 ENCODERS = ("bert",)  # presets that are encoders: no causal LM head, a sequence-classification head instead
+SEQ2SEQ = ("t5",)  # encoder-decoder presets: ``AutoModelForSeq2SeqLM``
 
 
 def char_tokenizer(encoder: bool = False) -> PreTrainedTokenizerFast:
@@ -149,13 +155,15 @@ def build_tiny(preset: str, seed: int = 0, dtype=torch.float32, vocab_size: int 
         labels = list(labels or ("0", "1"))
         config.num_labels = len(labels)
         config.id2label, config.label2id = dict(enumerate(labels)), {name: i for i, name in enumerate(labels)}
-    auto = AutoModelForSequenceClassification if labels is not None else AutoModelForCausalLM
+    auto = (AutoModelForSequenceClassification if labels is not None
+            else AutoModelForSeq2SeqLM if preset in SEQ2SEQ else AutoModelForCausalLM)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = auto.from_config(config, dtype=dtype, **extra)
     model.generation_config = GenerationConfig(
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **({"decoder_start_token_id": config.decoder_start_token_id} if preset in SEQ2SEQ else {}),
     )
     model.eval()
     return model, tokenizer

@@ -415,6 +415,11 @@ def generate(model, tokenizer, prompts: list, *, max_new_tokens: int = 64, tempe
     With a ``seed``, prompt i is sampled from its own generator seeded by (seed, i): its output does not depend on
     the batch size or on the other prompts.
     """
+    if getattr(model.config, "is_encoder_decoder", False):  # T5: the prompt is the encoder's input
+        from tuneforge.train.seq2seq_generate import generate_seq2seq
+
+        return generate_seq2seq(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_p=top_p, top_k=top_k, seed=seed, stop=stop, batch_size=batch_size)
     pad = pad_id_of(tokenizer)
     eos = eos_ids_of(model, tokenizer)
     template = model_template(model)
