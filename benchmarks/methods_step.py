@@ -12,6 +12,13 @@ after warm-up.
     python benchmarks/methods_step.py [--methods lora,ia3,...] [--steps 12] [--warmup 3]
 
 Writes ``results/methods_step_cpu.json`` and prints a table with ratios to tuneforge LoRA and to PEFT.
+
+**The ceiling.** The run also measures torch.matmul's fp32 peak (``_harness.child_peak``, under the same lock) and
+reports, per run, the GFLOP/s its step reaches on the frozen base's work: 4·N_mm FLOPs per token (each base weight's
+forward product and the input-gradient product of the backward; a frozen weight needs no weight gradient) plus
+12·L·T·d for attention, N_mm and the shape as in ``lora_sft.py``. A method that trains only a few tensors on a frozen
+base cannot do less than that work, so ``peak / anchor GFLOP/s`` is the most any implementation could gain over the
+anchor: when an anchor already runs at 80% of the matmul peak, 1.25x is the ceiling.
 """
 
 from __future__ import annotations
@@ -28,8 +35,8 @@ import time
 from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import (LOCK_PATH, SEED, TARGETS, llama_model, load_rows, peak_rss_mb, step_stats,  # noqa: E402
-                      versions, wait_quiet)
+from _harness import (LOCK_PATH, SEED, SHAPE, TARGETS, child_peak, llama_model, load_rows, matmul_params,  # noqa: E402
+                      peak_rss_mb, step_stats, versions, wait_quiet)
 from lora_sft import ALPHA, BATCH, LR, RANK, SEQ, make_data  # noqa: E402
 
 # key -> tuneforge method list (None = no tuneforge run) and PEFT config builder (None = PEFT lacks it)
@@ -159,6 +166,12 @@ def child_adapterhub(a) -> dict:
             "versions": {"adapters": adapters.__version__, "transformers": __import__("transformers").__version__}}
 
 
+def base_flops_per_step() -> float:
+    """The frozen base's FLOPs in one step: (4·N_mm + 12·L·T·d) per token (see the module docstring)."""
+    per_token = 4 * matmul_params(SHAPE, 0)["n_mm"] + 12 * SHAPE["layers"] * SEQ * SHAPE["hidden"]
+    return float(per_token * BATCH * SEQ)
+
+
 def spawn(a, lib: str, method: str, paths: dict) -> dict:
     python = a.adapterhub_python if lib == "adapterhub" else sys.executable
     cmd = [python, os.path.abspath(__file__), "--child", lib, "--method", method, "--workdir",
@@ -195,6 +208,9 @@ def main() -> None:
                     "with it when given")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "methods_step_cpu.json"))
     a = ap.parse_args()
+    if a.child == "peak":
+        print(json.dumps(child_peak(a)), flush=True)
+        return
     if a.child:
         res = {"tuneforge": child_tuneforge, "peft": child_peft, "adapterhub": child_adapterhub}[a.child](a)
         res.update(lib=a.child, method=a.method, peak_rss_mb=round(peak_rss_mb(), 1))
@@ -204,6 +220,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         jsonl, ids, _ = make_data(tmp, BATCH * (a.warmup + a.steps + 2))
         paths = {"workdir": tmp, "jsonl": jsonl, "ids": ids}
+        peak = spawn(a, "peak", "-", paths)
+        runs.append(peak)
+        fp32_peak = peak.get("peak_gflops", {}).get("fp32")
+        print(f"matmul peak: {peak.get('peak_gflops')}", file=sys.stderr, flush=True)
         for m in a.methods.split(","):
             for lib in ("tuneforge", "peft", "adapterhub"):
                 if (lib == "peft" and METHODS[m][1] is None) or (lib == "tuneforge" and METHODS[m][0] is None):
@@ -215,10 +235,16 @@ def main() -> None:
                 print(f"{lib:9s} {m:13s} " + (f"{r['median_step_s']:.3f} s/step, {r['peak_rss_mb']:.0f} MB"
                                                 if "error" not in r else f"FAILED {r['error']}"), file=sys.stderr,
                       flush=True)
-    ok = {(r["lib"], r["method"]): r for r in runs if "error" not in r}
+    flops = base_flops_per_step()
+    for r in runs:
+        if "median_step_s" in r:
+            r["base_gflops"] = round(flops / r["median_step_s"] / 1e9, 1)
+            r["fraction_of_peak"] = round(r["base_gflops"] / fp32_peak, 3) if fp32_peak else None
+    ok = {(r["lib"], r["method"]): r for r in runs if "error" not in r and "lib" in r}
     ref = ok.get(("tuneforge", "lora"))
     rows = ["| method | trainable | tuneforge s/step | vs tuneforge LoRA | peak RSS MB | anchor | anchor s/step | "
-            "tuneforge speed-up vs anchor | anchor peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+            "tuneforge speed-up vs anchor | anchor peak RSS MB | base GFLOP/s tuneforge / anchor (% of peak) | "
+            "ceiling vs anchor |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in a.methods.split(","):
         t = ok.get(("tuneforge", m))
         p = ok.get(("peft", m)) or ok.get(("adapterhub", m))
@@ -229,11 +255,15 @@ def main() -> None:
                     + (f"{t['median_step_s'] / ref['median_step_s']:.2f}x" if ref else "–")
                     + f" | {t['peak_rss_mb']:.0f} | {anchor} | "
                     + (f"{p['median_step_s']:.3f} | {p['median_step_s'] / t['median_step_s']:.2f}x | "
-                       f"{p['peak_rss_mb']:.0f} |" if p else "– | – | – |"))
+                       f"{p['peak_rss_mb']:.0f} |" if p else "– | – | – |")
+                    + (f" {t['base_gflops']:.0f} ({t['fraction_of_peak']:.0%}) / {p['base_gflops']:.0f} "
+                       f"({p['fraction_of_peak']:.0%}) | {1 / p['fraction_of_peak']:.2f}x |"
+                       if p and fp32_peak else " – | – |"))
     print("\n".join(rows))
     with open(a.out, "w") as f:
         json.dump({"versions": versions(), "batch": BATCH, "seq": SEQ, "precision": "fp32", "runs": runs,
-                   "table": rows}, f, indent=2)
+                   "matmul_peak_gflops": peak.get("peak_gflops"), "base_flops_per_step": flops, "table": rows},
+                  f, indent=2)
 
 
 if __name__ == "__main__":
