@@ -559,8 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "name:{key: value}, a+b (composed), label=spec; e.g. full,lora,lora:rank=4,ia3")
     cm.add_argument("--out", default=None, help="default: the recipe's train.output_dir; the report goes to "
                     "<out>/compare/")
-    cm.add_argument("--lr", default=None, help="auto (a short sweep per method around its usual rate) or one "
-                    "rate for every method (default: the recipe's)")
+    cm.add_argument("--lr", default=None, help="auto (a short sweep per method around its usual rate), default "
+                    "(each method's usual rate, no sweep) or one rate for every method (default: the recipe's)")
     cm.add_argument("--steps", type=int, default=None, help="optimizer steps per run (train.max_steps)")
     cm.add_argument("--metric", default=None, help="exact_match or loss (default: exact match when the eval "
                     "rows have answers, else held-out loss)")

@@ -55,7 +55,7 @@ def test_folder_names_are_file_system_safe():
 
 def test_lr_argument():
     assert parse_lr(None) == "recipe" and parse_lr("auto") == "auto" and parse_lr("AUTO") == "auto"
-    assert parse_lr("3e-4") == 3e-4
+    assert parse_lr("3e-4") == 3e-4 and parse_lr("Default") == "default"
     for bad in ("fast", "0", "-1e-3", "nan"):
         with pytest.raises(CompareError, match="--lr"):
             parse_lr(bad)

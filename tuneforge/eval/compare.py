@@ -167,15 +167,16 @@ def parse_methods(text: str) -> list[Entry]:
 
 
 def parse_lr(text: str | None) -> str | float:
-    """``--lr``: None (the recipe's rate for every method), ``auto`` (a per-method sweep) or one rate for all."""
+    """``--lr``: None (the recipe's rate for every method), ``auto`` (a per-method sweep), ``default`` (each
+    method's usual rate, ``DEFAULT_LR``, without a sweep) or one rate for all."""
     if text is None:
         return "recipe"
-    if text.strip().lower() == "auto":
-        return "auto"
+    if text.strip().lower() in ("auto", "default"):
+        return text.strip().lower()
     try:
         lr = float(text)
     except ValueError:
-        raise CompareError(f"--lr {text!r}: give auto or a positive number (e.g. 1e-3)") from None
+        raise CompareError(f"--lr {text!r}: give auto, default or a positive number (e.g. 1e-3)") from None
     if not (lr > 0 and math.isfinite(lr)):
         raise CompareError(f"--lr {text!r}: a learning rate must be a positive number")
     return lr
@@ -373,17 +374,17 @@ def run_compare(cfg: RunConfig, entries: list[Entry], out: str | Path, lr: str |
     from tuneforge.eval.compare_report import write_report
 
     out, t = Path(out), cfg.train
-    mode = "auto" if lr == "auto" else ("fixed" if isinstance(lr, float) else "recipe")
+    mode = lr if lr in ("auto", "default") else ("fixed" if isinstance(lr, float) else "recipe")
     budget = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epoch(s)"
     rate_text = ("auto (a sweep per method)" if mode == "auto" else f"{lr:g} for every method" if mode == "fixed"
-                 else f"{t.learning_rate:g} (the recipe's)")
+                 else "each method's usual rate (DEFAULT_LR)" if mode == "default" else f"{t.learning_rate:g} (the recipe's)")
     direction = "higher" if METRICS[metric].higher_is_better else "lower"
     log(f"compare: {len(entries)} method(s), {budget} each, seed {t.seed}, metric {metric} ({direction} is "
         f"better), learning rate {rate_text}")
     rows = []
     for k, e in enumerate(entries, 1):
         tag = f"[{k}/{len(entries)}] {e.label}"
-        rate, sweep = lr if mode == "fixed" else t.learning_rate, []
+        rate, sweep = lr if mode == "fixed" else default_lr(e.methods) if mode == "default" else t.learning_rate, []
         if mode == "auto":
             rate, sweep = _sweep(cfg, e, out, metric, log, tag)
         rows.append({"label": e.label, "method": e.methods, "folder": str(out / e.folder), "lr_sweep": sweep,

@@ -112,7 +112,8 @@ def _budget(summary: dict) -> str:
     b = f"{summary['max_steps']} steps" if summary["max_steps"] else f"{summary['epochs']:g} epoch(s)"
     lr = {"auto": "learning rate per method from a sweep (each rate on a quarter of the budget, chosen on the "
                   "held-out metric)", "fixed": "one learning rate for every method",
-          "recipe": "the recipe's learning rate for every method"}[summary["lr_mode"]]
+          "recipe": "the recipe's learning rate for every method",
+          "default": "each method's usual learning rate (no sweep)"}[summary["lr_mode"]]
     return f"{summary['model']}, {summary['algorithm']}, {b} per run, seed {summary['seed']}; {lr}"
 
 
