@@ -283,3 +283,20 @@ def test_compare_scores_classifiers_by_accuracy(tmp_path, capsys):
     res = json.loads((tmp_path / "cmp" / "compare" / "compare.json").read_text())
     assert res["metric"] == "accuracy" and res["higher_is_better"]
     assert all(0.0 <= r["metrics"]["accuracy"] <= 1.0 and r["status"] == "ok" for r in res["runs"])
+
+
+def test_merged_classifier_equals_adapter_and_head(tmp_path, capsys):
+    out = train(_recipe(tmp_path, [{"name": "lora", "rank": 4}], steps=3))
+    capsys.readouterr()
+    code, _, err = _cli(["merge", "--model", "tiny:bert", "--adapter", str(out.saved), "--out", str(tmp_path / "m")],
+                        capsys)
+    assert code == 0, err
+    cfg = load_config({"model": {"path": "tiny:bert"}, "data": {"train": str(tmp_path / "train.jsonl")}})
+    adapted, tok = load_model(cfg.model, labels=["neg", "pos"])
+    load_adapter(adapted.eval(), out.saved)
+    cfg.model.path = str(tmp_path / "m")
+    merged, _ = load_model(cfg.model)  # a whole classifier: labels from its config
+    assert merged.config.id2label == {0: "neg", 1: "pos"}
+    x = tok(["aab ab", "bbba"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(**x).logits, adapted(**x).logits, atol=1e-5, rtol=0)
