@@ -62,7 +62,7 @@ def check_targets(cfg: RunConfig, tok=None) -> None:
     if problems:
         raise ConfigError(problems, "config")
     classify = cfg.algorithm.name == "classification"
-    model = meta_model(cfg.model, labels=(cfg.algorithm.labels or ["0", "1"]) if classify else None)
+    model = meta_model(cfg.model, labels=run_labels(cfg) if classify else None)
     if getattr(model.config, "is_encoder_decoder", False) and cfg.algorithm.name not in SEQ2SEQ_ALGORITHMS:
         raise ConfigError([("algorithm.name", f"{cfg.algorithm.name} does not run on an encoder-decoder model "
                                               f"({model.config.model_type}) yet; it trains with "
@@ -71,6 +71,13 @@ def check_targets(cfg: RunConfig, tok=None) -> None:
     if getattr(model.config, "is_encoder_decoder", False) and cfg.data.packing:
         raise ConfigError([("data.packing", "an encoder-decoder reads one prompt per row; set packing: false")],
                           "config")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if classify and positions and getattr(model.config, "model_type", None) in ENCODER_TYPES:
+        usable = positions - (model.config.pad_token_id + 1 if model.config.model_type in ("roberta", "xlm-roberta",
+                                                                                           "camembert") else 0)
+        if cfg.data.max_len > usable:
+            raise ConfigError([("data.max_len", f"{cfg.data.max_len} tokens, but {cfg.model.path} has {usable} "
+                                                "positions; set data.max_len to at most that")], "config")
     if not classify and getattr(model.config, "model_type", None) in ENCODER_TYPES:
         raise ConfigError([("algorithm.name", f"{cfg.algorithm.name} trains a generative model, and {cfg.model.path} "
                                               f"is an encoder ({model.config.model_type}); use algorithm: "
@@ -164,16 +171,44 @@ class PackedView:
         return sum(sum(1 for x in r["labels"][1:] if x != -100) for r in self.bins[i])
 
 
+def run_labels(cfg: RunConfig) -> list[str]:
+    """A classification run's class names, in class-id order: ``algorithm.labels``, else the training file's. A
+    checkpoint that is already a classifier keeps its own order when its classes are the data's (its head's rows
+    are those classes); named classes that differ from the data's are refused rather than silently renamed."""
+    import re
+
+    from tuneforge.data.classification import read_labels
+    from tuneforge.models.load import checkpoint_labels
+
+    own = checkpoint_labels(cfg.model)
+    named = own is not None and not all(re.fullmatch(r"LABEL_\d+", n) for n in own)
+    labels = cfg.algorithm.labels
+    if labels is not None:
+        if named and set(own) == set(labels) and own != labels:
+            raise ConfigError([("algorithm.labels", f"{cfg.model.path} classifies {own} in that order; give "
+                                                    "algorithm.labels in the same order (its head's rows are those "
+                                                    "classes)")], "config")
+        return labels
+    found = read_labels(cfg.data.train)
+    if named and set(own) == set(found):
+        return own
+    if named:
+        raise ConfigError([("algorithm.labels", f"{cfg.model.path} is a classifier of {own}, but {cfg.data.train} "
+                                                f"has the labels {found}; set algorithm.labels to map them, or "
+                                                "start from its base model")], "config")
+    return found
+
+
 def _classification_datasets(cfg: RunConfig, tok):
     """Train and held-out classification rows, both mapped through one label set (the config's or the training
     file's)."""
-    from tuneforge.data.classification import build_classification_dataset, read_labels
+    from tuneforge.data.classification import build_classification_dataset
     from tuneforge.data.report import DataError
 
     d = cfg.data
     if d.packing:
         raise ConfigError([("data.packing", "classification reads one text per row; set packing: false")], "config")
-    labels = cfg.algorithm.labels or read_labels(d.train)
+    labels = run_labels(cfg)
     if len(labels) < 2:
         raise DataError(f"{d.train}: classification needs at least two classes, the file has "
                         f"{len(labels)} ({', '.join(labels) or 'none'})")
@@ -219,6 +254,23 @@ def _datasets(cfg: RunConfig, tok):
     return train_ds, eval_ds
 
 
+def _check_seq2seq_rows(cfg: RunConfig, train_ds, eval_ds) -> None:
+    """An encoder-decoder reads each row's prompt with its encoder: prompt/completion or preference rows, each with
+    a prompt left after truncation (checked before any step, so a run never fails half-way on a row)."""
+    for key, ds in (("data.train", train_ds), ("data.eval", eval_ds)):
+        if ds is None:
+            continue
+        if ds.report.format not in SEQ2SEQ_FORMATS:
+            raise ConfigError([(key, f"{ds.path} has {ds.report.format!r} rows; an encoder-decoder trains on "
+                                     "prompt/completion rows (the prompt is its encoder's input) or preference rows")],
+                              "config")
+        empty = [r["line"] for r in ds.rows if r["labels"][0] != -100]
+        if empty:
+            raise ConfigError([(key, f"{ds.path}: {len(empty)} row(s) have no prompt tokens left for the encoder "
+                                     f"(lines {', '.join(map(str, empty[:10]))}); give them a prompt, or use "
+                                     "truncation: right so prompts are kept")], "config")
+
+
 def _collate_fn(cfg: RunConfig, tok, fmt: str | None = None, model=None):
     """How micro-batches are built; for an encoder-decoder ``model``, split into encoder and decoder parts
     (``data/seq2seq.py``)."""
@@ -261,10 +313,8 @@ def train(cfg: RunConfig, resume: str | None = None, allow_config_change: bool =
     apply_methods(model, cfg.method, tokenizer=tok)
     model.to(d.device)
     share_prompts(model, cfg.train.share_prompts)
-    if is_encoder_decoder(model) and train_ds.report.format not in SEQ2SEQ_FORMATS:
-        raise ConfigError([("data.train", f"{cfg.data.train} has {train_ds.report.format!r} rows; an encoder-decoder "
-                                          "trains on prompt/completion rows (the prompt is its encoder's input) or "
-                                          "preference rows")], "config")
+    if is_encoder_decoder(model):
+        _check_seq2seq_rows(cfg, train_ds, eval_ds)
     coll = _collate_fn(cfg, tok, train_ds.report.format, model)
     plain = _collate_fn(cfg, tok, None, model) if is_encoder_decoder(model) else (lambda rows: collate(rows, pad))
     data = PackedView(train_ds, cfg.data.max_len) if cfg.data.packing else train_ds

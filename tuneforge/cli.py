@@ -63,11 +63,11 @@ def _model_and_adapter(a):
     from tuneforge.methods import load_adapter
     from tuneforge.models.load import load_model
 
-    from tuneforge.models.labels import read_labels
+    from tuneforge.models.labels import adapter_labels
 
     mcfg = SimpleNamespace(path=a.model, dtype=a.dtype, trust_remote_code=False, revision=None,
                            attn_implementation="sdpa")
-    labels = read_labels(a.adapter) if a.adapter else None  # a classification adapter: its head's classes
+    labels = adapter_labels(a.adapter) if a.adapter else None  # a classification adapter: its head's classes
     model, tok = load_model(mcfg, labels=labels)
     if a.adapter:
         load_adapter(model, a.adapter)
@@ -142,7 +142,12 @@ def cmd_eval(a) -> int:
         return 0
     ds = build_dataset(a.data, tok, max_len=a.max_len, template=model_template(model))
     pad = tok.pad_token_id
-    res = {"file": a.data, **eval_loss(model, ds, lambda r: collate(r, pad), a.batch_size)}
+    coll = lambda r: collate(r, pad)  # noqa: E731
+    if getattr(model.config, "is_encoder_decoder", False):  # prompt -> encoder, completion -> decoder
+        from tuneforge.data.seq2seq import seq2seq_batch, start_token
+
+        coll = lambda r: seq2seq_batch(collate(r, pad), start_token(model, tok), pad)  # noqa: E731
+    res = {"file": a.data, **eval_loss(model, ds, coll, a.batch_size)}
     if a.exact_match:  # prompt/completion rows, and chat rows answered after their last assistant turn's context
         res.update(exact_match(model, tok, answer_examples(a.data), max_new_tokens=a.max_new_tokens))
     print(json.dumps(res))

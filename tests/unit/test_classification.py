@@ -300,3 +300,106 @@ def test_merged_classifier_equals_adapter_and_head(tmp_path, capsys):
     x = tok(["aab ab", "bbba"], padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(merged.eval()(**x).logits, adapted(**x).logits, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ review fixes
+def _tiny_roberta_classifier():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    cfg = RobertaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=80, num_labels=2, pad_token_id=1)
+    return RobertaForSequenceClassification(cfg)
+
+
+def test_a_heads_inner_layers_are_never_adapted_or_quantised():
+    from tuneforge.models import arch
+
+    model = _tiny_roberta_classifier()  # its head is classifier.dense + classifier.out_proj
+    assert not [n for n in arch.linear_modules(model) if n.startswith("classifier")]
+    apply_methods(model, [METHOD_CONFIGS["qlora"](name="qlora", rank=2)])
+    assert type(model.classifier.dense) is torch.nn.Linear and type(model.classifier.out_proj) is torch.nn.Linear
+
+
+def _classifier_checkpoint(tmp_path, labels):
+    model, tok = build_tiny("bert", labels=labels)
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    return str(tmp_path / "ckpt")
+
+
+def test_a_classifier_checkpoint_keeps_its_class_order(tmp_path):
+    from tuneforge.api import run_labels
+
+    ckpt = _classifier_checkpoint(tmp_path, ["contradiction", "neutral", "entailment"])
+    rows = [{"text": t, "label": lab} for t, lab in (("ab", "neutral"), ("ba", "entailment"), ("aa", "contradiction"))]
+    f = _write(tmp_path / "nli.jsonl", rows)
+    cfg = load_config({"model": {"path": ckpt}, "data": {"train": f}, "algorithm": {"name": "classification"},
+                       "method": [{"name": "lora", "rank": 2}],
+                       "train": {"output_dir": str(tmp_path / "o"), "max_steps": 1, "progress": False}})
+    assert run_labels(cfg) == ["contradiction", "neutral", "entailment"]  # not sorted: the head's rows
+    out = train(cfg)  # no false "3 labels vs 2" refusal before loading
+    assert read_saved_labels(out.saved) == ["contradiction", "neutral", "entailment"]
+    cfg.algorithm.labels = ["contradiction", "entailment", "neutral"]
+    with pytest.raises(ConfigError, match="same order"):
+        run_labels(cfg)
+    cfg.algorithm.labels = None
+    cfg.data.train = _write(tmp_path / "other.jsonl", [{"text": "ab", "label": "yes"}, {"text": "b", "label": "no"}])
+    with pytest.raises(ConfigError, match="is a classifier of"):
+        run_labels(cfg)
+
+
+def test_accuracy_metric_is_a_share_under_accumulation(tmp_path):
+    cfg = _recipe(tmp_path, [{"name": "lora", "rank": 2}], steps=2)
+    cfg.train.batch_size, cfg.train.grad_accum = 2, 4
+    out = train(cfg)
+    assert all(0.0 <= h["accuracy"] <= 1.0 for h in out.result.history)
+
+
+def test_integer_label_names_in_the_config():
+    assert C.Config(labels=[0, 1]).labels == ["0", "1"]
+
+
+def test_max_len_beyond_the_encoders_positions(tmp_path):
+    cfg = _recipe(tmp_path, [{"name": "lora", "rank": 2}], steps=1)
+    cfg.data.max_len = 600  # the tiny BERT has 512 positions
+    with pytest.raises(ConfigError, match="has 512 positions"):
+        train(cfg)
+
+
+def test_classify_file_pairs_placeholders_and_bad_labels_json(tmp_path, capsys):
+    out = train(_recipe(tmp_path, [{"name": "lora", "rank": 4}], steps=3))
+    capsys.readouterr()
+    f = _write(tmp_path / "mixed.jsonl", [{"text": "aab", "label": -1},
+                                          {"text_a": "aab", "text_b": "bbbbbbbb", "label": -1}])
+    code, stdout, err = _cli(["classify", "--model", "tiny:bert", "--adapter", str(out.saved), "--file", f], capsys)
+    preds = [json.loads(x) for x in stdout.splitlines()]
+    assert code == 0 and len(preds) == 2 and "accuracy" not in err  # a test split's -1: predictions, no metrics
+    assert preds[0]["probs"] != preds[1]["probs"]  # the second text of the pair is read
+    (out.saved / "labels.json").write_text("{not json")
+    code, _, err = _cli(["classify", "--model", "tiny:bert", "--adapter", str(out.saved), "--text", "a"], capsys)
+    assert code == 2 and err.startswith("error:") and "labels.json" in err and "Traceback" not in err
+
+
+def test_we_load_peft_prefix_tuning_and_unnamed_lora_classifiers(tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base, tok = build_tiny("bert")
+    pm = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    pm.save_pretrained(tmp_path / "prefix")
+    x = tok(["aab ab", "bbba"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = pm.eval()(**x).logits
+        ours = build_tiny("bert")[0].eval()
+        load_adapter(ours, tmp_path / "prefix")
+        torch.testing.assert_close(ours(**x).logits, want, atol=1e-5, rtol=0)
+    lora = peft.get_peft_model(build_tiny("bert", labels=["a", "b", "c"])[0],
+                               peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"]))
+    lora.save_pretrained(tmp_path / "lora")  # no labels.json: three unnamed classes from the head's rows
+    code, stdout, err = _cli(["classify", "--model", "tiny:bert", "--adapter", str(tmp_path / "lora"), "--text", "ab"],
+                             capsys)
+    assert code == 0, err
+    assert set(json.loads(stdout)["probs"]) == {"LABEL_0", "LABEL_1", "LABEL_2"}

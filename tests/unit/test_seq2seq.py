@@ -147,3 +147,30 @@ def test_peft_loads_our_t5_adapter(tmp_path, name):
     x = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "decoder_input_ids": torch.tensor([[0, 9, 10]])}
     with torch.no_grad():
         torch.testing.assert_close(theirs(**x).logits, model(**x).logits, atol=1e-5, rtol=0)
+
+
+def test_rows_without_a_prompt_and_text_eval_files_are_refused_before_training(tmp_path):
+    sft, _, _ = _files(tmp_path)
+    rows = [{"prompt": "x:", "completion": "abcdefghijkl"}, {"prompt": "x:", "completion": "y"}]
+    cut = write_jsonl(tmp_path / "cut.jsonl", rows)  # left truncation to 8 tokens leaves row 1 no prompt
+    cfg = _cfg(tmp_path, cut, [{"name": "lora", "rank": 2}])
+    cfg.data.max_len, cfg.data.truncation = 8, "left"
+    with pytest.raises(ConfigError, match=r"no prompt tokens left for the encoder \(lines 1\)"):
+        train(cfg)
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "just text"}] * 4)
+    with pytest.raises(ConfigError, match=r"data\.eval.*'text' rows"):
+        train(_cfg(tmp_path, sft, [{"name": "lora", "rank": 2}], eval=text))
+    assert not (tmp_path / "run-sft" / "checkpoints").exists()
+
+
+def test_eval_command_on_t5(tmp_path, capsys):
+    from tuneforge.cli import main
+
+    sft, held, _ = _files(tmp_path)
+    out = train(_cfg(tmp_path, sft, [{"name": "lora", "rank": 2}]))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", "tiny:t5", "--adapter", str(out.saved), "--data", held, "--exact-match",
+              "--max-new-tokens", "4"])
+    res = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert e.value.code == 0 and res["loss"] > 0 and 0.0 <= res["exact_match"] <= 1.0

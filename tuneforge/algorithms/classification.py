@@ -33,10 +33,10 @@ class Config(BaseModel):
     labels: list[str] | None = Field(None, description="the class names in class-id order; default: every label "
                                                        "of the training file, sorted (numerically for integers)")
 
-    @field_validator("labels")
+    @field_validator("labels", mode="before")
     @classmethod
     def _distinct(cls, v):
-        if v is not None:
+        if isinstance(v, list):
             v = [str(x).strip() for x in v]
             if len(v) < 2 or len(set(v)) != len(v):
                 raise ValueError("labels: give at least two distinct class names")
@@ -72,8 +72,8 @@ def prepare(model, cfg: Config, state: dict) -> None:
 def step(model, batch: dict, cfg: Config, ctx) -> tuple[torch.Tensor, dict]:
     logits = forward_logits(model, batch)
     targets = batch["class_labels"]
-    correct = (logits.argmax(-1) == targets).sum().item()
-    return loss_fn(logits, targets, ctx.normaliser), {"accuracy": correct / max(len(targets), 1)}
+    correct = (logits.argmax(-1) == targets).sum().item()  # summed over micro-batches by the loop: / the step's rows
+    return loss_fn(logits, targets, ctx.normaliser), {"accuracy": correct / max(ctx.normaliser, 1.0)}
 
 
 def scores(predicted: list[int], gold: list[int], n_classes: int) -> dict:

@@ -11,10 +11,13 @@ import torch
 
 from tuneforge.algorithms.classification import evaluate, forward_logits
 from tuneforge.data.classification import (LABEL, RowProblem, build_classification_dataset, collate_classification,
-                                           parse_row)
+                                           has_pair_template, parse_row)
 from tuneforge.data.readers import iter_raw_rows
 from tuneforge.data.report import DataError
 from tuneforge.models.labels import model_labels
+
+
+PLACEHOLDERS = (None, -1, "-1", "")  # what an unlabelled split holds in its label column (GLUE test files: -1)
 
 
 def is_classifier(model) -> bool:
@@ -28,6 +31,9 @@ def classify_texts(model, tok, texts: list[str], pairs: list[str] | None = None,
     """``{"label", "probs": {name: p}}`` per text (or pair)."""
     names = model_labels(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    if pairs is not None and any(b is not None for b in pairs) and not has_pair_template(tok):
+        raise DataError(f"sentence pairs need a tokenizer with a pair template (a separator between the texts), and "
+                        f"{type(tok).__name__} has none; join the texts into one")
     out = []
     for i in range(0, len(texts), batch_size):
         a = texts[i:i + batch_size]
@@ -47,15 +53,16 @@ def classify_texts(model, tok, texts: list[str], pairs: list[str] | None = None,
 
 
 def classify_file(model, tok, path: str, batch_size: int = 32, max_len: int = 512) -> tuple[list[dict], dict | None]:
-    """Predictions for every row of ``path`` (file order, each with its ``line``) and, when every row is labelled,
-    the metrics against those labels."""
+    """Predictions for every row of ``path`` (file order, each with its ``line``) and, when every row is labelled
+    with one of the model's classes, the metrics against those labels. A label column of placeholders (a test
+    split's -1 or null) only means there is nothing to score."""
     rows, problems, labelled = [], [], True
     for raw in iter_raw_rows(path):
         if raw.problem is not None:
             problems.append((path, raw.line, raw.problem))
             continue
-        value = raw.value if LABEL in raw.value else {**raw.value, LABEL: "?"}
-        labelled &= LABEL in raw.value
+        labelled &= raw.value.get(LABEL) not in PLACEHOLDERS  # (a real label outside the set is an error below)
+        value = {**raw.value, LABEL: "?"}
         try:
             a, b, _ = parse_row(value)
         except RowProblem as e:
@@ -66,8 +73,8 @@ def classify_file(model, tok, path: str, batch_size: int = 32, max_len: int = 51
         raise DataError(f"{path}: {len(problems)} bad row(s)", problems)
     if not rows:
         raise DataError(f"{path}: no rows to classify")
-    preds = classify_texts(model, tok, [r[1] for r in rows], [r[2] for r in rows] if rows[0][2] is not None else None,
-                           batch_size, max_len)
+    pairs = [r[2] for r in rows] if any(r[2] is not None for r in rows) else None
+    preds = classify_texts(model, tok, [r[1] for r in rows], pairs, batch_size, max_len)
     preds = [{"line": line, **p} for (line, _, _), p in zip(rows, preds)]
     if not labelled:
         return preds, None

@@ -54,7 +54,12 @@ def _loss(model, tok, cfg: RunConfig) -> float:
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ds = build_dataset(cfg.data.eval, tok, max_len=cfg.data.max_len, template=configured_template(cfg.method))
-    return eval_loss(model, ds, lambda rows: collate(rows, pad), cfg.train.batch_size)["loss"]
+    coll = lambda rows: collate(rows, pad)  # noqa: E731
+    if getattr(model.config, "is_encoder_decoder", False):  # prompt -> encoder, completion -> decoder
+        from tuneforge.data.seq2seq import seq2seq_batch, start_token
+
+        coll = lambda rows: seq2seq_batch(collate(rows, pad), start_token(model, tok), pad)  # noqa: E731
+    return eval_loss(model, ds, coll, cfg.train.batch_size)["loss"]
 
 
 def _eval_format(cfg: RunConfig) -> str | None:
@@ -119,11 +124,11 @@ def load_saved(cfg: RunConfig, saved: Path | None):
     from tuneforge.methods import load_adapter
     from tuneforge.models.load import load_model
 
-    from tuneforge.models.labels import read_labels
+    from tuneforge.models.labels import adapter_labels
 
     whole = saved is not None and not (Path(saved) / "adapter_config.json").exists()
     mcfg = ModelConfig(**{**cfg.model.model_dump(), "path": str(saved), "gguf_file": None}) if whole else cfg.model
-    labels = read_labels(saved) if saved is not None and not whole else None  # a classifier adapter's classes
+    labels = adapter_labels(saved) if saved is not None and not whole else None  # a classifier adapter's classes
     if labels is None and saved is None and cfg.algorithm.name == "classification":
         from tuneforge.data.classification import read_labels as file_labels
 

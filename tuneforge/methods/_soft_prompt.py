@@ -598,5 +598,6 @@ def check_peft_common(d: dict, peft_type: str) -> None:
     if d.get("num_transformer_submodules", 1) != 1:
         raise ValueError(f"{peft_type} adapter for an encoder-decoder model (num_transformer_submodules "
                          f"{d['num_transformer_submodules']}); tuneforge's soft prompts are for decoder-only models")
-    if d.get("task_type") not in (None, "CAUSAL_LM"):
-        raise ValueError(f"{peft_type} adapter with task_type {d['task_type']!r}; tuneforge reads CAUSAL_LM ones")
+    if d.get("task_type") not in (None, "CAUSAL_LM", "SEQ_CLS"):  # SEQ_CLS: its head is read by load_adapter
+        raise ValueError(f"{peft_type} adapter with task_type {d['task_type']!r}; tuneforge reads CAUSAL_LM and "
+                         "SEQ_CLS ones")

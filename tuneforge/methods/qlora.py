@@ -22,6 +22,8 @@ again for serving if memory demands it, knowing that costs some of what the adap
 
 from __future__ import annotations
 
+import re
+
 from typing import Literal
 
 import torch
@@ -60,8 +62,9 @@ def quantize_base_(model: nn.Module, cfg: Config) -> tuple[int, int]:
 
     if any(p.device.type == "meta" for p in model.parameters()):
         return 0, 0  # a weightless model (config checks): only the adapter's shapes matter
-    heads = arch.output_head_names(model)
-    return quantize_model_(model, kind="nf4" if cfg.bits == 4 else "int8", skip=heads or ("lm_head",),
+    heads = arch.output_head_names(model)  # (and everything inside a classifier head: it trains in full)
+    skip = [*heads, *(f"re:{re.escape(h)}\\..*" for h in arch.task_head_names(model))] or ["lm_head"]
+    return quantize_model_(model, kind="nf4" if cfg.bits == 4 else "int8", skip=skip,
                            blocksize=cfg.blocksize, double_quant=cfg.double_quant, backend=cfg.backend)
 
 

@@ -85,8 +85,9 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     heads = set(output_head_names(model))
     out: dict[str, nn.Module] = {}
     wrapped: list[str] = []  # layers already wrapped by a tuneforge method count as linear; their insides do not
-    for name, module in model.named_modules():
-        if any(name.startswith(w + ".") for w in wrapped) or name in heads:
+    for name, module in model.named_modules():  # a head's inner layers (RoBERTa's classifier.dense) are head too
+        if any(name.startswith(w + ".") for w in wrapped) or name in heads or any(name.startswith(h + ".")
+                                                                                  for h in heads):
             continue
         if getattr(module, "is_adapter_layer", False):
             if getattr(module, "wraps_linear", True):

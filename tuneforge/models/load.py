@@ -134,6 +134,20 @@ def is_classifier_config(config: Any) -> bool:
     return any(str(a).endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
 
 
+def checkpoint_labels(mcfg: Any) -> list[str] | None:
+    """The class names of a checkpoint saved as a sequence classifier, in class-id order (None: not a classifier,
+    or a tiny preset), read from its config.json alone."""
+    path = source_path(mcfg)
+    file = Path(path).expanduser() / "config.json"
+    if path.startswith("tiny:") or not file.is_file():
+        return None
+    cfg = _read_json(file)
+    if not any(str(a).endswith("ForSequenceClassification") for a in cfg.get("architectures") or []):
+        return None
+    id2label = cfg.get("id2label") or {}
+    return [str(id2label[k]) for k in sorted(id2label, key=int)] if id2label else None
+
+
 def _classifier_kwargs(path: Path, config: Any, labels: list[str] | None) -> dict | None:
     """``from_pretrained`` options for a sequence classifier with ``labels`` (None: not a classifier load)."""
     if labels is None:
