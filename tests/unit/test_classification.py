@@ -403,3 +403,18 @@ def test_we_load_peft_prefix_tuning_and_unnamed_lora_classifiers(tmp_path, capsy
                              capsys)
     assert code == 0, err
     assert set(json.loads(stdout)["probs"]) == {"LABEL_0", "LABEL_1", "LABEL_2"}
+
+
+def test_a_decoder_classifier_pools_at_the_last_real_token_whatever_its_config_says():
+    from types import SimpleNamespace
+
+    mcfg = SimpleNamespace(path="tiny:llama", dtype="float32", trust_remote_code=False, revision=None,
+                           attn_implementation=None)
+    model, tok = load_model(mcfg, labels=["a", "b"])
+    assert model.config.pad_token_id == tok.pad_token_id
+    rows = [{"input_ids": tok("abcd")["input_ids"], "class_label": 0}, {"input_ids": tok("ab")["input_ids"],
+                                                                         "class_label": 1}]
+    with torch.no_grad():
+        batch = C.forward_logits(model.eval(), collate_classification(rows, tok.pad_token_id))
+        alone = C.forward_logits(model, collate_classification(rows[1:], tok.pad_token_id))
+    torch.testing.assert_close(batch[1], alone[0], atol=1e-5, rtol=0)  # padding does not move the pooled token

@@ -312,8 +312,9 @@ def _ensure_pad_token(model, tokenizer) -> None:
         warnings.warn(f"tokenizer has no pad token; using eos {tokenizer.eos_token!r} as pad", stacklevel=3)
         tokenizer.pad_token = tokenizer.eos_token
     pad_id = tokenizer.pad_token_id
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = pad_id
+    if getattr(model.config, "pad_token_id", None) is None or (
+            type(model).__name__.endswith("ForSequenceClassification") and model.config.pad_token_id != pad_id):
+        model.config.pad_token_id = pad_id  # a decoder classifier pools at the last token that is not this id
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None:
         gen.pad_token_id = pad_id
