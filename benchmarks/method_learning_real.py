@@ -16,7 +16,9 @@ markdown table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -27,11 +29,12 @@ from tuneforge.api import train
 from tuneforge.config import ModelConfig, load_config
 from tuneforge.eval.examples import answer_examples
 from tuneforge.eval.metrics import exact_match
-from tuneforge.methods import load_adapter
+from tuneforge.methods import load_adapter, merge_methods
 from tuneforge.models.load import load_model
 from tuneforge.real_demo import RealPlan, recipe, write_data
 
 # label -> (method list, learning rate); labels hold no commas (--methods splits on them)
+MEMBERS = ["<task member>", "<record_told member>"]  # placeholders: filled with the members' directories
 SETUPS: dict[str, tuple[list[dict], float]] = {
     "lora r8": ([{"name": "lora", "rank": 8, "alpha": 16}], 2e-3),
     "houlsby (m = d/16)": ([{"name": "houlsby"}], 2e-3),
@@ -45,6 +48,7 @@ SETUPS: dict[str, tuple[list[dict], float]] = {
                                                 {"name": "adapter_drop", "drop_layers": 5, "random": True}], 2e-3),
     "prompt_tuning (n = 20)": ([{"name": "prompt_tuning", "num_virtual_tokens": 20}], 5e-2),
     "p_tuning (MLP; n = 20)": ([{"name": "p_tuning", "num_virtual_tokens": 20}], 2e-3),
+    "p_tuning (MLP; n = 20; 5x the rate)": ([{"name": "p_tuning", "num_virtual_tokens": 20}], 1e-2),
     "prefix_tuning (n = 20)": ([{"name": "prefix_tuning", "num_virtual_tokens": 20}], 3e-2),
     "prefix_tuning (projection; n = 20)": ([{"name": "prefix_tuning", "num_virtual_tokens": 20,
                                              "projection": True}], 1e-3),
@@ -53,19 +57,50 @@ SETUPS: dict[str, tuple[list[dict], float]] = {
                                         {"name": "parallel"}], 3e-3),
     "unipelt (gated lora + prefix + pfeiffer)": ([{"name": "unipelt"}], 2e-3),
     "intrinsic (SAID; d = 10000)": ([{"name": "intrinsic", "dimension": 10000, "said": True}], 3e-1),
+    "p_tuning (template [P:3] {prompt} [P:2])": ([{"name": "p_tuning", "num_virtual_tokens": 5,
+                                                   "template": "[P:3] {prompt} [P:2]"}], 2e-3),
+    # members (trained first by ``fusion_members``): a Houlsby adapter on the task and one on ``record_told``
+    "adapter_fusion (houlsby members: record + record_told)": ([{"name": "adapter_fusion", "adapters": MEMBERS}], 1e-3),
 }
+
+
+def fusion_members(plan: RealPlan, tmp: Path, files: tuple[str, str], examples, tok, precision: str):
+    """AdapterFusion's stage one (Pfeiffer et al. 2021): a Houlsby adapter trained on the task and one trained on
+    another task (``record_told``), each 60 steps at the Houlsby row's rate; returns their directories and the task
+    member's held-out exact match, the figure the fusion is compared with."""
+    dirs, member_em = [], None
+    for task in (plan.task, "record_told"):
+        p = dataclasses.replace(plan, task=task, max_len=plan.max_len if task == plan.task else 320)  # (its prompt
+        # carries the rule and an example)
+        f = files if task == plan.task else write_data(tmp / task, p)
+        rec = recipe(p, *f, tmp / f"member-{task}")
+        rec["method"] = [{"name": "houlsby"}]
+        rec["train"].update(learning_rate=2e-3, precision=precision, eval_every=0, progress=False)
+        saved = train(load_config(rec)).saved
+        dirs.append(str(saved))
+        if task == plan.task:
+            fresh, _ = load_model(ModelConfig(path=plan.model))
+            load_adapter(fresh, saved)
+            member_em = exact_match(fresh.eval(), tok, examples, max_new_tokens=16)["exact_match"]
+    return dirs, member_em
 
 
 def run(label: str, plan: RealPlan, tmp: Path, files: tuple[str, str], examples, model, tok, precision: str) -> dict:
     method, lr = SETUPS[label]
-    rec = recipe(plan, *files, tmp / label.split()[0])
+    extra = {}
+    if method[0]["name"] == "adapter_fusion":
+        dirs, extra["task_member_after"] = fusion_members(plan, tmp, files, examples, tok, precision)
+        method = [{**method[0], "adapters": dirs}]
+    rec = recipe(plan, *files, tmp / re.sub(r"\W+", "-", label))  # one folder per label: no resume
     rec["method"] = method
     rec["train"].update(learning_rate=lr, precision=precision, eval_every=0, progress=False)
     t0 = time.perf_counter()
     result = train(load_config(rec))
     seconds = time.perf_counter() - t0
     fresh, _ = load_model(ModelConfig(path=plan.model))
-    load_adapter(fresh, result.saved)
+    cfgs = load_adapter(fresh, result.saved)
+    if any(c.name == "intrinsic" for c in cfgs):  # P θ^d is regenerated on every forward: fold it in once (the same
+        fresh = merge_methods(fresh, cfgs)  # function) so 64 answers x 16 tokens do not each pay for it
     fresh.eval()
     em = exact_match(fresh, tok, examples, max_new_tokens=16)["exact_match"]
     from tuneforge.data import build_dataset, collate
@@ -75,7 +110,7 @@ def run(label: str, plan: RealPlan, tmp: Path, files: tuple[str, str], examples,
     ds = build_dataset(files[1], tok, max_len=plan.max_len, template=model_template(fresh))  # as tuneforge eval does
     loss = eval_loss(fresh, ds, lambda rows: collate(rows, tok.pad_token_id), plan.batch)["loss"]
     row = {"method": label, "config": method, "lr": lr, "after": em, "loss_after": round(loss, 4),
-           "train_seconds": round(seconds, 1)}
+           "train_seconds": round(seconds, 1), **extra}
     print(f"{label:40s} -> {em:6.1%}  held-out loss {loss:.4f}  ({seconds:.0f} s)", flush=True)
     return row
 
