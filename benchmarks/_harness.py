@@ -347,3 +347,25 @@ def child_peak(a) -> dict:
                 best = max(best, 2.0 * n**3 * iters / (time.perf_counter() - t0) / 1e9)
         out[name] = round(best, 1)
     return {"bench": "matmul_peak", "peak_gflops": out, "torch_threads": torch.get_num_threads()}
+
+
+def locked_json_child(cmd: list[str], max_wait: float, label: dict) -> dict:
+    """Run ``cmd`` under the benchmark lock once the machine is quiet; its last stdout line that is a JSON object,
+    plus ``waited`` (how the wait went), or ``label`` with the error when it failed."""
+    import fcntl
+    import subprocess
+    from types import SimpleNamespace
+
+    quiet = SimpleNamespace(idle=0.3, max_load=1.0, idle_for=3.0, max_wait=max_wait)
+    with open(LOCK_PATH, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            env_state = wait_quiet(quiet)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
+    if proc.returncode != 0 or line is None:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return {**label, "error": proc.stderr.strip().splitlines()[-1:]}
+    return {**json.loads(line), "waited": env_state}

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import LOCK_PATH, SEED, cpu_model, peak_rss_mb, step_stats, versions, wait_quiet  # noqa: E402
+from _harness import SEED, cpu_model, locked_json_child, peak_rss_mb, step_stats, versions  # noqa: E402
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
 BATCH, MAX_LEN, LR = 32, 64, 1e-3
@@ -108,19 +106,7 @@ def child_peft(a) -> dict:
 def spawn(a, lib: str, method: str, tsv: str, workdir: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", lib, "--method", method, "--tsv", tsv,
            "--workdir", workdir, "--steps", str(a.steps), "--warmup", str(a.warmup)]
-    quiet = SimpleNamespace(idle=0.3, max_load=1.0, idle_for=3.0, max_wait=a.max_wait)
-    with open(LOCK_PATH, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            env_state = wait_quiet(quiet)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
-    if proc.returncode != 0 or line is None:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        return {"lib": lib, "method": method, "error": proc.stderr.strip().splitlines()[-1:]}
-    return {**json.loads(line), "waited": env_state}
+    return locked_json_child(cmd, a.max_wait, {"lib": lib, "method": method})
 
 
 def main() -> None:

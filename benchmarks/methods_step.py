@@ -25,18 +25,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import (LOCK_PATH, SEED, SHAPE, TARGETS, child_peak, llama_model, load_rows, matmul_params,  # noqa: E402
-                      peak_rss_mb, step_stats, versions, wait_quiet)
+from _harness import (SEED, SHAPE, TARGETS, child_peak, llama_model, load_rows, locked_json_child,  # noqa: E402
+                      matmul_params, peak_rss_mb, step_stats, versions)
 from lora_sft import ALPHA, BATCH, LR, RANK, SEQ, make_data  # noqa: E402
 
 # key -> tuneforge method list (None = no tuneforge run) and PEFT config builder (None = PEFT lacks it)
@@ -177,19 +174,7 @@ def spawn(a, lib: str, method: str, paths: dict) -> dict:
     cmd = [python, os.path.abspath(__file__), "--child", lib, "--method", method, "--workdir",
            paths["workdir"], "--jsonl", paths["jsonl"], "--ids", paths["ids"], "--steps", str(a.steps),
            "--warmup", str(a.warmup)]
-    quiet = SimpleNamespace(idle=0.3, max_load=1.0, idle_for=3.0, max_wait=a.max_wait)
-    with open(LOCK_PATH, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            env_state = wait_quiet(quiet)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
-    if proc.returncode != 0 or line is None:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        return {"lib": lib, "method": method, "error": proc.stderr.strip().splitlines()[-1:]}
-    return {**json.loads(line), "waited": env_state}
+    return locked_json_child(cmd, a.max_wait, {"lib": lib, "method": method})
 
 
 def main() -> None:

@@ -43,3 +43,13 @@ def demo_base(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo_base")
     return pretrain(out, DemoPlan()), out
+
+
+def run_cli(argv, capsys):
+    """``tuneforge <argv>`` in-process: (exit code, stdout, stderr)."""
+    from tuneforge.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import base_config, write_jsonl
+from conftest import base_config, run_cli, write_jsonl
 
-from tuneforge.cli import main
 from tuneforge.tasks import make_examples
 
 CHROMIUM = "/usr/bin/chromium"
@@ -27,11 +26,7 @@ def recipe(tmp_path, **train):
     return path
 
 
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
+run = run_cli
 
 
 def test_compare_trains_each_method_writes_the_report_and_reuses_finished_runs(tmp_path, capsys):

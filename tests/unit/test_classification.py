@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from conftest import run_cli
 
 from tuneforge.algorithms import classification as C
 from tuneforge.api import train
@@ -243,13 +244,7 @@ def test_dataset_split_keeps_labels(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ command line
-def _cli(argv, capsys):
-    from tuneforge.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
+_cli = run_cli
 
 
 def test_classify_and_eval_commands(tmp_path, capsys):
