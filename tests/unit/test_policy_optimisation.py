@@ -126,7 +126,7 @@ def test_ppo_scores_pi_old_pi_and_reference_at_the_sampling_temperature(tmp_path
 def test_algorithm_dropout_defaults():
     got = {name: dropout_disabled(None, mod) for name, mod in ALGORITHMS.items()}
     assert got == {"sft": False, "reward": False, "dpo": True, "orpo": True, "grpo": True, "ppo": True,
-                   "rejection_sampling": False, "online_dpo": True, "rlaif": True}
+                   "rejection_sampling": False, "online_dpo": True, "rlaif": True, "classification": False}
     assert dropout_disabled(False, ALGORITHMS["dpo"]) is False and dropout_disabled(True, ALGORITHMS["sft"]) is True
 
 
