@@ -71,10 +71,10 @@ def check_targets(cfg: RunConfig, tok=None) -> None:
     if getattr(model.config, "is_encoder_decoder", False) and cfg.data.packing:
         raise ConfigError([("data.packing", "an encoder-decoder reads one prompt per row; set packing: false")],
                           "config")
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if classify and positions and getattr(model.config, "model_type", None) in ENCODER_TYPES:
-        usable = positions - (model.config.pad_token_id + 1 if model.config.model_type in ("roberta", "xlm-roberta",
-                                                                                           "camembert") else 0)
+    from tuneforge.methods._soft_prompt import max_positions
+
+    usable = max_positions(model)
+    if classify and usable and getattr(model.config, "model_type", None) in ENCODER_TYPES:
         if cfg.data.max_len > usable:
             raise ConfigError([("data.max_len", f"{cfg.data.max_len} tokens, but {cfg.model.path} has {usable} "
                                                 "positions; set data.max_len to at most that")], "config")

@@ -82,7 +82,9 @@ def test_sft_learns_and_generates(tmp_path):
 
 
 @pytest.mark.parametrize("method", [[{"name": "lora", "rank": 4}], [{"name": "ia3"}], [{"name": "houlsby"}],
-                                    [{"name": "bitfit", "add_bias": True}], [{"name": "full"}]])
+                                    [{"name": "bitfit", "add_bias": True}], [{"name": "full"}],
+                                    [{"name": "prompt_tuning", "num_virtual_tokens": 4}],
+                                    [{"name": "p_tuning", "num_virtual_tokens": 3, "encoder": "lstm"}]])
 @pytest.mark.parametrize("algorithm", ["sft", "dpo", "orpo"])
 def test_methods_train_under_seq2seq_algorithms(tmp_path, method, algorithm):
     sft, _, pref = _files(tmp_path)
@@ -174,3 +176,70 @@ def test_eval_command_on_t5(tmp_path, capsys):
               "--max-new-tokens", "4"])
     res = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert e.value.code == 0 and res["loss"] > 0 and 0.0 <= res["exact_match"] <= 1.0
+
+
+def _encoder_prompted(name):
+    torch.manual_seed(0)
+    model, tok = build_tiny("t5")
+    cfgs = [METHOD_CONFIGS[name](name=name, num_virtual_tokens=3)]
+    apply_methods(model.eval(), cfgs, tokenizer=tok)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    return model, tok, cfgs
+
+
+T5_ROWS = {"input_ids": torch.tensor([[5, 6, 7, 8], [5, 6, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1],
+                                                                                                   [1, 1, 0, 0]]),
+           "decoder_input_ids": torch.tensor([[0, 9, 10], [0, 9, 10]])}
+
+
+@pytest.mark.parametrize("name", ["prompt_tuning", "p_tuning"])
+def test_encoder_prompts_on_t5_match_peft_both_ways(tmp_path, name):
+    """The virtual tokens go in front of the encoder's input (and the cross-attention mask): PEFT's
+    PeftModelForSeq2SeqLM computes the same logits from our file, and we read its file (2 submodules: 2n rows, of
+    which its prompt methods use the first n)."""
+    peft = pytest.importorskip("peft")
+    model, tok, cfgs = _encoder_prompted(name)
+    save_adapter(model, cfgs, tmp_path / "a", base_path="tiny:t5")
+    with torch.no_grad():
+        ours = model(**T5_ROWS).logits
+        plain = build_tiny("t5")[0].eval()(**T5_ROWS).logits
+        theirs = peft.PeftModel.from_pretrained(build_tiny("t5")[0].eval(), tmp_path / "a").eval()
+        assert (ours - plain).abs().max() > 1e-3
+        torch.testing.assert_close(theirs(**T5_ROWS).logits, ours, atol=1e-5, rtol=0)
+    peft_cfg = (peft.PromptTuningConfig if name == "prompt_tuning" else peft.PromptEncoderConfig)(
+        task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)
+    pm = peft.get_peft_model(build_tiny("t5")[0], peft_cfg)
+    assert pm.peft_config["default"].num_transformer_submodules == 2
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    pm.save_pretrained(tmp_path / "p")
+    with torch.no_grad():
+        want = pm.eval()(**T5_ROWS).logits
+        fresh = build_tiny("t5")[0].eval()
+        load_adapter(fresh, tmp_path / "p")
+        torch.testing.assert_close(fresh(**T5_ROWS).logits, want, atol=1e-5, rtol=0)
+
+
+def test_encoder_prompt_generation_on_t5_is_the_forward_s_greedy_choice():
+    """generate (the encoder run once, the decoder stepped with its cache) decodes what full forwards choose."""
+    model, _, _ = _encoder_prompted("prompt_tuning")
+    ids, mask = T5_ROWS["input_ids"], T5_ROWS["attention_mask"]
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    seq = torch.zeros(2, 1, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = model(input_ids=ids, attention_mask=mask, decoder_input_ids=seq).logits[:, -1].argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+    assert out.tolist() == seq.tolist()
+
+
+def test_prefix_methods_on_t5_are_refused_with_the_alternative():
+    model, tok = build_tiny("t5")
+    for name in ("prefix_tuning", "p_tuning_v2"):
+        with pytest.raises(ValueError, match="train prompt_tuning, p_tuning, lora or ia3"):
+            apply_methods(model, [METHOD_CONFIGS[name](name=name)], tokenizer=tok)

@@ -30,6 +30,13 @@ all-masked prefix, so a mixed batch equals its rows run one by one. Input-level 
 adapter and shared by its rows, except while training with dropout: then each row runs them with its own dropout
 mask, as PEFT's per-row ``[P; E(x)]`` does.
 
+**Encoders and encoder-decoders.** In a bidirectional encoder (BERT, or T5's encoder) input-level virtual tokens
+attend to the text and the text to them, so they are not a key/value prefix: there the n vectors are concatenated in
+front of the input embeddings, ``[P; E(x)]``, with n ones in front of the attention mask and token type 0 (PEFT's
+computation, Lester et al.'s on T5), and the encoder's output keeps the n extra positions in front (BERT's pooler,
+RoBERTa's head read position 0, the first virtual token, as under PEFT). In T5 the decoder's cross-attention mask
+gets the same n columns. Prefix methods stay a key/value prefix on encoders.
+
 What cannot combine fails with the reason: a 4D attention mask (packed rows are refused at config time;
 shared-prompt scoring is skipped while a soft prompt is active), a model whose decoder takes no KV cache or no
 position ids, gradient checkpointing (its layers drop the cache), a static KV cache.
@@ -118,20 +125,31 @@ def _takes(module: nn.Module, name: str) -> bool:
         return False
 
 
-def check_model(model: nn.Module, method: str, input_level: bool = False) -> None:
-    """Refuse, with the fix, a model whose decoder cannot take a key/value prefix.
+def prompt_host(model: nn.Module) -> nn.Module:
+    """The module whose inputs the virtual tokens join: an encoder-decoder's encoder, else ``decoder_of``."""
+    if getattr(_cfg(model), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+        return model.get_encoder()
+    return decoder_of(model)
 
-    ``input_level``: prompt tuning and P-tuning, whose virtual tokens are *inputs*. Only in a causal model are
-    those exactly a key/value prefix; in an encoder they would attend to the text (and BERT's pooler would read
-    the first of them), which a prefix does not do, so they are refused there. Prefix tuning and P-tuning v2 are
-    a key/value prefix by definition and run on encoders as on decoders (equal to PEFT's on BERT)."""
+
+def check_model(model: nn.Module, method: str, input_level: bool = False) -> None:
+    """Refuse, with the fix, a model that cannot hold this method's virtual tokens.
+
+    ``input_level``: prompt tuning and P-tuning, whose virtual tokens are *inputs*: a key/value prefix in a causal
+    model, embeddings concatenated in front of the input in an encoder or an encoder-decoder's encoder (the module
+    docstring says why). Prefix tuning and P-tuning v2 are a key/value prefix by definition and run on encoders as
+    on decoders (equal to PEFT's on BERT); on an encoder-decoder they are refused."""
     cfg = _cfg(model)
+    if getattr(cfg, "is_encoder_decoder", False) and not input_level:
+        raise ValueError(f"{method}: on an encoder-decoder model ({cfg.model_type}) tuneforge puts virtual tokens "
+                         "in front of the encoder's input only (prompt_tuning, p_tuning: Lester et al. trained T5 "
+                         "that way); key/value prefixes in the encoder and decoder attention are not supported; train "
+                         "prompt_tuning, p_tuning, lora or ia3")
     if input_level and not _is_causal(model):
-        raise ValueError(f"{method}: on an encoder ({cfg.model_type}) the virtual tokens must attend to the text, "
-                         "which tuneforge's key/value prefix cannot express yet; use prefix_tuning or p_tuning_v2 "
-                         "(deep prompts: Liu et al. 2022 found them the stronger choice on encoders anyway)")
-    if getattr(cfg, "is_encoder_decoder", False):
-        raise ValueError(f"{method}: encoder-decoder models are not supported yet; use a decoder-only model")
+        if not _takes(prompt_host(model), "inputs_embeds"):
+            raise ValueError(f"{method}: {type(prompt_host(model)).__name__} takes no inputs_embeds, so virtual "
+                             "tokens cannot join its input; train lora or ia3 instead")
+        return
     if getattr(cfg, "model_type", None) in ("bloom", "mpt") or getattr(cfg, "alibi", False):
         raise ValueError(f"{method}: ALiBi models ({cfg.model_type}) build position biases from the mask, which a "
                          "prefix would shift; train lora or ia3 instead")
@@ -146,12 +164,19 @@ def check_model(model: nn.Module, method: str, input_level: bool = False) -> Non
 
 def _is_causal(model: nn.Module) -> bool:
     """A decoder, whose tokens see only earlier tokens (what makes input-level virtual tokens a KV prefix)."""
-    return getattr(_cfg(model), "model_type", None) not in ENCODER_TYPES
+    cfg = _cfg(model)
+    return getattr(cfg, "model_type", None) not in ENCODER_TYPES and not getattr(cfg, "is_encoder_decoder", False)
 
 
 def max_positions(model: nn.Module) -> int | None:
+    """The most positions an input may use (None: relative positions, no table to run off, as in T5). RoBERTa's
+    table starts after the padding index, so pad_token_id + 1 of its rows are never a position."""
     cfg = _cfg(model)
+    if getattr(cfg, "relative_attention_num_buckets", None):
+        return None
     n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if n and getattr(cfg, "model_type", None) in ("roberta", "xlm-roberta", "camembert"):
+        n -= int(getattr(cfg, "pad_token_id", 1) or 0) + 1
     return int(n) if n else None
 
 
@@ -258,13 +283,19 @@ class SoftPrompts(AdapterLayer):
     wraps_linear = False  # models.arch: the encoders' linear layers are this method's, not targets for others
     ADAPTER_TENSORS = {"prompts": False}  # declared for arch; per-tensor decay comes from adapter_tensors below
 
-    def __init__(self, decoder: nn.Module):
+    def __init__(self, decoder: nn.Module, concat: bool = False, cross: nn.Module | None = None):
+        """``concat``: input-level prompts join the input embeddings (a bidirectional encoder) instead of the KV
+        cache; ``cross``: an encoder-decoder's decoder, whose cross-attention mask gets the prompt's columns."""
         super().__init__()
         self.prompts = nn.ModuleDict()
         self.active: tuple[str, ...] | PerExample = ()
         self.__dict__["decoder"] = decoder  # not a child: the decoder is the model's, not this layer's
         self.__dict__["building"] = False
+        self.__dict__["concat"] = concat
+        self.__dict__["cross"] = cross
         decoder.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        if cross is not None:
+            cross.register_forward_pre_hook(self._cross_hook, with_kwargs=True)
         self.__dict__["cache_key"] = "cache" if _takes(decoder, "cache") else "past_key_values"
 
     def adapter_names(self) -> list[str]:
@@ -292,10 +323,13 @@ class SoftPrompts(AdapterLayer):
     def remove(self) -> None:
         """Take this container's hook off the decoder (found by owner, so a deep copy of the model removes its own
         copy's hook, not the original's)."""
-        hooks = self.decoder._forward_pre_hooks
-        for key in [k for k, h in hooks.items() if getattr(h, "__self__", None) is self]:
-            del hooks[key]
-            self.decoder._forward_pre_hooks_with_kwargs.pop(key, None)
+        for module in (self.decoder, self.cross):
+            if module is None:
+                continue
+            hooks = module._forward_pre_hooks
+            for key in [k for k, h in hooks.items() if getattr(h, "__self__", None) is self]:
+                del hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
 
     # -------------------------------------------------------------------------------------------- the prefix
     def _selections(self, batch: int) -> list[tuple[str, ...]]:
@@ -401,6 +435,8 @@ class SoftPrompts(AdapterLayer):
         selections = self._selections(B)
         if not any(selections):
             return None
+        if self.concat and any(mod.kind == "input" for s in selections for n in s for mod in self.prompts[n].values()):
+            return self._concat(kwargs, selections, T, device)
         if getattr(self.decoder, "gradient_checkpointing", False) and self.decoder.training:
             raise ValueError("soft prompts cannot train under gradient checkpointing: its layers drop the KV cache "
                              "that carries the virtual tokens; call model.gradient_checkpointing_disable()")
@@ -451,10 +487,64 @@ class SoftPrompts(AdapterLayer):
         return args, kwargs
 
 
+    # ------------------------------------------------------------------------------ encoders: [P; E(x)]
+    def _concat(self, kwargs: dict, selections: list[tuple[str, ...]], T: int, device: torch.device):
+        """An encoder's input-level prompts: ``[P; E(x)]``, the mask's and token types' n columns in front (PEFT's
+        ``PeftModelForSequenceClassification`` / ``Seq2SeqLM`` forward). Every row needs the same prompt length
+        here: an encoder reads fixed positions (BERT's pooler, position 0), so rows cannot be aligned by padding."""
+        mods = {s: [m for n in s for m in self.prompts[n].values()] for s in dict.fromkeys(selections)}
+        if any(m.kind != "input" for ms in mods.values() for m in ms):
+            raise ValueError("an encoder cannot run an input-level prompt (prompt_tuning, p_tuning) and a key/value "
+                             "prefix (prefix_tuning, p_tuning_v2) in one forward; activate one of them")
+        lengths = {s: sum(m.n for m in ms) for s, ms in mods.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"rows of this batch select soft prompts of different lengths ({sorted(set(lengths.values()))}"
+                             " virtual tokens, 0 = none); on an encoder every row of a batch needs the same prompt "
+                             "length: batch the rows by adapter")
+        n = next(iter(lengths.values()))
+        limit = max_positions(self.decoder)
+        if limit is not None and n + T > limit:
+            raise ValueError(f"{n} virtual tokens + {T} input tokens exceed the model's {limit} positions; lower "
+                             "data.max_len or num_virtual_tokens")
+        emb_layer = self.decoder.get_input_embeddings()
+        ids, embeds = kwargs.pop("input_ids", None), kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = emb_layer(ids)
+        prompt = {s: torch.cat([m.value() for m in ms]).to(device=device, dtype=embeds.dtype) for s, ms in mods.items()}
+        P = prompt[selections[0]][None].expand(len(selections), -1, -1) if len(prompt) == 1 \
+            else torch.stack([prompt[s] for s in selections])
+        kwargs["inputs_embeds"] = torch.cat([P, embeds], 1)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if mask.dim() != 2:
+                raise ValueError("soft prompts take a 2D attention mask (no packed rows or custom 4D masks)")
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], 1)
+        types = kwargs.get("token_type_ids")
+        if types is not None:
+            kwargs["token_type_ids"] = torch.cat([types.new_zeros(types.shape[0], n), types], 1)
+        pos = kwargs.get("position_ids")
+        if pos is not None:  # the prompt at 0..n-1, the input after it (what no position_ids gives a right-padded row)
+            front = torch.arange(n, device=pos.device, dtype=pos.dtype)[None].expand(pos.shape[0], n)
+            kwargs["position_ids"] = torch.cat([front, pos + n], 1)
+        return (), kwargs
+
+    def _cross_hook(self, module, args, kwargs):
+        """An encoder-decoder's decoder: the encoder output carries the prompt's n positions in front, so the
+        cross-attention mask (the caller's, one column per input token) gets n ones in front."""
+        enc, mask = kwargs.get("encoder_hidden_states"), kwargs.get("encoder_attention_mask")
+        if enc is None or mask is None or mask.dim() != 2 or enc.shape[1] <= mask.shape[1]:
+            return None
+        extra = enc.shape[1] - mask.shape[1]
+        kwargs["encoder_attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], extra), mask], 1)
+        return args, kwargs
+
+
 def container(model: nn.Module, create: bool = False) -> SoftPrompts | None:
     found = getattr(model, ATTR, None)
     if found is None and create:
-        found = SoftPrompts(decoder_of(model))
+        seq2seq = getattr(_cfg(model), "is_encoder_decoder", False) and hasattr(model, "get_decoder")
+        found = SoftPrompts(prompt_host(model), concat=not _is_causal(model),
+                            cross=model.get_decoder() if seq2seq else None)
         model.add_module(ATTR, found)
     return found
 
@@ -560,6 +650,9 @@ def load_state_dict(model: nn.Module, method: str, tensors: dict[str, torch.Tens
     if key not in tensors:
         raise KeyError(f"{method} weights lack {key!r}")
     value, want = tensors[key], tuple(mod.value().shape)
+    if (getattr(_cfg(model), "is_encoder_decoder", False) and value.dim() == 2 and value.shape[0] == 2 * want[0]
+            and not any(k.startswith(own) for k in tensors)):
+        value = value[: want[0]]  # PEFT's seq2seq layout (2 submodules): its prompt methods read the first n rows only
     if tuple(value.shape) != want:
         raise ValueError(f"{key}: shape {tuple(value.shape)} in the file, {want} for this model (another base "
                          "model, or another number of virtual tokens?)")
@@ -595,9 +688,12 @@ def peft_common(model: nn.Module, cfg: SoftPromptConfig, peft_type: str, base_pa
 
 
 def check_peft_common(d: dict, peft_type: str) -> None:
-    if d.get("num_transformer_submodules", 1) != 1:
-        raise ValueError(f"{peft_type} adapter for an encoder-decoder model (num_transformer_submodules "
-                         f"{d['num_transformer_submodules']}); tuneforge's soft prompts are for decoder-only models")
-    if d.get("task_type") not in (None, "CAUSAL_LM", "SEQ_CLS"):  # SEQ_CLS: its head is read by load_adapter
-        raise ValueError(f"{peft_type} adapter with task_type {d['task_type']!r}; tuneforge reads CAUSAL_LM and "
-                         "SEQ_CLS ones")
+    seq2seq = d.get("task_type") == "SEQ_2_SEQ_LM"
+    subs = d.get("num_transformer_submodules") or 1
+    if subs != 1 and not (seq2seq and subs == 2 and peft_type in ("PROMPT_TUNING", "P_TUNING")):
+        raise ValueError(f"{peft_type} adapter with num_transformer_submodules {subs} (task_type "
+                         f"{d.get('task_type')!r}); tuneforge reads prefixes for one attention stack, and "
+                         "encoder-decoder prompts for the encoder (prompt_tuning, p_tuning)")
+    if d.get("task_type") not in (None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM"):  # SEQ_CLS: load_adapter reads its head
+        raise ValueError(f"{peft_type} adapter with task_type {d['task_type']!r}; tuneforge reads CAUSAL_LM, SEQ_CLS "
+                         "and SEQ_2_SEQ_LM ones")

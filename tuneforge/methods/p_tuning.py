@@ -163,6 +163,10 @@ def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> None:
     SP.check_model(model, NAME, input_level=True)
     device, dtype = SP._param_like(model)
     t = cfg.prompt_template()
+    if t is not None and (t.back or t.front == 0) and not SP._is_causal(model):
+        raise ValueError(f"p_tuning: template {cfg.template!r} places virtual tokens after the input, which tuneforge "
+                         f"does only in causal decoders; on {SP._cfg(model).model_type} every virtual token goes in "
+                         "front of the input: leave template out")
     if t is not None and t.back:
         _refuse_flash(SP._cfg(model), t)
     layers, heads, head_dim = SP.kv_shape(model) if t is not None and t.front == 0 else (0, 0, 0)
