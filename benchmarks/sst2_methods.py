@@ -69,6 +69,7 @@ def main() -> None:
                   "algorithm": {"name": "classification"},
                   "train": {"output_dir": str(work / "unused"), "max_steps": a.steps, "batch_size": a.batch_size,
                             "learning_rate": 1e-3, "warmup_steps": max(1, a.steps // 20), "seed": a.seed,
+                            "group_by_length": True,
                             "log_every": max(1, a.steps // 6), "progress": False, "tensorboard": False}}
         (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
         print(f"SST-2: {n} training rows sampled (seed {a.seed}), dev {Path(a.data) / 'dev.tsv'}; {cpu_model()}",

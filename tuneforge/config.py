@@ -68,6 +68,8 @@ class TrainConfig(Strict):
     epochs: float = Field(1.0, gt=0)
     batch_size: int = Field(4, gt=0, description="rows per micro-batch on each process")
     grad_accum: int = Field(1, gt=0)
+    group_by_length: bool = Field(False, description="batch rows of similar length together (less padding, faster "
+                                  "steps on short, uneven rows), in windows of 50 shuffled batches as HF's Trainer")
     learning_rate: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)

@@ -22,7 +22,7 @@ from tuneforge.train import dist as D
 from tuneforge.train.log import RunLogger
 from tuneforge.train.precision import autocast_context, resolve_precision
 from tuneforge.train.optim import lr_factor, make_optimizer, set_lr, warmup_steps
-from tuneforge.train.sampler import GlobalOrder, Position, micro_batches
+from tuneforge.train.sampler import GlobalOrder, Position, micro_batches, row_length
 
 
 class TrainingAborted(RuntimeError):
@@ -94,7 +94,9 @@ class Loop:
         self.algo_state = {} if algo_state is None else algo_state  # kept across steps (DPO's reference, ...)
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.opt = make_optimizer(self.params, tcfg, model)  # the methods decide which tensors decay
-        self.order = GlobalOrder(len(train_ds), tcfg.batch_size * tcfg.grad_accum * dist.world, tcfg.seed)
+        lengths = [row_length(train_ds[i]) for i in range(len(train_ds))] if tcfg.group_by_length else None
+        self.order = GlobalOrder(len(train_ds), tcfg.batch_size * tcfg.grad_accum * dist.world, tcfg.seed,
+                                 lengths=lengths)
         self.total = total_steps(tcfg, self.order)
         self.warmup = warmup_steps(tcfg, self.total)
         self.precision = resolve_precision(tcfg.precision, dist.device)
