@@ -83,7 +83,9 @@ def test_sft_learns_and_generates(tmp_path):
 
 @pytest.mark.parametrize("method", [[{"name": "lora", "rank": 4}], [{"name": "ia3"}], [{"name": "houlsby"}],
                                     [{"name": "bitfit", "add_bias": True}], [{"name": "full"}],
-                                    [{"name": "prompt_tuning", "num_virtual_tokens": 4}],
+                                    [{"name": "qlora", "rank": 4}], [{"name": "prompt_tuning", "num_virtual_tokens": 4}],
+                                    [{"name": "freeze", "top_k": 1}],
+                                    [{"name": "houlsby"}, {"name": "adapter_drop", "drop_layers": 1}],
                                     [{"name": "p_tuning", "num_virtual_tokens": 3, "encoder": "lstm"}]])
 @pytest.mark.parametrize("algorithm", ["sft", "dpo", "orpo"])
 def test_methods_train_under_seq2seq_algorithms(tmp_path, method, algorithm):
@@ -243,3 +245,15 @@ def test_prefix_methods_on_t5_are_refused_with_the_alternative():
     for name in ("prefix_tuning", "p_tuning_v2"):
         with pytest.raises(ValueError, match="train prompt_tuning, p_tuning, lora or ia3"):
             apply_methods(model, [METHOD_CONFIGS[name](name=name)], tokenizer=tok)
+
+
+def test_layer_methods_see_both_stacks_in_forward_order():
+    """The encoder's blocks, then the decoder's: freeze's top layer is the decoder's last (nearest the output)."""
+    from tuneforge.methods._inject import trainable_parameters
+    from tuneforge.models import arch
+
+    model, tok = build_tiny("t5")
+    assert [n for n, _ in arch.blocks(model)] == ["encoder.block.0", "encoder.block.1", "decoder.block.0",
+                                                  "decoder.block.1"]
+    apply_methods(model, [METHOD_CONFIGS["freeze"](name="freeze", top_k=1)], tokenizer=tok)
+    assert {k.split(".")[0] + "." + k.split(".")[2] for k in trainable_parameters(model)} == {"decoder.1"}

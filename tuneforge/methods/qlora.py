@@ -64,6 +64,9 @@ def quantize_base_(model: nn.Module, cfg: Config) -> tuple[int, int]:
         return 0, 0  # a weightless model (config checks): only the adapter's shapes matter
     heads = arch.output_head_names(model)  # (and everything inside a classifier head: it trains in full)
     skip = [*heads, *(f"re:{re.escape(h)}\\..*" for h in arch.task_head_names(model))] or ["lm_head"]
+    # what the model keeps in fp32 (T5's FFN output ``wo``, whose forward reads its weight's dtype) stays as it is,
+    # as transformers' own 4-bit loading leaves it; LoRA still adapts it
+    skip += list(getattr(model, "_keep_in_fp32_modules", None) or [])
     return quantize_model_(model, kind="nf4" if cfg.bits == 4 else "int8", skip=skip,
                            blocksize=cfg.blocksize, double_quant=cfg.double_quant, backend=cfg.backend)
 

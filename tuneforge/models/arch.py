@@ -138,8 +138,33 @@ def _longest_repeated_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None
     return best
 
 
+def _stacks(model: nn.Module) -> list[str]:
+    """An encoder-decoder's two stacks (``encoder``, ``decoder`` in T5; ``model.encoder``, ``model.decoder`` in
+    BART), by their paths; [] for a single-stack model."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return []
+    paths = {id(m): p for p, m in model.named_modules()}
+    out = []
+    for getter in ("get_encoder", "get_decoder"):
+        fn = getattr(model, getter, None)
+        stack = fn() if callable(fn) else None
+        if stack is None or id(stack) not in paths:
+            return []
+        out.append(paths[id(stack)])
+    return out
+
+
 def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Transformer blocks in forward order, as ``(dotted name, module)``."""
+    """Transformer blocks in forward order, as ``(dotted name, module)``: an encoder-decoder's encoder blocks, then
+    its decoder blocks (so "the top k layers" are the decoder's last, the ones nearest the output)."""
+    stacks = _stacks(model)
+    if stacks:
+        out = []
+        for stack in stacks:
+            found = _longest_repeated_list(model.get_submodule(stack))
+            if found is not None:
+                out += [(f"{stack}.{found[0]}.{i}", block) for i, block in enumerate(found[1])]
+        return out
     for path in _BLOCK_PATHS:
         found = _get_submodule(model, path)
         if isinstance(found, nn.ModuleList) and len(found) > 0:
