@@ -53,3 +53,27 @@ def run_cli(argv, capsys):
         main(argv)
     out = capsys.readouterr()
     return e.value.code, out.out, out.err
+
+
+def perturb_trainable(model, std=0.5):
+    """Every trainable tensor drawn from N(0, std^2): an adapter that visibly changes the output."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, std)
+    return model
+
+
+def assert_we_load_peft(pm, fresh, inputs: dict, path) -> None:
+    """A PEFT model with random trainable weights is saved; ``fresh`` (the same base) loads it with equal logits."""
+    import torch
+
+    from tuneforge.methods import load_adapter
+
+    perturb_trainable(pm).save_pretrained(path)
+    with torch.no_grad():
+        want = pm.eval()(**inputs).logits
+        load_adapter(fresh.eval(), path)
+        torch.testing.assert_close(fresh(**inputs).logits, want, atol=1e-5, rtol=0)

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import assert_we_load_peft, perturb_trainable, run_cli
 
 from tuneforge.algorithms import classification as C
 from tuneforge.api import train
@@ -213,10 +213,8 @@ def test_input_level_prompt_on_an_encoder_is_peft_s_computation(tmp_path, name):
     plain = model(**x).logits.detach()
     cfgs = [METHOD_CONFIGS[name](name=name, num_virtual_tokens=3)]
     apply_methods(model, cfgs, tokenizer=tok)
+    perturb_trainable(model)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.5)
         model.classifier.weight.normal_()
     save_adapter(model, cfgs, tmp_path / "a", base_path="tiny:bert", modules_to_save=["classifier"])
     ours = model(**x).logits.detach()
@@ -226,17 +224,7 @@ def test_input_level_prompt_on_an_encoder_is_peft_s_computation(tmp_path, name):
         torch.testing.assert_close(theirs(**x).logits, ours, atol=1e-5, rtol=0)
     peft_cfg = (peft.PromptTuningConfig if name == "prompt_tuning" else peft.PromptEncoderConfig)(
         task_type="SEQ_CLS", num_virtual_tokens=3)
-    pm = peft.get_peft_model(build_tiny("bert")[0], peft_cfg)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.5)
-    pm.save_pretrained(tmp_path / "p")
-    with torch.no_grad():
-        want = pm.eval()(**x).logits
-        fresh = build_tiny("bert")[0].eval()
-        load_adapter(fresh, tmp_path / "p")
-        torch.testing.assert_close(fresh(**x).logits, want, atol=1e-5, rtol=0)
+    assert_we_load_peft(peft.get_peft_model(build_tiny("bert")[0], peft_cfg), build_tiny("bert")[0], x, tmp_path / "p")
 
 
 @pytest.mark.parametrize("name", ["prompt_tuning", "p_tuning"])

@@ -14,7 +14,7 @@ from tuneforge.config import ConfigError, load_config
 from tuneforge.data.seq2seq import IGNORE, model_inputs, seq2seq_batch
 from tuneforge.methods import METHOD_CONFIGS, apply_methods, load_adapter, save_adapter
 from tuneforge.models.tiny import build_tiny
-from conftest import write_jsonl
+from conftest import assert_we_load_peft, perturb_trainable, write_jsonl
 
 from tuneforge.tasks import make_examples, preference_pairs
 from tuneforge.train.rollout import generate
@@ -185,11 +185,7 @@ def _encoder_prompted(name):
     model, tok = build_tiny("t5")
     cfgs = [METHOD_CONFIGS[name](name=name, num_virtual_tokens=3)]
     apply_methods(model.eval(), cfgs, tokenizer=tok)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.5)
-    return model, tok, cfgs
+    return perturb_trainable(model), tok, cfgs
 
 
 T5_ROWS = {"input_ids": torch.tensor([[5, 6, 7, 8], [5, 6, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1],
@@ -215,16 +211,7 @@ def test_encoder_prompts_on_t5_match_peft_both_ways(tmp_path, name):
         task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)
     pm = peft.get_peft_model(build_tiny("t5")[0], peft_cfg)
     assert pm.peft_config["default"].num_transformer_submodules == 2
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.5)
-    pm.save_pretrained(tmp_path / "p")
-    with torch.no_grad():
-        want = pm.eval()(**T5_ROWS).logits
-        fresh = build_tiny("t5")[0].eval()
-        load_adapter(fresh, tmp_path / "p")
-        torch.testing.assert_close(fresh(**T5_ROWS).logits, want, atol=1e-5, rtol=0)
+    assert_we_load_peft(pm, build_tiny("t5")[0], T5_ROWS, tmp_path / "p")
 
 
 def test_encoder_prompt_generation_on_t5_is_the_forward_s_greedy_choice():
