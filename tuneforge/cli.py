@@ -79,7 +79,8 @@ def cmd_generate(a) -> int:
     from tuneforge.train.rollout import generate
 
     model, tok = _model_and_adapter(a)
-    chat = bool(getattr(tok, "chat_template", None)) and not a.raw
+    # an encoder-decoder reads text prompts whatever its tokenizer carries (seq2seq rows have no chat turns)
+    chat = bool(getattr(tok, "chat_template", None)) and not a.raw and not model.config.is_encoder_decoder
     sampling = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                     seed=a.seed, stop=a.stop)
     if a.prompt is not None:  # one prompt: a user turn through the chat template (unless --raw), streamed

@@ -18,7 +18,7 @@ from tuneforge.data.classification import (ClassificationDataset, build_classifi
                                            label_name, read_labels, sorted_labels)
 from tuneforge.data.report import DataError
 from tuneforge.methods import METHOD_CONFIGS, apply_methods, load_adapter, save_adapter
-from tuneforge.models.labels import read_labels as read_saved_labels
+from tuneforge.models.labels import model_labels, read_labels as read_saved_labels
 from tuneforge.models.load import load_model
 from tuneforge.models.tiny import build_tiny, char_tokenizer
 
@@ -468,3 +468,69 @@ def test_a_decoder_classifier_pools_at_the_last_real_token_whatever_its_config_s
         batch = C.forward_logits(model.eval(), collate_classification(rows, tok.pad_token_id))
         alone = C.forward_logits(model, collate_classification(rows[1:], tok.pad_token_id))
     torch.testing.assert_close(batch[1], alone[0], atol=1e-5, rtol=0)  # padding does not move the pooled token
+
+
+def _tiny_encoder(kind: str):
+    """Tiny encoders with what sets them apart: RoBERTa's positions from padding_idx + 1, ALBERT's embeddings
+    narrower than its hidden size, DistilBERT's missing position_ids and token types."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    if kind == "roberta":
+        return _tiny_roberta_classifier().eval()
+    if kind == "albert":
+        return T.AlbertForSequenceClassification(T.AlbertConfig(
+            vocab_size=120, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=80, pad_token_id=0)).eval()
+    return T.DistilBertForSequenceClassification(T.DistilBertConfig(
+        vocab_size=120, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=80, pad_token_id=0)).eval()
+
+
+@pytest.mark.parametrize("kind,name", [("roberta", "prompt_tuning"), ("roberta", "prefix_tuning"),
+                                       ("albert", "prompt_tuning"), ("albert", "p_tuning"),
+                                       ("distilbert", "prompt_tuning")])
+def test_soft_prompts_on_other_encoders_equal_peft(tmp_path, kind, name):
+    """PEFT computes what we compute, and loads our file, across the encoders' differences (RoBERTa's positions in
+    front of a key/value prefix and under explicit position_ids too; ALBERT's token_dim is its embedding width)."""
+    peft = pytest.importorskip("peft")
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 1, 1]]) if kind == "roberta" else torch.tensor([[5, 6, 7, 8, 9],
+                                                                                                   [5, 6, 7, 0, 0]])
+    x = {"input_ids": ids, "attention_mask": (ids > 1).long()}
+    model = _tiny_encoder(kind)
+    cfgs = [METHOD_CONFIGS[name](name=name, num_virtual_tokens=3)]
+    apply_methods(model, cfgs)
+    perturb_trainable(model)
+    from tuneforge.models.arch import task_head_names
+
+    save_adapter(model, cfgs, tmp_path / "a", base_path="x", modules_to_save=task_head_names(model))
+    theirs = peft.PeftModel.from_pretrained(_tiny_encoder(kind), tmp_path / "a").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**x).logits, theirs(**x).logits, atol=1e-5, rtol=0)
+        if kind == "roberta" and name == "prompt_tuning":  # RoBERTa's own positions, given explicitly
+            pos = torch.arange(2, 7)[None].expand(2, 5)
+            torch.testing.assert_close(model(**x, position_ids=pos).logits, theirs(**x).logits, atol=1e-5, rtol=0)
+
+
+def test_encoder_prompt_refusals_and_inference_truncation(tmp_path):
+    from tuneforge.eval.classify import classify_texts
+    from tuneforge.methods._soft_prompt import max_positions
+
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    mpnet = MPNetForSequenceClassification(MPNetConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                                       num_attention_heads=4, intermediate_size=64,
+                                                       max_position_embeddings=66, pad_token_id=1))
+    assert max_positions(mpnet) == 64  # an absolute table from padding_idx + 1, beside its relative buckets
+    model, tok = build_tiny("bert")
+    with pytest.raises(ValueError, match="in one adapter"):  # one adapter cannot hold both kinds on an encoder
+        apply_methods(model, [METHOD_CONFIGS["prompt_tuning"](name="prompt_tuning", num_virtual_tokens=2),
+                              METHOD_CONFIGS["prefix_tuning"](name="prefix_tuning", num_virtual_tokens=2)])
+    model, tok = build_tiny("bert")
+    model.config.classifier_pooling = "mean"  # as ModernBERT's: the head pools with the caller's T-column mask
+    with pytest.raises(ValueError, match="mean-pools"):
+        apply_methods(model, [METHOD_CONFIGS["prompt_tuning"](name="prompt_tuning")])
+    model, tok = build_tiny("bert")
+    apply_methods(model.eval(), [METHOD_CONFIGS["prompt_tuning"](name="prompt_tuning", num_virtual_tokens=4)],
+                  tokenizer=tok)
+    out = classify_texts(model, tok, ["ab" * 400], max_len=512)  # 512 input tokens would not fit beside 4
+    assert len(out) == 1 and set(out[0]["probs"]) == set(model_labels(model))

@@ -178,6 +178,15 @@ def test_eval_command_on_t5(tmp_path, capsys):
               "--max-new-tokens", "4"])
     res = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert e.value.code == 0 and res["loss"] > 0 and 0.0 <= res["exact_match"] <= 1.0
+    # one prompt (the streaming path): the text prompt goes to the encoder, as from a file
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", "tiny:t5", "--adapter", str(out.saved), "--prompt", "abc", "--max-new-tokens", "4"])
+    assert e.value.code == 0
+    f = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "abc"}])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", "tiny:t5", "--adapter", str(out.saved), "--file", f, "--max-new-tokens", "4"])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["completion"] is not None
 
 
 def _encoder_prompted(name):

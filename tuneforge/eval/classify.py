@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from tuneforge.methods._soft_prompt import input_budget
+
 from tuneforge.algorithms.classification import evaluate, forward_logits
 from tuneforge.data.classification import (LABEL, RowProblem, build_classification_dataset, collate_classification,
                                            has_pair_template, parse_row)
@@ -31,6 +33,7 @@ def classify_texts(model, tok, texts: list[str], pairs: list[str] | None = None,
     """``{"label", "probs": {name: p}}`` per text (or pair)."""
     names = model_labels(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    max_len = input_budget(model, max_len)
     if pairs is not None and any(b is not None for b in pairs) and not has_pair_template(tok):
         raise DataError(f"sentence pairs need a tokenizer with a pair template (a separator between the texts), and "
                         f"{type(tok).__name__} has none; join the texts into one")
@@ -73,6 +76,7 @@ def classify_file(model, tok, path: str, batch_size: int = 32, max_len: int = 51
         raise DataError(f"{path}: {len(problems)} bad row(s)", problems)
     if not rows:
         raise DataError(f"{path}: no rows to classify")
+    max_len = input_budget(model, max_len)
     pairs = [r[2] for r in rows] if any(r[2] is not None for r in rows) else None
     preds = classify_texts(model, tok, [r[1] for r in rows], pairs, batch_size, max_len)
     preds = [{"line": line, **p} for (line, _, _), p in zip(rows, preds)]

@@ -27,8 +27,9 @@ directly. Either way the prefix enters through the model's own KV cache, so
 **Per-example selection.** In a mixed batch each row gets its adapter's prefix (rows of different prefix lengths
 are left-aligned with masked slots in front: ``[pad][prefix][input]``), a row with no soft-prompt adapter gets an
 all-masked prefix, so a mixed batch equals its rows run one by one. Input-level prompts are computed once per
-adapter and shared by its rows, except while training with dropout: then each row runs them with its own dropout
-mask, as PEFT's per-row ``[P; E(x)]`` does.
+adapter and shared by its rows, except while training a decoder with dropout: then each row runs them with its own
+dropout mask, as PEFT's per-row ``[P; E(x)]`` does (in an encoder the concatenated prompt meets the model's own
+dropout per row; a P-tuning encoder's LSTM dropout is drawn once per batch there, as in PEFT).
 
 **Encoders and encoder-decoders.** In a bidirectional encoder (BERT, or T5's encoder) input-level virtual tokens
 attend to the text and the text to them, so they are not a key/value prefix: there the n vectors are concatenated in
@@ -108,6 +109,12 @@ def hidden_size(model: nn.Module) -> int:
     return int(d)
 
 
+def embedding_size(model: nn.Module) -> int:
+    """The width of the input embeddings, which input-level virtual tokens share (PEFT's ``token_dim``); ALBERT and
+    ELECTRA-small embed narrower than their hidden size."""
+    return int(model.get_input_embeddings().weight.shape[1])
+
+
 def kv_shape(model: nn.Module) -> tuple[int, int, int]:
     """(layers, key/value heads, head dim): the shape of one position of a key/value prefix. With grouped-query
     attention the prefix has the KV heads only (PEFT's ``token_dim`` = head_dim x KV heads)."""
@@ -146,6 +153,10 @@ def check_model(model: nn.Module, method: str, input_level: bool = False) -> Non
                          "that way); key/value prefixes in the encoder and decoder attention are not supported; train "
                          "prompt_tuning, p_tuning, lora or ia3")
     if input_level and not _is_causal(model):
+        if getattr(cfg, "classifier_pooling", None) == "mean":
+            raise ValueError(f"{method}: this {cfg.model_type} classifier mean-pools with the caller's attention "
+                             "mask, which does not cover virtual tokens in front of the input; set the model's "
+                             "classifier_pooling to cls, or train prefix_tuning, lora or ia3")
         if not _takes(prompt_host(model), "inputs_embeds"):
             raise ValueError(f"{method}: {type(prompt_host(model)).__name__} takes no inputs_embeds, so virtual "
                              "tokens cannot join its input; train lora or ia3 instead")
@@ -168,16 +179,38 @@ def _is_causal(model: nn.Module) -> bool:
     return getattr(cfg, "model_type", None) not in ENCODER_TYPES and not getattr(cfg, "is_encoder_decoder", False)
 
 
+RELATIVE_ONLY = ("t5", "mt5", "umt5", "longt5")  # relative position buckets and no position table
+PADDED_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet")  # positions count from padding_idx + 1
+
+
 def max_positions(model: nn.Module) -> int | None:
-    """The most positions an input may use (None: relative positions, no table to run off, as in T5). RoBERTa's
-    table starts after the padding index, so pad_token_id + 1 of its rows are never a position."""
+    """The most positions an input may use (None: no position table to run off, as in T5). RoBERTa's and MPNet's
+    tables start after the padding index, so pad_token_id + 1 of their rows are never a position."""
     cfg = _cfg(model)
-    if getattr(cfg, "relative_attention_num_buckets", None):
+    if getattr(cfg, "model_type", None) in RELATIVE_ONLY:
         return None
     n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    if n and getattr(cfg, "model_type", None) in ("roberta", "xlm-roberta", "camembert"):
+    if n and getattr(cfg, "model_type", None) in PADDED_POSITIONS:
         n -= int(getattr(cfg, "pad_token_id", 1) or 0) + 1
     return int(n) if n else None
+
+
+def active_virtual_tokens(model: nn.Module) -> int:
+    """Virtual tokens the model's active soft prompts put in front of every row (the longest, per-row)."""
+    c = container(model)
+    if c is None:
+        return 0
+    names = c.active.names if isinstance(c.active, PerExample) else c.active
+    per = [sum(m.n for m in c.prompts[n].values()) for n in names if n is not None and n in c.prompts]
+    return max(per) if isinstance(c.active, PerExample) and per else sum(per)
+
+
+def input_budget(model: nn.Module, max_len: int) -> int:
+    """``max_len`` capped so the active virtual tokens and the input fit the model's positions (inference paths
+    truncate to this; training refuses a config that would not fit, naming the keys)."""
+    limit = max_positions(model)
+    n = active_virtual_tokens(model)
+    return max(1, min(max_len, limit - n)) if limit is not None and n else max_len
 
 
 def _on_meta(model: nn.Module) -> bool:
@@ -312,6 +345,12 @@ class SoftPrompts(AdapterLayer):
     def add(self, adapter: str, module: PromptModule) -> None:
         if adapter in self.prompts and module.method in self.prompts[adapter]:
             raise ValueError(f"{module.method} adapter {adapter!r} already exists on this model")
+        if self.concat and adapter in self.prompts and any(m.kind != module.kind for m in self.prompts[adapter].values()):
+            other = next(m.method for m in self.prompts[adapter].values() if m.kind != module.kind)
+            raise ValueError(f"{module.method} and {other} in one adapter: on an encoder input-level virtual tokens "
+                             "(prompt_tuning, p_tuning) join the input embeddings and key/value prefixes "
+                             "(prefix_tuning, p_tuning_v2) the attention cache, and tuneforge does not run both in "
+                             "one forward; keep one of them")
         if adapter not in self.prompts:
             self.prompts[adapter] = nn.ModuleDict()
             if not isinstance(self.active, PerExample):
@@ -479,10 +518,15 @@ class SoftPrompts(AdapterLayer):
             front = (torch.arange(width, device=device)[None] >= (width - lengths)[:, None]).to(mask.dtype)
             shift = lengths[:, None]
         pos = kwargs.get("position_ids")
-        if pos is None:
-            pos = torch.arange(past, past + T, device=device)[None].expand(B, T)
         kwargs["attention_mask"] = torch.cat([front, mask.to(device)], 1)
-        kwargs["position_ids"] = pos + shift
+        if pos is None and self.concat and isinstance(shift, int):
+            pass  # an encoder numbers positions itself from the cache's length (RoBERTa from padding_idx + 1 on)
+        else:
+            if pos is None:
+                base = int(getattr(_cfg(self.decoder), "pad_token_id", 1) or 0) + 1 \
+                    if self.concat and _cfg(self.decoder).model_type in PADDED_POSITIONS else 0
+                pos = torch.arange(base + past, base + past + T, device=device)[None].expand(B, T)
+            kwargs["position_ids"] = pos + shift
         kwargs[self.cache_key] = cache
         return args, kwargs
 
@@ -523,8 +567,9 @@ class SoftPrompts(AdapterLayer):
         if types is not None:
             kwargs["token_type_ids"] = torch.cat([types.new_zeros(types.shape[0], n), types], 1)
         pos = kwargs.get("position_ids")
-        if pos is not None:  # the prompt at 0..n-1, the input after it (what no position_ids gives a right-padded row)
-            front = torch.arange(n, device=pos.device, dtype=pos.dtype)[None].expand(pos.shape[0], n)
+        if pos is not None:  # the prompt from the row's first position on, the input after it (what no position_ids
+            # gives a right-padded row: 0.. in BERT, padding_idx + 1.. in RoBERTa)
+            front = pos[:, :1] + torch.arange(n, device=pos.device, dtype=pos.dtype)[None]
             kwargs["position_ids"] = torch.cat([front, pos + n], 1)
         return (), kwargs
 

@@ -170,7 +170,7 @@ def apply(model: nn.Module, cfg: Config, adapter: str = "default") -> None:
     if t is not None and t.back:
         _refuse_flash(SP._cfg(model), t)
     layers, heads, head_dim = SP.kv_shape(model) if t is not None and t.front == 0 else (0, 0, 0)
-    mod = PromptEncoder(cfg.num_virtual_tokens, SP.hidden_size(model), cfg, device, dtype,
+    mod = PromptEncoder(cfg.num_virtual_tokens, SP.embedding_size(model), cfg, device, dtype,
                         kv_width=layers * 2 * heads * head_dim)  # the width of an empty key/value prefix
     c = SP.container(model, create=True)
     c.add(adapter, mod)
@@ -205,7 +205,7 @@ def peft_config(model: nn.Module, cfg: Config, base_path: str | None) -> dict:
         raise ValueError(f"p_tuning with template {cfg.template!r} has no PEFT layout: PEFT's P_TUNING config puts "
                          "every virtual token in front of the input, so PEFT would load this adapter and misplace "
                          "the tokens after the prompt; it is saved in tuneforge's layout instead")
-    d = SP.hidden_size(model)
+    d = SP.embedding_size(model)
     out = SP.peft_common(model, cfg, PEFT_TYPE, base_path, d, int(SP._cfg(model).num_attention_heads))
     out.update(encoder_reparameterization_type="LSTM" if cfg.encoder == "lstm" else "MLP",
                encoder_hidden_size=cfg.encoder_hidden_size or d, encoder_num_layers=cfg.encoder_num_layers,

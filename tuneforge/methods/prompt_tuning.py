@@ -74,7 +74,7 @@ for_loading = SP.for_loading
 
 
 def peft_config(model: nn.Module, cfg: Config, base_path: str | None) -> dict:
-    d = SP.hidden_size(model)
+    d = SP.embedding_size(model)
     out = SP.peft_common(model, cfg, PEFT_TYPE, base_path, d, int(SP._cfg(model).num_attention_heads))
     # text init is recorded as RANDOM: PEFT would otherwise load a tokenizer to re-run an init the saved weights
     # replace anyway (tuneforge_adapter.json keeps the real init)

@@ -47,8 +47,13 @@ class TextStream:
 def stream_generate(model, tokenizer, prompt, write: Callable[[str], None], **sampling) -> str:
     """Complete one prompt (a string, or messages), writing text as it is produced; returns the completion (stop
     strings cut, as ``generate`` returns it)."""
-    from tuneforge.train.rollout import encode_prompt, eos_ids_of, model_template, pad_id_of, request_seed, sample
+    from tuneforge.train.rollout import (encode_prompt, eos_ids_of, generate, model_template, pad_id_of, request_seed,
+                                         sample)
 
+    if getattr(model.config, "is_encoder_decoder", False):  # T5 decodes through transformers' generate: whole text
+        text = generate(model, tokenizer, [prompt], **sampling)[0]
+        write(text)
+        return text
     stream = TextStream(tokenizer)
     eos = eos_ids_of(model, tokenizer)
     seed = sampling.pop("seed", 0)
