@@ -96,6 +96,20 @@ def test_rate_choice_follows_the_metric_direction_and_ignores_failures():
     assert choose_rate([{"lr": 1e-3, "value": None}], "loss") is None
 
 
+def test_a_winning_grid_edge_extends_the_sweep_that_way():
+    from tuneforge.eval.compare import edge_rate
+
+    grid = lambda *v: [{"lr": r, "value": x, "loss": 1.0} for r, x in zip((9.49e-4, 3e-3, 9.49e-3), v)]  # noqa: E731
+    assert edge_rate(grid(0.83, 0.79, 0.49), "accuracy") == 3e-4  # the lowest rate wins: one step lower
+    assert edge_rate(grid(0.53, 0.74, 0.80), "accuracy") == 0.03  # the highest wins: one step higher
+    assert edge_rate(grid(0.70, 0.80, 0.75), "accuracy") is None  # an inner best needs nothing
+    assert edge_rate(grid(0.80, 0.80, 0.70), "accuracy") is None  # an edge that only ties its neighbour
+    assert edge_rate(grid(2.0, 1.5, 1.2), "loss") == 0.03  # lower loss is better
+    assert edge_rate(grid(0.9, None, None), "accuracy") == 3e-4  # a failed neighbour cannot hold the edge back
+    extended = grid(0.83, 0.79, 0.49) + [{"lr": 3e-4, "value": 0.85, "loss": 1.0}]
+    assert edge_rate(extended, "accuracy") == 9.49e-5  # still the edge: the next step (the caller caps how many)
+
+
 # ---------------------------------------------------------------------------------------------- the report
 def _run(label, value, loss, pct, status="ok", sweep=None):
     if status != "ok":

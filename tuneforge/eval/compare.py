@@ -9,8 +9,9 @@ out-of-memory kill fails that method only.
 Why a per-method learning-rate sweep (``--lr auto``): methods want rates orders of magnitude apart (full fine-tuning
 ~1e-5..1e-4, LoRA and adapters ~1e-3..1e-2, soft prompts ~1e-2..1e-1), so one shared rate compares one method at
 its best with another far from it. The sweep tries ``SWEEP_FACTORS`` around the method's default in ``DEFAULT_LR``
-for a quarter of the budget each, keeps the best by the held-out metric (ties: lower held-out loss), then trains the
-full budget at that rate. It chooses on the file it reports, so every figure is a best case, equally for all.
+for a quarter of the budget each, and while the best is the grid's highest or lowest rate, up to ``SWEEP_EXTEND``
+more rates past it; it keeps the best by the held-out metric (ties: lower held-out loss), then trains the full
+budget at that rate. It chooses on the file it reports, so every figure is a best case, equally for all.
 
 Resuming: each run writes ``compare_result.json`` last, holding its config hash; a run whose result exists with the
 same hash and metric is reused, an interrupted one resumes from its latest checkpoint (``train.save_every``), and a
@@ -40,6 +41,7 @@ RESULT_FILE = "compare_result.json"
 REPORT_DIR = "compare"
 SWEEP_FACTORS = (10 ** -0.5, 1.0, 10 ** 0.5)  # three rates, x sqrt(10) apart: a decade and a bit
 SWEEP_FRACTION = 4  # each sweep run trains 1/4 of the budget
+SWEEP_EXTEND = 2  # at most this many rates past the grid's end, while the best sits there
 FALLBACK_LR = 1e-3
 # A method's usual learning rate with AdamW: the middle of its sweep.
 DEFAULT_LR: dict[str, float] = {
@@ -215,6 +217,23 @@ def choose_rate(sweep: list[dict], metric: str) -> float | None:
     return best["lr"] if best else None
 
 
+def edge_rate(sweep: list[dict], metric: str) -> float | None:
+    """The next rate to try when the sweep's best sits at an end of the rates tried and strictly beats its
+    neighbour (the best may lie beyond the grid: one more factor of sqrt(10) that way), else None. A grid edge that
+    wins is otherwise an artefact of where the grid was centred, not the method's best rate."""
+    chosen = choose_rate(sweep, metric)
+    tried = sorted({row["lr"] for row in sweep})
+    if chosen is None or len(tried) < 2 or chosen not in (tried[0], tried[-1]):
+        return None
+    neighbour = tried[1] if chosen == tried[0] else tried[-2]
+    value = {row["lr"]: row.get("value") for row in sweep}
+    if value[neighbour] is not None and math.isfinite(value[neighbour]) and not better(value[chosen], value[neighbour],
+                                                                                        metric):
+        return None
+    step = SWEEP_FACTORS[-1] / SWEEP_FACTORS[1]
+    return float(f"{(chosen / step if chosen == tried[0] else chosen * step):.3g}")
+
+
 def _lower(a: float | None, b: float | None) -> bool:
     return a is not None and math.isfinite(a) and (b is None or not math.isfinite(b) or a < b)
 
@@ -336,17 +355,27 @@ def _sweep(cfg: RunConfig, e: Entry, out: Path, metric: str, log, tag: str) -> t
     rates, budget = sweep_rates(e.methods), sweep_budget(cfg.train.model_dump())
     log(f"{tag}: learning-rate sweep {', '.join(f'{r:g}' for r in rates)} "
         f"({', '.join(f'{k} {v:g}' for k, v in budget.items())} each)")
-    jobs = [(out / e.folder / f"sweep-lr{r:g}", variant(cfg, e.methods, out / e.folder / f"sweep-lr{r:g}", r,
-                                                       progress=False, **budget)) for r in rates]
-    results = run_children(jobs, metric, out / e.folder / "sweep.log", lambda x: log(f"{tag}:     {x}"))
-    sweep = []
-    for (run_dir, _), r, res in zip(jobs, rates, results):
-        scores = res.get("metrics") or {}
-        sweep.append({"lr": r, "value": scores.get(metric), "loss": scores.get("loss"), "status": res["status"],
-                      "dir": str(run_dir), "error": res.get("error"), "reused": res.get("reused", False)})
-        why = "" if res["status"] == "ok" else f" (failed: {res['error']})"
-        log(f"{tag}:   lr {r:g}: {metric} {_fmt(scores.get(metric), metric)}{why}"
-            f"{' (reused)' if res.get('reused') else ''}")
+    sweep: list[dict] = []
+
+    def run(rates_now: list[float]) -> None:
+        jobs = [(out / e.folder / f"sweep-lr{r:g}", variant(cfg, e.methods, out / e.folder / f"sweep-lr{r:g}", r,
+                                                           progress=False, **budget)) for r in rates_now]
+        results = run_children(jobs, metric, out / e.folder / "sweep.log", lambda x: log(f"{tag}:     {x}"))
+        for (run_dir, _), r, res in zip(jobs, rates_now, results):
+            scores = res.get("metrics") or {}
+            sweep.append({"lr": r, "value": scores.get(metric), "loss": scores.get("loss"), "status": res["status"],
+                          "dir": str(run_dir), "error": res.get("error"), "reused": res.get("reused", False)})
+            why = "" if res["status"] == "ok" else f" (failed: {res['error']})"
+            log(f"{tag}:   lr {r:g}: {metric} {_fmt(scores.get(metric), metric)}{why}"
+                f"{' (reused)' if res.get('reused') else ''}")
+
+    run(rates)
+    for _ in range(SWEEP_EXTEND):
+        extra = edge_rate(sweep, metric)
+        if extra is None:
+            break
+        log(f"{tag}: the best rate is the grid's edge; trying lr {extra:g}")
+        run([extra])
     chosen = choose_rate(sweep, metric)
     rate = chosen if chosen is not None else default_lr(e.methods)
     log(f"{tag}: chose lr {rate:g}" + ("" if chosen is not None else " (no sweep run finished: the default)"))
