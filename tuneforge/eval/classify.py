@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from tuneforge.methods._soft_prompt import input_budget
-
 from tuneforge.algorithms.classification import evaluate, forward_logits
 from tuneforge.data.classification import (LABEL, RowProblem, build_classification_dataset, collate_classification,
                                            has_pair_template, parse_row)
 from tuneforge.data.readers import iter_raw_rows
 from tuneforge.data.report import DataError
+from tuneforge.methods._soft_prompt import input_budget
 from tuneforge.models.labels import model_labels
 
 
